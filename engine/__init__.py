@@ -1,0 +1,1 @@
+"""ETTRL rollout engine: paged KV cache, radix-tree prefix sharing, continuous batching, tree sampling."""

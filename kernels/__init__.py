@@ -1,0 +1,1 @@
+"""Fused sampling and token-statistics kernels (Triton on CUDA, torch elsewhere)."""

@@ -1,0 +1,92 @@
+"""Builds the `engine._C` C++ extension (pybind11) and installs the `engine`, `kernels`, `ettrl` packages.
+
+The extension is compiled with ninja when it is on PATH (parallel, incremental), else with setuptools.
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+CXXFLAGS = ["-O3", "-Wall"]
+
+
+class NinjaBuildExt(build_ext):
+    """Compile each extension with a generated build.ninja; fall back to setuptools without ninja."""
+
+    def build_extension(self, ext):
+        ninja = shutil.which("ninja")
+        if ninja is None or os.environ.get("ETTRL_NO_NINJA"):
+            return super().build_extension(ext)
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        tmp = Path(self.build_temp).resolve() / ext.name
+        tmp.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "build.ninja").write_text(self._ninja_file(ext, out, tmp))
+        subprocess.check_call([ninja, "-C", str(tmp)])
+
+    def _ninja_file(self, ext, out, tmp):
+        cxx = os.environ.get("CXX", sysconfig.get_config_var("CXX") or "c++").split()[0]
+        includes = [f"-I{d}" for d in ext.include_dirs + [sysconfig.get_paths()["include"]]]
+        cflags = ["-fPIC", *includes, *ext.extra_compile_args,
+                  *[f"-D{k}={v}" if v is not None else f"-D{k}" for k, v in ext.define_macros]]
+        ldflags = ["-shared", *ext.extra_link_args]
+        if sys.platform == "darwin":
+            ldflags += ["-undefined", "dynamic_lookup"]
+        lines = [
+            f"cflags = {shlex.join(cflags)}",
+            f"ldflags = {shlex.join(ldflags)}",
+            f"rule cxx\n  command = {cxx} -MMD -MF $out.d $cflags -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
+            f"rule link\n  command = {cxx} $in $ldflags -o $out",
+        ]
+        objects = []
+        for src in ext.sources:
+            obj = tmp / (Path(src).stem + ".o")
+            objects.append(str(obj))
+            lines.append(f"build {obj}: cxx {(ROOT / src).resolve()}")
+        lines.append(f"build {out}: link {' '.join(objects)}")
+        return "\n".join(lines) + "\n"
+
+
+ext = Pybind11Extension("engine._C", SOURCES, extra_compile_args=CXXFLAGS, cxx_std=17)
+
+setup(
+    name="ettrl",
+    version="0.1.0",
+    description="A tree-sampling rollout engine and thin trainer for test-time RL (TTRL / ETTRL)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "ettrl", "ettrl.*"]),
+    package_data={"ettrl": ["configs/*.yaml", "configs/**/*.yaml"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": NinjaBuildExt},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "accelerate",
+        "safetensors",
+        "gguf",
+        "numpy",
+        "sympy",
+        "math-verify",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "deepspeed": ["deepspeed"],
+        "cuda": ["flashinfer-python"],
+    },
+)
