@@ -1,0 +1,95 @@
+"""Run a symbolic comparison under a wall-clock bound, from any thread.
+
+Main thread: an interval timer (SIGALRM) raises `ComparisonTimeout` inside the computation. It derives from
+BaseException so that library code catching `Exception` cannot swallow it.
+Other threads (and platforms without SIGALRM): signals are unavailable, so the comparison runs in a
+long-lived helper process (`python -m ettrl.grading._worker`), which is killed and restarted when it
+overruns. Both paths return `default` on timeout.
+"""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+
+WORKER_START_TIMEOUT_S = 120.0
+
+
+class ComparisonTimeout(BaseException):
+    pass
+
+
+def can_use_alarm() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def _raise_timeout(signum, frame):
+    raise ComparisonTimeout
+
+
+def run_with_alarm(fn, args: tuple, seconds: float, default):
+    """fn(*args), or `default` if it runs past `seconds`. Main thread only."""
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except ComparisonTimeout:
+        return default
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+class WorkerProcess:
+    """One helper process shared by all non-main threads; requests are serialised by a lock.
+
+    `call(args, seconds, default)` sends the JSON list `args` and returns the JSON reply, or `default` if
+    none arrives within `seconds` (the process is then killed; the next call starts a fresh one)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def call(self, args: tuple, seconds: float, default):
+        with self._lock:
+            try:
+                proc = self._ensure_started()
+                proc.stdin.write(json.dumps(list(args)) + "\n")
+                proc.stdin.flush()
+                if not _readable(proc.stdout, seconds):
+                    self._kill()
+                    return default
+                reply = proc.stdout.readline()
+                return json.loads(reply) if reply else default
+            except (OSError, ValueError):
+                self._kill()
+                return default
+
+    def _ensure_started(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "ettrl.grading._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)
+            if not _readable(self._proc.stdout, WORKER_START_TIMEOUT_S) or self._proc.stdout.readline() != "ready\n":
+                self._kill()
+                raise OSError("grading worker failed to start")
+        return self._proc
+
+    def _kill(self):
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
+def _readable(stream, seconds: float) -> bool:
+    ready, _, _ = select.select([stream], [], [], seconds)
+    return bool(ready)
+
+
+WORKER = WorkerProcess()

@@ -1,0 +1,127 @@
+"""Answer equivalence and grouping.
+
+Order of checks: canonical keys (exact, no sympy) -> shape guards -> math-verify under a time bound.
+Model strings are never given to eval/sympify/parse_expr: math-verify is used with its LaTeX extractor
+only, which builds sympy objects from a grammar.
+"""
+import logging
+from functools import lru_cache
+
+from ettrl.grading.bounded import WORKER, can_use_alarm, run_with_alarm
+from ettrl.grading.guards import too_hostile_for_sympy
+from ettrl.grading.normalize import canonical_key, is_exact_kind, key_of_normalized, normalize_answer
+
+DEFAULT_TIMEOUT_S = 1.0
+_WORKER_MARGIN_S = 1.0  # IPC slack on top of the worker's own alarm
+_TIMED_OUT: set[str] = set()  # strings whose parse overran once: never retried
+
+
+def is_equivalent(a: str | None, b: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether two extracted answers are mathematically equivalent. None is never equivalent to anything.
+
+    Symmetric. Returns False on timeout, parse failure or hostile input (see guards.py).
+    """
+    if a is None or b is None:
+        return False
+    na, nb = normalize_answer(a), normalize_answer(b)
+    return _normalized_equivalent(na, key_of_normalized(na), nb, key_of_normalized(nb), timeout_s)
+
+
+def _normalized_equivalent(na: str, ka: tuple, nb: str, kb: tuple, timeout_s: float) -> bool:
+    if ka == kb:
+        return True
+    if ka[0] == kb[0] and is_exact_kind(ka):
+        return False  # two exact numbers (or tuples/sets of them) that differ
+    return symbolic_equal(na, nb, timeout_s)
+
+
+def group_answers(answers: list[str | None], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[int]:
+    """Equivalence-class id per answer: 0, 1, ... in order of first appearance; -1 for None.
+
+    Answers are first bucketed by canonical key (one dict lookup each); only the buckets' representatives are
+    compared symbolically, each against the first member of every class found so far (first match wins).
+    """
+    bucket_of_answer: dict[str, int] = {}
+    bucket_keys: dict[tuple, int] = {}
+    buckets: list[tuple[str, tuple]] = []  # (normal form, key) of each bucket's first answer
+    answer_bucket = []
+    for answer in answers:
+        if answer is None:
+            answer_bucket.append(-1)
+            continue
+        if answer not in bucket_of_answer:
+            normal = normalize_answer(answer)
+            key = key_of_normalized(normal)
+            if key not in bucket_keys:
+                bucket_keys[key] = len(buckets)
+                buckets.append((normal, key))
+            bucket_of_answer[answer] = bucket_keys[key]
+        answer_bucket.append(bucket_of_answer[answer])
+    bucket_class = _merge_buckets(buckets, timeout_s)
+    return [-1 if b < 0 else bucket_class[b] for b in answer_bucket]
+
+
+def _merge_buckets(buckets: list[tuple[str, tuple]], timeout_s: float) -> list[int]:
+    class_heads: list[tuple[str, tuple]] = []
+    bucket_class = []
+    for normal, key in buckets:
+        for class_id, (head_normal, head_key) in enumerate(class_heads):
+            if _normalized_equivalent(normal, key, head_normal, head_key, timeout_s):
+                bucket_class.append(class_id)
+                break
+        else:
+            bucket_class.append(len(class_heads))
+            class_heads.append((normal, key))
+    return bucket_class
+
+
+def symbolic_equal(a: str, b: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """math-verify equivalence of two normalised answers (either direction), bounded by `timeout_s`."""
+    if a == b:
+        return True
+    if too_hostile_for_sympy(a) or too_hostile_for_sympy(b) or a in _TIMED_OUT or b in _TIMED_OUT:
+        return False
+    if not can_use_alarm():
+        return bool(WORKER.call((a, b, timeout_s), timeout_s + _WORKER_MARGIN_S, default=False))
+    parsed_a = run_with_alarm(_parse, (a,), timeout_s, default=None)
+    parsed_b = run_with_alarm(_parse, (b,), timeout_s, default=None) if parsed_a is not None else None
+    for text, parsed in ((a, parsed_a), (b, parsed_b)):
+        if parsed is None:
+            _TIMED_OUT.add(text)
+            return False
+    if not parsed_a or not parsed_b:
+        return False
+    return bool(run_with_alarm(_verify_either_way, (parsed_a, parsed_b), timeout_s, default=False))
+
+
+@lru_cache(maxsize=8192)
+def _parse(text: str) -> tuple:
+    """math-verify's parse of one answer with the LaTeX extractor only (never ExprExtractionConfig: it
+    calls sympy's parse_expr, which evaluates Python)."""
+    math_verify = _math_verify()
+    try:
+        parsed = math_verify.parse("\\boxed{" + text + "}", extraction_config=[math_verify.LatexExtractionConfig()],
+                                   parsing_timeout=None)
+    except Exception:
+        return ()
+    return tuple(parsed)
+
+
+def _verify_either_way(a: tuple, b: tuple) -> bool:
+    math_verify = _math_verify()
+    try:
+        return math_verify.verify(list(a), list(b), timeout_seconds=None) or \
+            math_verify.verify(list(b), list(a), timeout_seconds=None)
+    except Exception:
+        return False
+
+
+@lru_cache(maxsize=1)
+def _math_verify():
+    import math_verify
+    from math_verify import grader, parser
+
+    # Timeouts are ours (bounded.py); silence math-verify's one-time "timeout disabled" warning.
+    parser.TIMEOUT_WARNING_SHOWN = grader.TIMEOUT_WARNING_SHOWN = True
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return math_verify
