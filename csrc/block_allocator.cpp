@@ -1,5 +1,6 @@
 #include "block_allocator.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace ettrl {
@@ -23,42 +24,57 @@ void BlockAllocator::check_id(int64_t block, const char* op) const {
                             " is outside the pool [0, " + std::to_string(num_blocks()) + ")");
 }
 
+void BlockAllocator::check_in_use(int64_t block, const char* op, bool releasing) const {
+  check_id(block, op);
+  if (ref_counts_[block] > 0) return;
+  if (releasing)
+    throw std::runtime_error(std::string("BlockAllocator.") + op + ": double release of block " +
+                             std::to_string(block) + " (it is already free)");
+  throw std::runtime_error(std::string("BlockAllocator.") + op + ": block " + std::to_string(block) +
+                           " is free; allocate it first");
+}
+
 std::vector<int64_t> BlockAllocator::allocate(int64_t n) {
-  if (n < 0) throw std::invalid_argument("BlockAllocator.allocate: n must be >= 0");
+  if (n < 0) throw std::invalid_argument("BlockAllocator.allocate: n must be >= 0, got " + std::to_string(n));
   if (n > num_free())
     throw std::runtime_error("BlockAllocator.allocate: out of KV blocks: asked for " + std::to_string(n) + ", " +
                              std::to_string(num_free()) + " of " + std::to_string(num_blocks()) + " free");
-  std::vector<int64_t> out(free_list_.end() - n, free_list_.end());
+  std::vector<int64_t> out(free_list_.rbegin(), free_list_.rbegin() + n);  // pop order
   free_list_.resize(free_list_.size() - n);
   for (int64_t b : out) ref_counts_[b] = 1;
   return out;
 }
 
 void BlockAllocator::retain(int64_t block) {
-  check_id(block, "retain");
-  if (ref_counts_[block] == 0)
-    throw std::runtime_error("BlockAllocator.retain: block " + std::to_string(block) + " is free; allocate it first");
+  check_in_use(block, "retain", false);
   ++ref_counts_[block];
 }
 
 void BlockAllocator::retain_many(const std::vector<int64_t>& blocks) {
-  for (int64_t b : blocks) retain(b);
+  for (int64_t b : blocks) check_in_use(b, "retain_many", false);
+  for (int64_t b : blocks) ++ref_counts_[b];
 }
 
 bool BlockAllocator::release(int64_t block) {
-  check_id(block, "release");
-  if (ref_counts_[block] == 0)
-    throw std::runtime_error("BlockAllocator.release: double release of block " + std::to_string(block) +
-                             " (it is already free)");
+  check_in_use(block, "release", true);
   if (--ref_counts_[block] > 0) return false;
   free_list_.push_back(block);
   return true;
 }
 
 int64_t BlockAllocator::release_many(const std::vector<int64_t>& blocks) {
-  int64_t freed = 0;
-  for (int64_t b : blocks) freed += release(b);
-  return freed;
+  // Decrement first and roll back on error, so a duplicate id past its ref count leaves no trace.
+  std::vector<int64_t> freed;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const int64_t b = blocks[i];
+    if (b < 0 || b >= num_blocks() || ref_counts_[b] == 0) {
+      for (size_t j = 0; j < i; ++j) ++ref_counts_[blocks[j]];
+      check_in_use(b, "release_many", true);  // throws the precise error
+    }
+    if (--ref_counts_[b] == 0) freed.push_back(b);
+  }
+  free_list_.insert(free_list_.end(), freed.begin(), freed.end());
+  return static_cast<int64_t>(freed.size());
 }
 
 int64_t BlockAllocator::ref_count(int64_t block) const {
