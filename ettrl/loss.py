@@ -1,0 +1,75 @@
+"""The GRPO / PPO clipped surrogate loss with optional k3 KL to a reference (ALGORITHMS.md section 2)."""
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              eps_low: float = 0.2, eps_high: float = 0.2, agg: str = "token-mean",
+              ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+              entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp_new - logp_old).
+
+    logp_new/logp_old/mask (and ref_logp, entropies) are [B, T]; advantages are [B] (per response) or [B, T].
+    agg "token-mean": mean over all unmasked tokens of the batch; "seq-mean-token-mean": mean per response,
+    then over responses (responses without tokens are skipped). With ref_logp and kl_coef > 0, adds
+    kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1, per token before aggregation.
+    Returns the scalar loss and float metrics: pg_loss, clip_frac, approx_kl (k3 of old vs new), ratio_mean,
+    ratio_max, and kl_ref / entropy when those inputs are given. Metrics are token means.
+    """
+    _check(logp_new, logp_old, advantages, mask, agg, ref_logp, entropies)
+    mask = mask.to(logp_new.dtype)
+    adv = advantages.to(logp_new.dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    log_ratio = logp_new - logp_old.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    per_token = torch.maximum(unclipped, clipped)
+    pg_loss = _aggregate(per_token, mask, agg)
+    loss = pg_loss
+    metrics = {"pg_loss": pg_loss.item()}
+    if ref_logp is not None:
+        kl = _k3(ref_logp.detach() - logp_new)
+        if kl_coef:
+            loss = loss + kl_coef * _aggregate(kl, mask, agg)
+        metrics["kl_ref"] = _masked_mean(kl, mask)
+    with torch.no_grad():
+        metrics["clip_frac"] = _masked_mean((clipped > unclipped).to(mask.dtype), mask)
+        metrics["approx_kl"] = _masked_mean(_k3(-log_ratio), mask)
+        metrics["ratio_mean"] = _masked_mean(ratio, mask)
+        metrics["ratio_max"] = ratio.masked_fill(mask == 0, float("-inf")).max().item() if mask.any() else 0.0
+        if entropies is not None:
+            metrics["entropy"] = _masked_mean(entropies, mask)
+    return loss, metrics
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 estimator exp(x) - x - 1 of KL, x = log(p_other / p): non-negative, unbiased."""
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    if agg == "token-mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    tokens = mask.sum(dim=1)
+    per_seq = (per_token * mask).sum(dim=1) / tokens.clamp(min=1)
+    has_tokens = (tokens > 0).to(per_seq.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((values.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+def _check(logp_new, logp_old, advantages, mask, agg, ref_logp, entropies):
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if logp_new.dim() != 2:
+        raise ValueError(f"logp_new must be [B, T], got shape {tuple(logp_new.shape)}")
+    for name, t in (("logp_old", logp_old), ("mask", mask), ("ref_logp", ref_logp), ("entropies", entropies)):
+        if t is not None and t.shape != logp_new.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp_new.shape)} like logp_new")
+    if advantages.shape not in (logp_new.shape[:1], logp_new.shape):
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp_new.shape)}, "
+                         f"got {tuple(advantages.shape)}")
