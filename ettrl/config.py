@@ -1,0 +1,266 @@
+"""One dataclass tree for a run: YAML files plus dotted `key=value` overrides, validated up front.
+
+`load_config(path, overrides)` is the only entry point; every error names the key and what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ettrl.data import DataError, check_source
+
+METHODS = ("ttrl", "etmr", "ear", "ettrl", "rent", "dare")
+TREE_METHODS = ("etmr", "ettrl")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # engine.model_files spec or a local HF directory
+    dtype: str = "float32"  # trainer weights: float32 | bfloat16
+    engine_dtype: str = "float32"  # the engine's copy of the weights
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "arithmetic"  # "arithmetic" (built-in), a .jsonl/.json/.parquet file, or a HF dataset name
+    eval: str = "arithmetic"  # held-out set, same forms; "" skips evaluation
+    train_split: str = "train"  # HF datasets only
+    eval_split: str = "test"
+    problem_field: str = "problem"
+    answer_field: str = "answer"  # optional in the data: ground truth is only logged
+    train_size: int = 256  # problems generated (arithmetic) or kept (files; 0 = all)
+    eval_size: int = 64
+    difficulty: int = 1  # arithmetic task level, 1..3
+    prompt: str = "fewshot"  # fewshot | plain | chat
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    n_votes: int = 16  # responses that vote (parallel); trees give trees * (1 + forks * branches)
+    n_train: int = 8  # responses per prompt used for the update (vote-then-sample)
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_tokens: int = 64
+    trees: int = 4  # ETMR: M
+    forks: int = 2  # ETMR: N
+    branches: int = 1  # ETMR: B
+    fork_metric: str = "entropy"  # entropy | surprisal
+    distinct: bool = False
+    last_number_fallback: bool = False  # let answers without \boxed{} vote with their last number
+
+
+@dataclass
+class AlgoConfig:
+    reshape: str = "auto"  # auto (from method) | none | res | clip
+    res_alpha: float = 0.2
+    res_beta: float = 0.2
+    clip_beta: float = 2.0
+    entropy_adv: bool = False  # Cheng et al. entropy-advantage term
+    entropy_alpha: float = 0.4
+    entropy_kappa: float = 2.0
+    rent_beta: float = 1.0
+    dare_alpha: float = 0.5
+    dare_tau: float = 0.05
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "torch"  # torch | deepspeed
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    prompts_per_step: int = 4
+    micro_batch_size: int = 8  # sequences per forward/backward
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs * len(train) / prompts_per_step
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    kl_coef: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    k: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 64
+    greedy: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    method: str = "ttrl"  # ttrl | etmr | ear | ettrl | rent | dare
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs"
+    save_every: int = 10  # checkpoint every this many steps (0 = only at the end)
+    eval_every: int = 0  # evaluate every this many steps (0 = only before and after training)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def tree(self) -> bool:
+        return self.method in TREE_METHODS
+
+    @property
+    def n_votes(self) -> int:
+        """Responses that vote per prompt: parallel samples, or every leaf of the ETMR trees."""
+        r = self.rollout
+        return r.trees * (1 + r.forks * r.branches) if self.tree else r.n_votes
+
+    @property
+    def reshape(self) -> str:
+        if self.algo.reshape != "auto":
+            return self.algo.reshape
+        return "res" if self.method in ("ear", "ettrl") else "none"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and what to change."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as configs/default.yaml")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. trainer.lr=1e-6")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    d = asdict(cfg)
+    d["trainer"]["betas"] = list(d["trainer"]["betas"])
+    return d
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, typ, key: str):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(float(v) for v in value)
+    raise ConfigError(f"{key} must be a {typ.__name__}, got {value!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject configs that cannot run, before any model is loaded."""
+    r, t, a, e = cfg.rollout, cfg.trainer, cfg.algo, cfg.eval
+    _check(cfg.method in METHODS, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+           f"device={cfg.device!r}: use auto, cpu or cuda")
+    for key, value in (("model.dtype", cfg.model.dtype), ("model.engine_dtype", cfg.model.engine_dtype)):
+        _check(value in ("float32", "bfloat16", "float16"), f"{key}={value!r}: use float32 or bfloat16")
+    _check(cfg.data.prompt in ("fewshot", "plain", "chat"), f"data.prompt={cfg.data.prompt!r}: use fewshot, plain or chat")
+    _check(1 <= cfg.data.difficulty <= 3, f"data.difficulty={cfg.data.difficulty}: use 1, 2 or 3")
+    _check(bool(cfg.data.problem_field), "data.problem_field must name the field that holds the problem text")
+    _check(bool(cfg.data.train), "data.train must name the unlabeled problems: 'arithmetic', a file or a dataset name")
+    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        try:
+            if source:
+                check_source(source, key)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    _check(r.n_votes >= 1 and r.n_train >= 1, "rollout.n_votes and rollout.n_train must be >= 1")
+    if cfg.tree:
+        _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1, "rollout.trees >= 1, rollout.forks >= 0, rollout.branches >= 1")
+    _check(r.n_train <= cfg.n_votes,
+           f"rollout.n_train={r.n_train} is more than the {cfg.n_votes} responses that vote per prompt"
+           + (f" (rollout.trees * (1 + forks * branches) for method={cfg.method})" if cfg.tree else " (rollout.n_votes)")
+           + "; lower rollout.n_train or raise the number of votes")
+    _check(r.temperature > 0, "rollout.temperature must be > 0 (test-time RL needs diverse samples)")
+    _check(0 < r.top_p <= 1 and 0 < e.top_p <= 1, "top_p must be in (0, 1]")
+    _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
+    _check(r.fork_metric in ("entropy", "surprisal"), f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
+    _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
+    _check(t.backend in ("torch", "deepspeed"), f"trainer.backend={t.backend!r}: use torch or deepspeed")
+    _check(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage}: use 0, 1, 2 or 3")
+    _check(t.lr > 0, "trainer.lr must be > 0")
+    _check(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)")
+    _check(t.grad_clip > 0, "trainer.grad_clip must be > 0 (the norm gradients are clipped to)")
+    _check(t.prompts_per_step >= 1 and t.micro_batch_size >= 1, "trainer.prompts_per_step and trainer.micro_batch_size must be >= 1")
+    _check(t.epochs >= 1 and t.max_steps >= 0, "trainer.epochs must be >= 1 and trainer.max_steps >= 0")
+    _check(t.loss_agg in ("token-mean", "seq-mean-token-mean"), f"trainer.loss_agg={t.loss_agg!r}: use token-mean or seq-mean-token-mean")
+    _check(t.eps_low >= 0 and t.eps_high >= 0 and t.kl_coef >= 0, "trainer.eps_low, eps_high and kl_coef must be >= 0")
+    _check(e.k >= 1 and e.temperature > 0, "eval.k must be >= 1 and eval.temperature > 0")
+    _check(cfg.save_every >= 0 and cfg.eval_every >= 0, "save_every and eval_every must be >= 0")

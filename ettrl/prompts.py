@@ -1,0 +1,39 @@
+"""How a problem becomes a prompt.
+
+`fewshot` (default): two worked examples ending "The answer is \\boxed{N}." then the question; small base and
+instruct models follow this format far better than a chat template.  `plain`: the question and an
+instruction.  `chat`: the tokenizer's chat template with the usual "reason step by step, \\boxed{}" instruction
+(for instruct / math models such as Qwen2.5-Math).
+"""
+from __future__ import annotations
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+FEWSHOT = (
+    "Question: Lily has 7 pencils. Lily gets 5 more. How many pencils does Lily have now?\n"
+    "Answer: Lily has 7 + 5 = 12 pencils. The answer is \\boxed{12}.\n\n"
+    "Question: Tom has 15 apples and gives 6 of them away. How many apples does Tom have left?\n"
+    "Answer: Tom has 15 - 6 = 9 apples left. The answer is \\boxed{9}.\n\n"
+    "Question: {problem}\n"
+    "Answer:"
+)
+
+# Generation stops when a few-shot response starts the next question.
+STOP = {"fewshot": ["\nQuestion:", "\n\n\n"], "plain": [], "chat": []}
+
+
+def build_prompt(problem: str, style: str = "fewshot", tokenizer=None) -> str:
+    if style == "fewshot":
+        return FEWSHOT.replace("{problem}", problem.strip())
+    if style == "plain":
+        return f"{problem.strip()}\n{INSTRUCTION}\n"
+    if style == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.prompt=chat needs a tokenizer with a chat template; use data.prompt=fewshot")
+        messages = [{"role": "user", "content": f"{problem.strip()}\n{INSTRUCTION}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown prompt style {style!r}: use fewshot, plain or chat")
+
+
+def stop_strings(style: str) -> list[str]:
+    return list(STOP[style])

@@ -1,0 +1,37 @@
+"""A tiny random Llama (2 layers, hidden 64) with a byte-level tokenizer, saved as an HF directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    for i, special in enumerate(["<|endoftext|>", "<|pad|>"]):
+        vocab[special] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def make_tiny_model(path: Path, seed: int = 0, tied: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=tied, bos_token_id=None, eos_token_id=256, pad_token_id=257)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so that distributions are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return Path(path)
