@@ -68,8 +68,12 @@ int64_t BlockAllocator::release_many(const std::vector<int64_t>& blocks) {
   for (size_t i = 0; i < blocks.size(); ++i) {
     const int64_t b = blocks[i];
     if (b < 0 || b >= num_blocks() || ref_counts_[b] == 0) {
-      for (size_t j = 0; j < i; ++j) ++ref_counts_[blocks[j]];
-      check_in_use(b, "release_many", true);  // throws the precise error
+      try {
+        check_in_use(b, "release_many", true);  // throws the precise error
+      } catch (...) {
+        for (size_t j = 0; j < i; ++j) ++ref_counts_[blocks[j]];
+        throw;
+      }
     }
     if (--ref_counts_[b] == 0) freed.push_back(b);
   }
