@@ -83,6 +83,7 @@ def symbolic_equal(a: str, b: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool
         return False
     if not can_use_alarm():
         return bool(WORKER.call((a, b, timeout_s), timeout_s + _WORKER_MARGIN_S, default=False))
+    _math_verify()  # imports and grammar loading are not counted against the comparison's bound
     parsed_a = run_with_alarm(_parse, (a,), timeout_s, default=None)
     parsed_b = run_with_alarm(_parse, (b,), timeout_s, default=None) if parsed_a is not None else None
     for text, parsed in ((a, parsed_a), (b, parsed_b)):
@@ -110,10 +111,39 @@ def _parse(text: str) -> tuple:
 def _verify_either_way(a: tuple, b: tuple) -> bool:
     math_verify = _math_verify()
     try:
+        if _numerically_different(a[0], b[0]):
+            return False
         return math_verify.verify(list(a), list(b), timeout_seconds=None) or \
             math_verify.verify(list(b), list(a), timeout_seconds=None)
     except Exception:
         return False
+
+
+_PROBE_VALUES = (0.7071, 1.3183, 0.9273, 1.6180, 0.5772, 1.2021)
+
+
+def _numerically_different(a, b) -> bool:
+    """Cheap rejection before math-verify's simplify: two plain expressions that differ at one point of
+    their free symbols cannot be equivalent. Anything else (sets, equations, matrices) is left to verify."""
+    from sympy import Expr
+
+    if not (isinstance(a, Expr) and isinstance(b, Expr)):
+        return False
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if len(symbols) > len(_PROBE_VALUES):
+        return False
+    point = dict(zip(symbols, _PROBE_VALUES))
+    try:
+        va, vb = complex(a.evalf(15, subs=point)), complex(b.evalf(15, subs=point))
+    except (TypeError, ValueError, ArithmeticError):
+        return False
+    if not all(map(_finite, (va, vb))):
+        return False
+    return abs(va - vb) > 1e-6 * max(1.0, abs(va), abs(vb))
+
+
+def _finite(z: complex) -> bool:
+    return z.real == z.real and z.imag == z.imag and abs(z) != float("inf")
 
 
 @lru_cache(maxsize=1)
@@ -124,4 +154,6 @@ def _math_verify():
     # Timeouts are ours (bounded.py); silence math-verify's one-time "timeout disabled" warning.
     parser.TIMEOUT_WARNING_SHOWN = grader.TIMEOUT_WARNING_SHOWN = True
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    for warm_up in ("\\boxed{\\frac{1}{2}+x}", "\\boxed{(1,2)}", "\\boxed{\\{1\\}}"):
+        math_verify.parse(warm_up, extraction_config=[math_verify.LatexExtractionConfig()], parsing_timeout=None)
     return math_verify

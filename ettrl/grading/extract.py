@@ -85,7 +85,7 @@ def extract_choice(text: str | None, choices: str = "ABCD") -> str | None:
     boxed = extract_answer(text)
     if boxed is not None:
         letter = _choice_in_box(boxed)
-        if letter in choices:
+        if letter is not None and letter in choices:
             return letter
     tail = text[-10_000:]
     for pattern in _CHOICE_PATTERNS:
@@ -96,12 +96,7 @@ def extract_choice(text: str | None, choices: str = "ABCD") -> str | None:
 
 
 def _choice_in_box(content: str) -> str | None:
-    content = content.strip()
-    changed = True
-    while changed:
-        changed = False
-        for wrapper in _WRAPPERS:
-            if content.startswith(wrapper) and content.endswith("}"):
-                content, changed = content[len(wrapper):-1].strip(), True
-    match = _CHOICE_IN_BOX.match(content)
+    for wrapper in _WRAPPERS:
+        content = content.replace(wrapper, "")
+    match = _CHOICE_IN_BOX.match(content.replace("{", "").replace("}", "").strip())
     return match.group(1) if match else None

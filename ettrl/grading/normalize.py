@@ -6,7 +6,8 @@ everything else is left to the symbolic check in `equivalence.py`.
 
 Decisions: a percent sign and a degree sign are dropped ("50\\%" == "50", "30^\\circ" == "30"); a trailing
 unit in \\text{}/\\mbox{} is dropped; "137 \\frac{1}{2}" is the mixed number 275/2; "1,000" is one thousand;
-a bare comma list "-2,1" is a set of solutions; "x = 5" equals "5"; decimals are exact ("0.333" != "1/3").
+a bare comma list "-2,1" is a set of solutions; "x = 5" equals "5"; decimals are exact ("0.333" != "1/3");
+a base subscript is dropped and the digits kept as written ("2516_8" == "2516", != "1358").
 """
 import re
 from fractions import Fraction
@@ -18,7 +19,9 @@ _DELETE = ["\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\
            "\\$", "$", "^\\circ", "^{\\circ}", "^\\degree", "^{\\degree}", "\\circ", "\\degree", "°",
            "\\%", "%", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr"]
 _RENAME = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\le ", "\\leq "), ("\\ge ", "\\geq "),
-           ("\\ ", " "), ("\\{", "\\{"), ("\\lbrace", "\\{"), ("\\rbrace", "\\}")]
+           ("\\lbrace", "\\{"), ("\\rbrace", "\\}")]
+_ESCAPED_SPACE = re.compile(r"(?<!\\)\\ ")  # "\ " but not a row break "\\" before a space
+_BASE_SUBSCRIPT = re.compile(r"^(\d+)_\{?\d+\}?$")
 _WRAPPER = r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*"
 _TRAILING_UNIT = re.compile(_WRAPPER + r"\{\s*[A-Za-z][A-Za-z .]*\}\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
 _UNIT_WORDS = ("square units", "sq units", "units", "unit", "degrees", "degree", "dollars", "cents",
@@ -48,6 +51,7 @@ def normalize_answer(answer: str) -> str:
         return "".join(s.split())
     for old, new in _RENAME:
         s = s.replace(old, new)
+    s = _ESCAPED_SPACE.sub(" ", s)
     for token in _DELETE:
         s = s.replace(token, "")
     s = _strip_units(s)
@@ -57,6 +61,7 @@ def normalize_answer(answer: str) -> str:
     s = _FRAC_HALF_SHORT.sub(r"\\frac\1{\2}", s)
     s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
     s = "".join(s.split()).rstrip(".").strip()
+    s = _BASE_SUBSCRIPT.sub(r"\1", s)
     if _is_text_answer(s):
         s = s.lower()
     choice = _CHOICE.match(s)
