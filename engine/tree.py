@@ -1,0 +1,191 @@
+"""ETMR tree sampling (ALGORITHMS.md section 4) on the engine's radix-tree fork.
+
+All roots of all prompts enter the continuous batch together. The moment a root finishes, its top-N fork
+positions are chosen and its B*N branches are forked from its KV cache (full blocks shared, the partial
+last block copied, the prefix never prefilled again); they join the running batch at the next step while
+other roots are still decoding. A root is freed as soon as its branches hold their own references.
+
+Noise keys: every sequence of prompt i uses seed_i (SamplingParams.seed, or a random seed per prompt when
+None). Root r has seq_id r; branch b at fork f of root r has seq_id M + (r*N + f)*B + b, so roots match
+parallel samples 0..M-1 of the same seed and every leaf is reproducible whatever the batch composition.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.tree_select import fork_positions
+
+METRICS = ("entropy", "surprisal")
+
+
+@dataclass
+class TreeParams:
+    """M trees (roots) per prompt, N fork points per root, B branches per fork point."""
+    trees: int = 12
+    forks: int = 2
+    branches: int = 2
+    metric: str = "entropy"   # "entropy": full-vocabulary H_t; "surprisal": -log p(sampled token)
+    distinct: bool = False     # each branch's first token differs from the root's token at the fork
+
+    def __post_init__(self):
+        if self.trees < 1:
+            raise ValueError(f"TreeParams.trees must be >= 1, got {self.trees}")
+        if self.forks < 0 or self.branches < 0:
+            raise ValueError(f"TreeParams.forks and .branches must be >= 0, got {self.forks}, {self.branches}")
+        if self.metric not in METRICS:
+            raise ValueError(f"TreeParams.metric must be one of {METRICS}, got {self.metric!r}")
+
+    @property
+    def leaves_per_tree(self) -> int:
+        return 1 + self.branches * self.forks
+
+    @property
+    def num_leaves(self) -> int:
+        """M (1 + B N); a root too short to have N allowed fork points gives fewer."""
+        return self.trees * self.leaves_per_tree
+
+    def branch_seq_id(self, root: int, fork: int, branch: int) -> int:
+        return self.trees + (root * self.forks + fork) * self.branches + branch
+
+
+@dataclass
+class Leaf:
+    """One complete response. For a branch, token_ids/logprobs/entropies include the root's prefix."""
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float]
+    entropies: list[float]
+    finish_reason: str | None
+    root: int
+    fork_position: int | None = None  # response index of the resampled token; None for a root
+    branch: int | None = None
+    seq_id: int = 0
+
+    @property
+    def origin(self) -> tuple[int, int | None, int | None]:
+        return self.root, self.fork_position, self.branch
+
+
+@dataclass
+class TreeStats:
+    leaves: int = 0
+    decoded_tokens: int = 0              # tokens sampled by the roots and branches of this prompt
+    reused_tokens: int = 0               # response tokens branches inherited from their root's KV
+    parallel_equivalent_tokens: int = 0  # tokens of all leaves: what n=leaves parallel sampling decodes
+    prefilled_tokens: int = 0            # prompt tokens prefilled for this prompt (branches add none)
+    wall_seconds: float = 0.0            # from the call's start until this prompt's last leaf finished
+
+    @property
+    def token_ratio(self) -> float:
+        return self.decoded_tokens / max(1, self.parallel_equivalent_tokens)
+
+
+@dataclass
+class TreeResult:
+    prompt_token_ids: list[int]
+    seed: int
+    fork_positions: list[list[int]]  # per root, sorted response indices
+    leaves: list[Leaf] = field(default_factory=list)
+    stats: TreeStats = field(default_factory=TreeStats)
+
+
+def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams) -> list[TreeResult]:
+    """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring."""
+    if sampling_params.n != 1:
+        raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={sampling_params.n}")
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if any(not ids for ids in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    seeds = [sampling_params.seed if sampling_params.seed is not None else random.getrandbits(63) for _ in prompt_ids]
+    return _TreeRun(llm, tree_params, sampling_params).run(prompt_ids, seeds)
+
+
+class _TreeRun:
+    """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
+
+    def __init__(self, llm, tree_params: TreeParams, sampling_params: SamplingParams):
+        self.engine = llm.engine
+        self.decode = llm.decode if getattr(llm, "tokenizer", None) is not None else None
+        self.tp = tree_params
+        self.sp = sampling_params
+        self.owners: dict[int, tuple[int, int, int | None, int | None]] = {}  # uid -> (prompt, root, fork, branch)
+        self.roots: dict[tuple[int, int], Leaf] = {}
+        self.live: list[int] = []
+
+    def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
+        self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
+        self.live = [self.tp.trees] * len(prompt_ids)
+        self.start = time.perf_counter()
+        for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
+            for r in range(self.tp.trees):
+                self._submit(Sequence(ids, self.sp, seed, seq_id=r), (i, r, None, None))
+        while self.owners:
+            for seq in self.engine.step():
+                if seq.uid in self.owners:
+                    self._on_finished(seq)
+        for result in self.results:
+            result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
+        return self.results
+
+    def _submit(self, seq: Sequence, owner):
+        self.owners[seq.uid] = owner
+        self.engine.add_sequence(seq)
+
+    def _on_finished(self, seq: Sequence):
+        i, r, f, b = self.owners.pop(seq.uid)
+        leaf = self._root_leaf(seq, r) if f is None else self._branch_leaf(seq, i, r, f, b)
+        self.results[i].leaves.append(leaf)
+        self._account(self.results[i].stats, leaf)
+        if f is None:
+            self._fork_branches(seq, i, r, leaf)
+        self.engine.free(seq)
+        self.live[i] -= 1
+        if self.live[i] == 0:
+            self.results[i].stats.wall_seconds = time.perf_counter() - self.start
+            for r in range(self.tp.trees):
+                self.roots.pop((i, r), None)
+
+    def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf):
+        metric = leaf.entropies if self.tp.metric == "entropy" else [-lp for lp in leaf.logprobs]
+        positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode)
+        self.results[i].fork_positions[r] = positions
+        self.roots[(i, r)] = leaf
+        result = self.results[i]
+        for f, t in enumerate(positions):
+            exclude = leaf.token_ids[t] if self.tp.distinct else None
+            for b in range(self.tp.branches):
+                child = self.engine.fork(root, len(result.prompt_token_ids) + t, self.sp, result.seed,
+                                         self.tp.branch_seq_id(r, f, b), exclude_token=exclude)
+                self.owners[child.uid] = (i, r, f, b)
+                self.live[i] += 1
+
+    def _root_leaf(self, seq: Sequence, r: int) -> Leaf:
+        ids = seq.completion_token_ids
+        return Leaf(ids, self._text(ids), list(seq.logprobs), list(seq.entropies), seq.finish_reason, r, seq_id=seq.seq_id)
+
+    def _branch_leaf(self, seq: Sequence, i: int, r: int, f: int, b: int) -> Leaf:
+        root = self.roots[(i, r)]
+        t = self.results[i].fork_positions[r][f]
+        ids = seq.completion_token_ids
+        assert ids[:t] == root.token_ids[:t], "a branch must start with its root's tokens before the fork"
+        own = len(ids) - t  # the engine records statistics for the tokens a sequence sampled itself
+        logprobs, entropies = list(seq.logprobs[-own:]), list(seq.entropies[-own:])
+        return Leaf(ids, self._text(ids), root.logprobs[:t] + logprobs, root.entropies[:t] + entropies,
+                    seq.finish_reason, r, t, b, seq.seq_id)
+
+    def _text(self, ids: list[int]) -> str | None:
+        return self.decode(ids) if self.decode is not None else None
+
+    @staticmethod
+    def _account(stats: TreeStats, leaf: Leaf):
+        reused = leaf.fork_position or 0
+        stats.leaves += 1
+        stats.decoded_tokens += len(leaf.token_ids) - reused
+        stats.reused_tokens += reused
+        stats.parallel_equivalent_tokens += len(leaf.token_ids)
