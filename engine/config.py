@@ -1,0 +1,34 @@
+"""Engine configuration: one dataclass, validated on construction."""
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None        # exact pool size in blocks; else kv_cache_tokens; else kv_cache_memory_gb
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_gb: float | None = None  # default: 1 GiB on CPU, 90% of the free memory on CUDA
+    max_num_seqs: int = 256                  # decode budget: sequences per step
+    max_num_batched_tokens: int = 8192       # prefill budget: tokens per prefill step
+    max_model_len: int | None = None         # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        for name in ("num_kv_blocks", "kv_cache_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

@@ -1,0 +1,129 @@
+"""User-facing API: LLM(model).generate(prompts, SamplingParams(...)) -> list[RequestOutput]."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+@dataclass
+class CompletionOutput:
+    index: int                  # sample j of the request (its noise key is (seed, j))
+    token_ids: list[int]
+    text: str | None            # None when the model has no tokenizer
+    logprobs: list[float]       # log p(token_t) under softmax(logits / T) (T = 1 for greedy)
+    entropies: list[float]      # full-vocabulary entropy of that same distribution
+    finish_reason: str          # "stop" (EOS, stop token or stop string) | "length"
+    seed: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    if Path(model).is_dir():
+        return Path(model)
+    from engine.model_files import resolve_model
+    return Path(resolve_model(model))
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLM:
+    """LLM(model, dtype="bfloat16", device="cpu", block_size=16, num_kv_blocks | kv_cache_tokens |
+    kv_cache_memory_gb, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len, enable_prefix_caching)."""
+
+    def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options):
+        self.model_dir = resolve_model_dir(model)
+        self.config = EngineConfig(model=str(model), dtype=dtype, device=device, **options)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.engine = LLMEngine(self.config, self.model_dir, self.tokenizer,
+                                _eos_token_ids(self.model_dir, self.tokenizer))
+        self._next_request_id = 0
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """prompts: list of str or of token-id lists (one str or id list is accepted too)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        requests = []  # (prompt text, prompt ids, sequences); all validated before any is queued
+        for prompt, p in zip(prompts, params):
+            ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+            requests.append((prompt if isinstance(prompt, str) else None, ids, self.engine.make_sequences(ids, p)))
+        for _, _, seqs in requests:
+            self.engine.add_sequence(seqs[0])
+        while self.engine.has_unfinished():
+            for seq in self.engine.step():
+                self.engine.free(seq)
+        return [self._request_output(text, ids, seqs) for text, ids, seqs in requests]
+
+    def chat(self, conversations, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """conversations: one list of {"role", "content"} messages, or a list of them."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        self._need_tokenizer("chat")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def update_weights(self, named_tensors) -> int:
+        """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties
+        the prefix cache. Refused while sequences are live. Returns the number of tensors written."""
+        return self.engine.update_weights(named_tensors)
+
+    def check_integrity(self):
+        self.engine.check_integrity()
+
+    def _encode(self, prompt: str) -> list[int]:
+        self._need_tokenizer("text prompts")
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))  # chat-templated text already has its BOS
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special)
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer and {self.model_dir} has none; pass token-id lists")
+
+    def _request_output(self, prompt, prompt_ids, seqs: list[Sequence]) -> RequestOutput:
+        request_id, self._next_request_id = self._next_request_id, self._next_request_id + 1
+        return RequestOutput(request_id, prompt, prompt_ids, [self._completion(s) for s in seqs])
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+            if seq.finish_reason == "stop":
+                cut = [text.find(s) for s in seq.params.stop if s in text]
+                text = text[:min(cut)] if cut else text
+        return CompletionOutput(seq.seq_id, seq.completion_token_ids, text, seq.logprobs, seq.entropies,
+                                seq.finish_reason, seq.seed)

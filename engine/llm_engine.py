@@ -1,0 +1,193 @@
+"""LLMEngine: sequences in, one batched step at a time, finished sequences out. The low-level API that
+generate() and tree sampling are built on.
+
+    engine.add_sequence(seq)        # queue a sequence (prompt tokens, params, noise key)
+    finished = engine.step()        # one prefill or decode step; returns sequences that finished in it
+    child = engine.fork(parent, position, params, seed, seq_id, exclude_token=None)
+    engine.free(seq)                # release a finished (or abandoned) sequence's KV blocks
+
+Finished sequences keep their KV blocks until free(), so a finished root can still be forked.
+"""
+import random
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import cdiv
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from kernels.sampling import entropy_sample
+
+STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer=None, eos_token_ids=()):
+        self.config = config
+        self.runner = ModelRunner(config, model_dir)
+        self.kv = self.runner.kv
+        self.scheduler = Scheduler(config, self.kv)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = self.runner.max_model_len
+        self.finished: dict[int, Sequence] = {}  # finished but not yet freed, by uid
+        self.num_prefill_tokens = 0   # tokens computed in prefill steps (prompts, recomputation after preemption)
+        self.num_decode_tokens = 0    # tokens computed in decode steps (one per running sequence per step)
+        self.num_steps = 0
+
+    # ---- submitting ---------------------------------------------------------------------------------------
+    def make_sequences(self, prompt_token_ids: list[int], params: SamplingParams,
+                       seed: int | None = None) -> list[Sequence]:
+        """The n samples of one request: sample j has the noise key (seed, j). Seed None -> params.seed or random."""
+        if seed is None:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seqs = [Sequence(prompt_token_ids, params, seed, seq_id=j) for j in range(params.n)]
+        self._check_fits(seqs[0])
+        seqs[0].pending_siblings = seqs[1:]  # they start from the first one's prefill logits
+        return seqs
+
+    def add_sequence(self, seq: Sequence):
+        """Queues a sequence (and its pending n>1 siblings) for prefill."""
+        self._check_fits(seq)
+        self.scheduler.add_waiting(seq)
+
+    def _check_fits(self, seq: Sequence):
+        if not seq.token_ids:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.runner.args.vocab_size
+        if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got a prompt with ids outside it")
+        if len(seq) >= self.max_model_len:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
+                             f"{self.max_model_len} with one token to generate; shorten the prompt")
+        final_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+        need = cdiv(final_len, self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"a sequence of up to {final_len} tokens needs {need} KV blocks but the pool has "
+                             f"{self.kv.num_blocks}; lower max_tokens or enlarge the KV cache")
+
+    # ---- forking --------------------------------------------------------------------------------------------
+    def fork(self, parent: Sequence, position: int, params: SamplingParams, seed: int, seq_id: int,
+             exclude_token: int | None = None) -> Sequence:
+        """A child with tokens parent.token_ids[:position] that samples the token at `position` anew.
+
+        It shares the parent's KV blocks of tokens[:position - 1] (copy-on-write for a partially shared block),
+        joins the running batch, and its first step is a decode step on token position - 1: no prefill.
+        exclude_token forbids one token at `position` (distinct branches).
+        """
+        if parent.status == SequenceStatus.WAITING or not parent.block_table and position > 1:
+            raise ValueError(f"cannot fork {parent}: it holds no KV blocks (waiting, preempted or freed)")
+        if not parent.num_prompt_tokens <= position <= len(parent):
+            raise ValueError(f"fork position must be in [{parent.num_prompt_tokens}, {len(parent)}] "
+                             f"(prompt end .. sequence length), got {position}")
+        if position - 1 > parent.num_cached_tokens:
+            raise ValueError(f"{parent} has KV for {parent.num_cached_tokens} tokens; cannot fork at {position}")
+        child = Sequence(parent.token_ids[:position], params, seed, seq_id, parent.num_prompt_tokens)
+        child.logprobs = parent.logprobs[:position - parent.num_prompt_tokens]
+        child.entropies = parent.entropies[:position - parent.num_prompt_tokens]
+        child.exclude_token = -1 if exclude_token is None else exclude_token
+        child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
+        self._check_fits(child)
+        self.kv.share_prefix(parent, child, position - 1)
+        self.scheduler.add_running(child)
+        return child
+
+    def free(self, seq: Sequence):
+        """Releases a sequence's KV blocks (its full blocks stay in the prefix cache). Aborts it if unfinished."""
+        if seq.status == SequenceStatus.WAITING and seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        elif seq.status == SequenceStatus.RUNNING:
+            self.scheduler.running.remove(seq)
+        self.finished.pop(seq.uid, None)
+        if seq.block_table:
+            self.kv.release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        computed = sum(len(s) - s.num_cached_tokens for s in seqs)
+        if is_prefill:
+            self.num_prefill_tokens += computed
+        else:
+            self.num_decode_tokens += computed
+        self.num_steps += 1
+        logits = self.runner.run(seqs)
+        rows = [(seq, i) for i, seq in enumerate(seqs)]
+        for i, seq in enumerate(seqs):
+            rows += [(sib, i) for sib in seq.pending_siblings]
+        tokens, logprobs, entropies = self._sample(logits, rows)
+        finished = []
+        for (seq, i), token, logprob, entropy in zip(rows, tokens, logprobs, entropies):
+            if seq is not seqs[i]:  # an n>1 sibling: it starts from the first sample's prompt KV
+                self.kv.share_prefix(seqs[i], seq, len(seq))
+                self.scheduler.add_running(seq)
+            else:
+                seq.num_cached_tokens = len(seq)
+            seq.append(token, logprob, entropy)
+            seq.exclude_token = -1
+            if self._check_finished(seq):
+                self.scheduler.finish(seq)
+                self.finished[seq.uid] = seq
+                finished.append(seq)
+        for seq in seqs:
+            seq.pending_siblings = []
+        return finished
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]):
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor([i for _, i in rows], device=logits.device)]
+        seqs = [s for s, _ in rows]
+        col = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
+        tokens, logprobs, entropies = entropy_sample(
+            logits,
+            temperature=col([s.params.temperature for s in seqs], torch.float32),
+            top_k=col([s.params.top_k for s in seqs], torch.int64),
+            top_p=col([s.params.top_p for s in seqs], torch.float32),
+            seeds=col([s.seed for s in seqs], torch.int64),
+            seq_ids=col([s.seq_id for s in seqs], torch.int64),
+            positions=col([len(s) for s in seqs], torch.int64),
+            exclude=col([s.exclude_token for s in seqs], torch.int64))
+        return tokens.tolist(), logprobs.tolist(), entropies.tolist()
+
+    def _check_finished(self, seq: Sequence) -> bool:
+        p, token = seq.params, seq.token_ids[-1]
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop and self._stop_string_hit(seq):
+            seq.finish_reason = "stop"
+        elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def _stop_string_hit(self, seq: Sequence) -> bool:
+        if self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none (use stop_token_ids)")
+        longest = max(len(s) for s in seq.params.stop)
+        window = seq.completion_token_ids[-(longest + STOP_WINDOW_TOKENS):]
+        text = self.tokenizer.decode(window, skip_special_tokens=True)
+        return any(s in text for s in seq.params.stop)
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def live_sequences(self) -> list[Sequence]:
+        return [*self.scheduler.running, *self.finished.values()]
+
+    def check_integrity(self):
+        self.kv.check_integrity(self.live_sequences())
+
+    def update_weights(self, named_tensors) -> int:
+        live = len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
+        if live:
+            raise RuntimeError(f"update_weights with {live} live sequences: their KV was computed with the old "
+                               f"weights; finish and free() them first")
+        written = self.runner.update_weights(named_tensors)
+        self.kv.reset_prefix_cache()
+        return written

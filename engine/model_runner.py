@@ -1,0 +1,96 @@
+"""Loads the model and its KV pool, turns a batch of sequences into flat step inputs and returns last logits."""
+from pathlib import Path
+
+import torch
+
+from engine.config import DTYPES, EngineConfig
+from engine.kv_cache import KVCache, cdiv
+from engine.models.llama import CausalLM, ModelArgs
+from engine.models.loader import copy_named_tensors, load_weights, read_config
+from engine.sequence import Sequence
+
+CPU_KV_CACHE_GB = 1.0
+CUDA_KV_CACHE_FRACTION = 0.9
+
+
+def attention_backend(device: torch.device):
+    """Chosen once by device: flashinfer on CUDA, torch elsewhere."""
+    if device.type == "cuda":
+        from kernels.attention_flashinfer import FlashInferPagedAttention
+        return FlashInferPagedAttention
+    from kernels.attention_torch import TorchPagedAttention
+    return TorchPagedAttention
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path):
+        self.config = config
+        self.device = torch.device(config.device)
+        hf_config = read_config(model_dir)
+        self.args = ModelArgs.from_hf(hf_config)
+        self.dtype = self._dtype(config.dtype, self.args)
+        self.max_model_len = min(config.max_model_len or self.args.max_position_embeddings,
+                                 self.args.max_position_embeddings)
+        self.block_size = config.block_size
+        self.model = CausalLM(self.args, self.dtype, self.device, self.max_model_len)
+        load_weights(self.model, model_dir)
+        self.model.eval()
+        a = self.args
+        self.kv = KVCache(a.num_layers, self._num_blocks(), self.block_size, a.num_kv_heads, a.head_dim,
+                          self.dtype, self.device, config.enable_prefix_caching)
+        self.attn = attention_backend(self.device)(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5)
+        self.model.set_attention(self.attn)
+
+    @staticmethod
+    def _dtype(name: str, args: ModelArgs) -> torch.dtype:
+        if name == "auto":
+            return DTYPES.get(str(args.torch_dtype or "bfloat16").replace("torch.", ""), torch.bfloat16)
+        return DTYPES[name]
+
+    def _num_blocks(self) -> int:
+        c, a = self.config, self.args
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        if c.kv_cache_tokens is not None:
+            return cdiv(c.kv_cache_tokens, self.block_size)
+        per_block = KVCache.bytes_per_block(a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        if c.kv_cache_memory_gb is not None:
+            budget = c.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION
+        else:
+            budget = CPU_KV_CACHE_GB * 2**30
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"a KV budget of {budget / 2**30:.3f} GiB holds no block of {per_block} bytes")
+        return num_blocks
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Computes tokens[num_cached:] of every sequence; returns fp32 logits of each one's last token [B, V]."""
+        self.kv.copy_blocks(self.kv.take_pending_copies())
+        input_ids, positions, logits_indices = self._prepare(seqs)
+        return self.model(input_ids, positions, logits_indices)
+
+    def _prepare(self, seqs: list[Sequence]):
+        bs = self.block_size
+        input_ids, positions, slots, q_lens, kv_lens = [], [], [], [], []
+        for seq in seqs:
+            start, end, table = seq.num_cached_tokens, len(seq), seq.block_table
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            q_lens.append(end - start)
+            kv_lens.append(end)
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        self.attn.plan(q_lens, kv_lens, as_tensor(tables), as_tensor(slots))
+        logits_indices = torch.cumsum(as_tensor(q_lens), 0) - 1
+        return as_tensor(input_ids), as_tensor(positions), logits_indices
+
+    @torch.inference_mode()
+    def update_weights(self, named_tensors) -> int:
+        """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        return len(copy_named_tensors(self.model.hf_parameter_views(), items))

@@ -1,0 +1,202 @@
+"""Llama / Qwen2 / Qwen3 decoder in one module, switched by config flags.
+
+Llama: optional attention/MLP bias, llama3 rope scaling. Qwen2: bias on q/k/v. Qwen3: RMSNorm on q and k per head.
+q/k/v and gate/up are fused into one matmul each; `hf_parameter_views` maps every Hugging Face parameter name to
+the slice of the fused tensor that holds it, which is how both the loader and update_weights write weights.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.rope import RotaryEmbedding, apply_rope
+
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    torch_dtype: str | None
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}")
+        kind = ARCHITECTURES[model_type]
+        if cfg.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        heads = cfg["num_attention_heads"]
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=kind,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=kind == "qwen2" or bias,
+            o_bias=bias and kind != "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=kind == "qwen3",
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        )
+
+
+def _param(*shape, dtype, device):
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, dtype, device):
+        super().__init__()
+        self.weight = _param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer_idx: int, dtype, device):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        kw = dict(dtype=dtype, device=device)
+        self.qkv_weight = _param(self.q_size + 2 * self.kv_size, a.hidden_size, **kw)
+        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, **kw) if a.qkv_bias else None
+        self.o_weight = _param(a.hidden_size, self.q_size, **kw)
+        self.o_bias = _param(a.hidden_size, **kw) if a.o_bias else None
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
+        self.attn = None  # the engine's paged-attention backend, set by the model runner
+
+    def forward(self, x, cos, sin):
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # q and k are adjacent in qkv: rotate them with one set of ops
+            qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        out = self.attn(self.layer_idx, q, k, v)
+        return F.linear(out, self.o_weight, self.o_bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.inter = a.intermediate_size
+        self.gate_up_weight = _param(2 * a.intermediate_size, a.hidden_size, **kw)
+        self.gate_up_bias = _param(2 * a.intermediate_size, **kw) if a.mlp_bias else None
+        self.down_weight = _param(a.hidden_size, a.intermediate_size, **kw)
+        self.down_bias = _param(a.hidden_size, **kw) if a.mlp_bias else None
+
+    def forward(self, x):
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        return F.linear(F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:], self.down_weight, self.down_bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, layer_idx: int, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(a, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
+        self.mlp = MLP(a, dtype, device)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]."""
+
+    def __init__(self, a: ModelArgs, dtype: torch.dtype, device, max_positions: int):
+        super().__init__()
+        self.args = a
+        self.embed_tokens = _param(a.vocab_size, a.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(a, i, dtype, device) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
+        self.lm_head = self.embed_tokens if a.tie_word_embeddings else _param(a.vocab_size, a.hidden_size,
+                                                                             dtype=dtype, device=device)
+        self.rope = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, device)
+
+    def set_attention(self, attn):
+        for layer in self.layers:
+            layer.self_attn.attn = attn
+
+    def forward(self, input_ids, positions, logits_indices):
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rope.lookup(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm(x[logits_indices])
+        return F.linear(x, self.lm_head).float()
+
+    def hf_parameter_views(self) -> dict[str, torch.Tensor]:
+        """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""
+        a = self.args
+        views = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm.weight,
+                 "lm_head.weight": self.lm_head}
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        for i, layer in enumerate(self.layers):
+            p, att, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
+            views[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+            views[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+            for suffix, fused in (("weight", att.qkv_weight), ("bias", att.qkv_bias)):
+                if fused is not None:
+                    views[p + f"self_attn.q_proj.{suffix}"] = fused[:q]
+                    views[p + f"self_attn.k_proj.{suffix}"] = fused[q:q + kv]
+                    views[p + f"self_attn.v_proj.{suffix}"] = fused[q + kv:]
+            for suffix, t in (("weight", att.o_weight), ("bias", att.o_bias)):
+                if t is not None:
+                    views[p + f"self_attn.o_proj.{suffix}"] = t
+            if att.q_norm is not None:
+                views[p + "self_attn.q_norm.weight"] = att.q_norm.weight
+                views[p + "self_attn.k_norm.weight"] = att.k_norm.weight
+            for suffix, fused in (("weight", mlp.gate_up_weight), ("bias", mlp.gate_up_bias)):
+                if fused is not None:
+                    views[p + f"mlp.gate_proj.{suffix}"] = fused[:inter]
+                    views[p + f"mlp.up_proj.{suffix}"] = fused[inter:]
+            for suffix, t in (("weight", mlp.down_weight), ("bias", mlp.down_bias)):
+                if t is not None:
+                    views[p + f"mlp.down_proj.{suffix}"] = t
+        return views

@@ -1,0 +1,64 @@
+"""Read a Hugging Face checkpoint directory: config.json and (possibly sharded) safetensors weights."""
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    return json.loads(path.read_text())
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_safetensors(model_dir: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+@torch.inference_mode()
+def copy_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Copies each (HF name, tensor) into its view in place; returns the names written."""
+    written = set()
+    for name, tensor in named_tensors:
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name not in views:
+            raise KeyError(f"unknown parameter name {name!r}; expected Hugging Face names such as "
+                           f"'model.layers.0.self_attn.q_proj.weight'")
+        dst = views[name]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        written.add(name)
+    return written
+
+
+def load_weights(model, model_dir: Path):
+    views = model.hf_parameter_views()
+    written = copy_named_tensors(views, iter_safetensors(model_dir))
+    missing = set(views) - written
+    if model.args.tie_word_embeddings:
+        missing -= {"lm_head.weight", "model.embed_tokens.weight"} if written & {"lm_head.weight",
+                                                                              "model.embed_tokens.weight"} else set()
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")

@@ -1,0 +1,61 @@
+"""One sampled sequence: its tokens, its KV blocks and its per-token statistics."""
+from enum import Enum, auto
+from itertools import count
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()   # no KV blocks; the next step that schedules it is a prefill
+    RUNNING = auto()   # holds KV blocks for tokens[:num_cached_tokens]; decodes one token per step
+    FINISHED = auto()  # keeps its blocks until free() so that it can still be forked
+
+
+class Sequence:
+    """Noise key: (seed, seq_id, position). num_cached_tokens counts the tokens whose KV is in block_table."""
+    _uids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, seed: int, seq_id: int = 0,
+                 num_prompt_tokens: int | None = None):
+        self.uid = next(Sequence._uids)
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids) if num_prompt_tokens is None else num_prompt_tokens
+        self.params = params
+        self.seed = seed
+        self.seq_id = seq_id
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.cache_node = None         # radix-tree node locked while this sequence uses the matched prefix
+        self.logprobs: list[float] = []
+        self.entropies: list[float] = []
+        self.finish_reason: str | None = None
+        self.exclude_token = -1        # forbidden at the next sampled token only (distinct forks)
+        self.pending_siblings: list["Sequence"] = []  # n>1: siblings that start from this one's prefill logits
+        self.request_id = None
+        self.parent_uid: int | None = None
+        self.fork_position: int | None = None
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    def __repr__(self):
+        return (f"Sequence(uid={self.uid}, seq_id={self.seq_id}, len={len(self)}, "
+                f"prompt={self.num_prompt_tokens}, status={self.status.name})")
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append(self, token: int, logprob: float, entropy: float):
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        self.entropies.append(entropy)

@@ -1,0 +1,81 @@
+"""Paged attention on the CPU with torch: one varlen batch (prefill, decode or both) per step.
+
+The KV pool of a layer is [num_blocks, block_size, kv_heads, head_dim]. `plan` builds, once per step, the index
+tensors every layer shares: the cache slot of each new token, and for each sequence the slots of all its keys
+padded to the longest sequence. Each layer then writes its new K/V with one index_copy_, gathers the batch's
+keys and values with one index_select each, and runs one scaled_dot_product_attention over the padded batch.
+Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepPlan:
+    slot_mapping: torch.Tensor   # [T] cache slot of each new token
+    kv_slots: torch.Tensor       # [B * max_kv] slots of each sequence's keys, padded with slot 0
+    mask: torch.Tensor           # bool, [B, 1, rows, max_kv]: True where a query may attend
+    batch: int
+    max_q: int
+    max_kv: int
+    decode: bool                 # every sequence has exactly one new token
+    q_index: torch.Tensor | None = None    # [B * max_q] row of each padded query in the flat batch (T = padding)
+    out_index: torch.Tensor | None = None  # [T] padded row of each real query
+
+
+class TorchPagedAttention:
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float):
+        """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
+        self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
+        self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
+        self.v_slots = v_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
+        self.num_heads = num_heads
+        self.group = num_heads // self.kv_heads
+        self.scale = scale
+        self.plan_: StepPlan | None = None
+
+    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
+        """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
+        device = block_tables.device
+        batch, max_q, max_kv = len(kv_lens), max(query_lens), max(kv_lens)
+        nblocks = -(-max_kv // self.block_size)
+        offsets = torch.arange(self.block_size, device=device)
+        slots = (block_tables[:, :nblocks, None] * self.block_size + offsets).view(batch, -1)[:, :max_kv]
+        kv_len = torch.tensor(kv_lens, device=device)
+        key_pos = torch.arange(max_kv, device=device)
+        decode = max_q == 1
+        if decode:
+            mask = (key_pos < kv_len[:, None]).view(batch, 1, 1, max_kv)
+            self.plan_ = StepPlan(slot_mapping, slots.reshape(-1), mask, batch, 1, max_kv, True)
+            return
+        q_len = torch.tensor(query_lens, device=device)
+        q_row = torch.arange(max_q, device=device)
+        q_pos = kv_len[:, None] - q_len[:, None] + q_row                     # absolute position of each query
+        valid = q_row < q_len[:, None]                                       # [B, max_q]
+        mask = (key_pos <= q_pos[:, :, None]) | (~valid[:, :, None] & (key_pos == 0))  # padding rows see key 0
+        mask = mask.repeat_interleave(self.group, dim=1).unsqueeze(1)         # rows ordered (query, group)
+        starts = torch.cumsum(q_len, 0) - q_len
+        q_index = torch.where(valid, starts[:, None] + q_row, slot_mapping.numel()).view(-1)
+        out_index = valid.view(-1).nonzero().squeeze(1)
+        self.plan_ = StepPlan(slot_mapping, slots.reshape(-1), mask, batch, max_q, max_kv, False, q_index, out_index)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, D]; k, v: [T, kv_heads, D] (new tokens). Returns [T, heads * D]."""
+        p = self.plan_
+        t, hkv, d, g = q.shape[0], self.kv_heads, self.head_dim, self.group
+        k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
+        k_slots.index_copy_(0, p.slot_mapping, k.reshape(t, hkv * d))
+        v_slots.index_copy_(0, p.slot_mapping, v.reshape(t, hkv * d))
+        keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
+        values = v_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
+        if p.decode:
+            out = F.scaled_dot_product_attention(q.view(p.batch, hkv, g, d), keys, values, attn_mask=p.mask,
+                                                 scale=self.scale)
+            return out.reshape(t, hkv * g * d)
+        padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, p.q_index)
+        padded = padded.view(p.batch, p.max_q, hkv, g, d).transpose(1, 2).reshape(p.batch, hkv, p.max_q * g, d)
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=p.mask, scale=self.scale)
+        out = out.view(p.batch, hkv, p.max_q, g, d).transpose(1, 2).reshape(p.batch * p.max_q, hkv * g * d)
+        return out.index_select(0, p.out_index)
