@@ -6,11 +6,11 @@ process only if even that fails to return in time.
 import json
 import sys
 
-from ettrl.grading.equivalence import symbolic_equal
+from ettrl.grading.equivalence import _math_verify, symbolic_equal
 
 
 def main():
-    symbolic_equal("1", "1")  # import and warm the parser before announcing readiness
+    _math_verify()  # import and warm the parser before announcing readiness
     print("ready", flush=True)
     for line in sys.stdin:
         a, b, seconds = json.loads(line)

@@ -13,7 +13,7 @@ from ettrl.grading.normalize import canonical_key, is_exact_kind, key_of_normali
 
 DEFAULT_TIMEOUT_S = 1.0
 _WORKER_MARGIN_S = 1.0  # IPC slack on top of the worker's own alarm
-_TIMED_OUT: set[str] = set()  # strings whose parse overran once: never retried
+_TIMED_OUT: set[tuple[str, str]] = set()  # pairs whose comparison overran once: never retried
 
 
 def is_equivalent(a: str | None, b: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -76,23 +76,25 @@ def _merge_buckets(buckets: list[tuple[str, tuple]], timeout_s: float) -> list[i
 
 
 def symbolic_equal(a: str, b: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """math-verify equivalence of two normalised answers (either direction), bounded by `timeout_s`."""
+    """math-verify equivalence of two normalised answers (either direction); parse and verify together are
+    bounded by `timeout_s`. A pair that overran once is not tried again."""
     if a == b:
         return True
-    if too_hostile_for_sympy(a) or too_hostile_for_sympy(b) or a in _TIMED_OUT or b in _TIMED_OUT:
+    pair = (a, b) if a < b else (b, a)
+    if too_hostile_for_sympy(a) or too_hostile_for_sympy(b) or pair in _TIMED_OUT:
         return False
     if not can_use_alarm():
         return bool(WORKER.call((a, b, timeout_s), timeout_s + _WORKER_MARGIN_S, default=False))
     _math_verify()  # imports and grammar loading are not counted against the comparison's bound
-    parsed_a = run_with_alarm(_parse, (a,), timeout_s, default=None)
-    parsed_b = run_with_alarm(_parse, (b,), timeout_s, default=None) if parsed_a is not None else None
-    for text, parsed in ((a, parsed_a), (b, parsed_b)):
-        if parsed is None:
-            _TIMED_OUT.add(text)
-            return False
-    if not parsed_a or not parsed_b:
-        return False
-    return bool(run_with_alarm(_verify_either_way, (parsed_a, parsed_b), timeout_s, default=False))
+    result = run_with_alarm(_parse_and_verify, (a, b), timeout_s, default=None)
+    if result is None:
+        _TIMED_OUT.add(pair)
+    return bool(result)
+
+
+def _parse_and_verify(a: str, b: str) -> bool:
+    parsed_a, parsed_b = _parse(a), _parse(b)
+    return bool(parsed_a and parsed_b and _verify_either_way(parsed_a, parsed_b))
 
 
 @lru_cache(maxsize=8192)
@@ -154,6 +156,7 @@ def _math_verify():
     # Timeouts are ours (bounded.py); silence math-verify's one-time "timeout disabled" warning.
     parser.TIMEOUT_WARNING_SHOWN = grader.TIMEOUT_WARNING_SHOWN = True
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    for warm_up in ("\\boxed{\\frac{1}{2}+x}", "\\boxed{(1,2)}", "\\boxed{\\{1\\}}"):
-        math_verify.parse(warm_up, extraction_config=[math_verify.LatexExtractionConfig()], parsing_timeout=None)
+    warm = [math_verify.parse(text, extraction_config=[math_verify.LatexExtractionConfig()], parsing_timeout=None)
+            for text in ("\\boxed{(x+1)^2}", "\\boxed{x^2+2x+1}", "\\boxed{(1,\\frac{1}{2})}", "\\boxed{\\{1\\}}")]
+    math_verify.verify(warm[0], warm[1], timeout_seconds=None)  # loads sympy's simplify machinery
     return math_verify
