@@ -1,0 +1,139 @@
+"""Advantages: hand-computed values and properties (zero mean per group, Adv-Res sign and scale bounds)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ettrl.advantages import (AdvantageConfig, adv_clip, adv_res, compute_advantages, entropy_term,
+                              grpo_advantages)
+
+rewards_lists = st.lists(st.sampled_from([0.0, 1.0, 0.25, -1.0, 2.5]), min_size=1, max_size=12)
+
+
+def test_grpo_hand_computed():
+    # mean 0.5, population std 0.5
+    a = grpo_advantages([1.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(a, torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (0.5 + 1e-6))
+    # groups of 3: [1, 0, 0] -> mean 1/3, std sqrt(2)/3; [1, 1, 1] -> zero
+    a = grpo_advantages([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], group_size=3)
+    std = 2 ** 0.5 / 3
+    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]) / (std + 1e-6)
+    assert torch.allclose(a, expected)
+
+
+def test_grpo_group_ids_equal_group_size():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    by_size = grpo_advantages(rewards, group_size=2)
+    by_ids = grpo_advantages(rewards, groups=[7, 7, 3, 3, 9, 9])
+    shuffled = grpo_advantages(rewards[[0, 2, 1, 3, 4, 5]], groups=[7, 3, 7, 3, 9, 9])
+    assert torch.equal(by_size, by_ids)
+    assert torch.allclose(shuffled, by_size[[0, 2, 1, 3, 4, 5]])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(rewards_lists, min_size=1, max_size=5))
+def test_grpo_zero_mean_unit_std_per_group(groups):
+    rewards = [r for g in groups for r in g]
+    ids = [i for i, g in enumerate(groups) for _ in g]
+    a = grpo_advantages(rewards, groups=ids)
+    for i, g in enumerate(groups):
+        part = a[torch.tensor(ids) == i]
+        assert abs(part.mean().item()) < 1e-5
+        if len(set(g)) == 1:
+            assert torch.equal(part, torch.zeros(len(g)))  # all-equal rewards: exactly zero
+        else:
+            assert part.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_grpo_errors():
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages([1.0, 0.0], group_size=3)
+    with pytest.raises(ValueError, match="either group_size or groups"):
+        grpo_advantages([1.0, 0.0], group_size=2, groups=[0, 0])
+    with pytest.raises(ValueError, match="1-D"):
+        grpo_advantages([[1.0, 0.0]])
+
+
+def test_adv_res_hand_computed():
+    a = torch.tensor([1.5, -0.5, -1.0, 2.0])
+    # group mean entropy 2: Y = 1 + (2 - H) / 2 = [1.5, 1.0, 0.5, 1.0] -> clip [0.8, 1.2] = [1.2, 1.0, 0.8, 1.0]
+    out = adv_res(a, [1.0, 2.0, 3.0, 2.0])
+    assert torch.allclose(out, torch.tensor([1.8, -0.5, -0.8, 2.0]))
+    # wider clip range keeps Y itself; more uncertain than the group -> smaller |A| (the equations' direction)
+    out = adv_res(a, [1.0, 2.0, 3.0, 2.0], alpha=0.9, beta=0.9)
+    assert torch.allclose(out, a * torch.tensor([1.5, 1.0, 0.5, 1.0]))
+
+
+def test_adv_res_per_group_mean_and_zero_entropy_group():
+    a = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    out = adv_res(a, [1.0, 3.0, 0.0, 0.0], group_size=2)  # group 1: mean 2 -> Y = [1.5, 0.5]; group 2: mean 0
+    assert torch.allclose(out, torch.tensor([1.2, -0.8, 1.0, -1.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(0, 5)), min_size=1, max_size=16),
+       st.floats(0, 0.9), st.floats(0, 2))
+def test_adv_res_keeps_sign_and_scales_within_bounds(pairs, alpha, beta):
+    a = torch.tensor([p[0] for p in pairs])
+    h = torch.tensor([p[1] for p in pairs])
+    out = adv_res(a, h, alpha=alpha, beta=beta)
+    assert torch.all(torch.sign(out) == torch.sign(a))
+    nonzero = a != 0
+    scale = out[nonzero] / a[nonzero]
+    assert torch.all(scale >= 1 - alpha - 1e-5) and torch.all(scale <= 1 + beta + 1e-5)
+
+
+def test_adv_clip():
+    out = adv_clip(torch.tensor([-3.0, -1.0, 0.0, 2.5]), beta=2.0)
+    assert torch.equal(out, torch.tensor([-2.0, -1.0, 0.0, 2.0]))
+
+
+def test_entropy_term_hand_computed():
+    a = torch.tensor([1.0, -1.0, 0.0])
+    h = torch.tensor([[0.5, 5.0], [0.5, 5.0], [1.0, 1.0]])
+    out = entropy_term(a, h, alpha=0.4, kappa=2.0)
+    # bonus min(0.4 H, |A| / 2): [0.2, 0.5], [0.2, 0.5], [0, 0]
+    assert torch.allclose(out, torch.tensor([[1.2, 1.5], [-0.8, -0.5], [0.0, 0.0]]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(0, 10)), min_size=1, max_size=16), st.floats(1, 5))
+def test_entropy_term_never_flips_sign_and_is_bounded(pairs, kappa):
+    a = torch.tensor([p[0] for p in pairs])
+    h = torch.tensor([[p[1], p[1] / 2] for p in pairs])
+    out = entropy_term(a, h, alpha=0.4, kappa=kappa)
+    bonus = out - a[:, None]
+    assert torch.all(bonus >= 0) and torch.all(bonus <= a.abs()[:, None] / kappa + 1e-6)
+    assert torch.all((out * a[:, None]) >= 0)
+
+
+def test_entropy_term_is_detached_and_validates():
+    h = torch.rand(2, 3, requires_grad=True)
+    out = entropy_term(torch.tensor([1.0, -1.0]), h)
+    assert not out.requires_grad
+    per_token = entropy_term(torch.ones(2, 3), h.detach())
+    assert per_token.shape == (2, 3)
+    with pytest.raises(ValueError, match="kappa"):
+        entropy_term(torch.ones(2), h, kappa=0.5)
+    with pytest.raises(ValueError, match="token_entropies"):
+        entropy_term(torch.ones(3), h)
+
+
+def test_compute_advantages_combinations():
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    h = [0.5, 1.0, 1.5, 1.0]
+    base = grpo_advantages(rewards)
+    assert torch.equal(compute_advantages(rewards), base)
+    ettrl = compute_advantages(rewards, AdvantageConfig(method="adv_res"), response_entropies=h)
+    assert torch.allclose(ettrl, adv_res(base, h))
+    assert torch.equal(compute_advantages([5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                                          AdvantageConfig(method="adv_clip")).max(), torch.tensor(2.0))
+    tokens = torch.rand(4, 5)
+    with_term = compute_advantages(rewards, AdvantageConfig(method="adv_res", entropy_alpha=0.4),
+                                   response_entropies=h, token_entropies=tokens)
+    assert torch.allclose(with_term, entropy_term(adv_res(base, h), tokens, 0.4, 2.0))
+    with pytest.raises(ValueError, match="response_entropies"):
+        compute_advantages(rewards, AdvantageConfig(method="adv_res"))
+    with pytest.raises(ValueError, match="token_entropies"):
+        compute_advantages(rewards, AdvantageConfig(entropy_alpha=0.4))
+    with pytest.raises(ValueError, match="method"):
+        AdvantageConfig(method="ppo")

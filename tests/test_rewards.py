@@ -1,0 +1,119 @@
+"""Pseudo-labels and rewards: hand-computed small groups and a brute-force reference for the vote."""
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ettrl.rewards import (dare_rewards, dare_scores, label_accuracy, majority_vote, rent_rewards,
+                           reward_accuracy, true_rewards, vote_then_sample)
+
+
+def test_majority_vote_groups_equivalent_answers():
+    vote = majority_vote(["\\frac{1}{2}", "0.5", "3", None, "3", "1/2"])
+    label, ratio, rewards = vote
+    assert label == "\\frac{1}{2}"
+    assert ratio == pytest.approx(3 / 6)  # None counts in the denominator
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert vote.class_ids == [0, 0, 1, -1, 1, 0]
+    assert vote.label_class == 0
+
+
+def test_ties_go_to_the_class_seen_first():
+    assert majority_vote(["7", "5", "5", "7"]).label == "7"
+    assert majority_vote(["5", "7", "7", "5"]).label == "5"
+    assert majority_vote([None, "2", "1"]).label == "2"
+
+
+def test_none_never_votes():
+    label, ratio, rewards = majority_vote([None, None, None, "4"])
+    assert (label, ratio, rewards) == ("4", 0.25, [0.0, 0.0, 0.0, 1.0])
+    label, ratio, rewards = majority_vote([None, None])
+    assert (label, ratio, rewards) == (None, 0.0, [0.0, 0.0])
+
+
+def test_majority_vote_rejects_empty_input():
+    with pytest.raises(ValueError, match="at least one answer"):
+        majority_vote([])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(0, 4).map(str)), min_size=1, max_size=40))
+def test_majority_vote_matches_counter_reference(answers):
+    counts = Counter(a for a in answers if a is not None)
+    label, ratio, rewards = majority_vote(answers)
+    if not counts:
+        assert label is None and ratio == 0.0 and rewards == [0.0] * len(answers)
+        return
+    best = max(counts.values())
+    expected = next(a for a in answers if a is not None and counts[a] == best)  # first seen among the largest
+    assert label == expected
+    assert ratio == best / len(answers)
+    assert rewards == [1.0 if a == expected else 0.0 for a in answers]
+
+
+def test_vote_then_sample_is_seeded_uniform_and_without_replacement():
+    picked = vote_then_sample(64, 32, seed=3)
+    assert picked == vote_then_sample(64, 32, seed=3)
+    assert picked != vote_then_sample(64, 32, seed=4)
+    assert picked == sorted(set(picked)) and len(picked) == 32 and all(0 <= i < 64 for i in picked)
+    assert picked != list(range(32))  # not "the first 32"
+    hits = Counter(i for seed in range(2000) for i in vote_then_sample(64, 32, seed))
+    assert all(abs(hits[i] / 2000 - 0.5) < 0.06 for i in range(64))
+    assert vote_then_sample(5, 5, seed=0) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n_votes,n_train", [(4, 5), (4, 0), (0, 0)])
+def test_vote_then_sample_rejects_bad_sizes(n_votes, n_train):
+    with pytest.raises(ValueError, match="n_train"):
+        vote_then_sample(n_votes, n_train, seed=0)
+
+
+def test_rent_rewards():
+    assert rent_rewards([0.5, 1.0, 0.0], beta=2.0) == [-1.0, -2.0, -0.0]
+    assert rent_rewards([]) == []
+
+
+def test_dare_hand_computed():
+    answers = ["1", "1.0", "2", None, "3"]
+    entropies = [0.5, 0.3, 0.9, 1.0, 2.0]
+    # classes: "1" n=2 u=0.4 w=5; "2" n=1 u=0.9 w=1/0.9; "3" n=1 u=2 w=0.5 (eps ignored); M=5
+    w = [5.0, 1 / 0.9, 0.5]
+    p = [x / sum(w) for x in w]
+    b = [(1 - 2 / 5) * (1 - 0.4), (1 - 1 / 5) * (1 - 0.9), (1 - 1 / 5) * 0.0]
+    expected = [p[0] + 0.5 * b[0], p[0] + 0.5 * b[0], p[1] + 0.5 * b[1], 0.0, p[2] + 0.5 * b[2]]
+    assert dare_rewards(answers, entropies) == pytest.approx(expected, abs=1e-5)
+    scores = dare_scores(answers, entropies)
+    assert scores.probs == pytest.approx(p, abs=1e-5) and scores.bonuses == pytest.approx(b)
+    assert scores.class_ids == [0, 0, 1, -1, 2]
+
+
+def test_dare_prunes_unlikely_classes_and_renormalises():
+    answers = ["1", "1.0", "2", None, "3"]
+    entropies = [0.5, 0.3, 0.9, 1.0, 2.0]
+    w = [5.0, 1 / 0.9]  # class "3" has p = 0.0756 < tau = 0.1: pruned
+    p = [x / sum(w) for x in w]
+    b = [0.36, 0.08]
+    expected = [p[0] + 0.5 * b[0]] * 2 + [p[1] + 0.5 * b[1], 0.0, 0.0]
+    assert dare_rewards(answers, entropies, alpha=0.5, tau=0.1) == pytest.approx(expected, abs=1e-5)
+
+
+def test_dare_never_prunes_the_top_class_and_handles_no_votes():
+    answers = [str(i) for i in range(30)]  # 30 singleton classes, each p = 1/30 < tau
+    rewards = dare_rewards(answers, [0.5] * 30, tau=0.05)
+    assert sum(r > 0 for r in rewards) >= 1
+    assert dare_rewards([None, None], [0.1, 0.2]) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="entropies"):
+        dare_rewards(["1"], [0.1, 0.2])
+
+
+def test_label_and_reward_accuracy():
+    answers = ["\\frac{1}{2}", "0.5", "3", None]
+    label, _, rewards = majority_vote(answers)
+    assert label_accuracy(label, "1/2") == 1.0
+    assert label_accuracy(label, "3") == 0.0
+    assert label_accuracy(None, "3") == 0.0
+    assert true_rewards(answers, "3") == [0.0, 0.0, 1.0, 0.0]
+    assert reward_accuracy(answers, rewards, "0.5") == 1.0
+    assert reward_accuracy(answers, rewards, "3") == 0.25  # only the None response agrees (0 == 0)
+    with pytest.raises(ValueError, match="rewards"):
+        reward_accuracy(answers, [1.0], "3")
