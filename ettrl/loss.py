@@ -14,7 +14,7 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     agg "token-mean": mean over all unmasked tokens of the batch; "seq-mean-token-mean": mean per response,
     then over responses (responses without tokens are skipped). With ref_logp and kl_coef > 0, adds
     kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1, per token before aggregation.
-    Returns the scalar loss and float metrics: pg_loss, clip_frac, approx_kl (k3 of old vs new), ratio_mean,
+    Returns the scalar loss and float metrics: pg_loss, clip_frac, approx_kl (k3: r - 1 - log r), ratio_mean,
     ratio_max, and kl_ref / entropy when those inputs are given. Metrics are token means.
     """
     _check(logp_new, logp_old, advantages, mask, agg, ref_logp, entropies)
@@ -36,7 +36,7 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
         metrics["kl_ref"] = _masked_mean(kl, mask)
     with torch.no_grad():
         metrics["clip_frac"] = _masked_mean((clipped > unclipped).to(mask.dtype), mask)
-        metrics["approx_kl"] = _masked_mean(_k3(-log_ratio), mask)
+        metrics["approx_kl"] = _masked_mean(_k3(log_ratio), mask)  # KL(old || new), samples from old
         metrics["ratio_mean"] = _masked_mean(ratio, mask)
         metrics["ratio_max"] = ratio.masked_fill(mask == 0, float("-inf")).max().item() if mask.any() else 0.0
         if entropies is not None:
