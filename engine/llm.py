@@ -76,7 +76,7 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         requests = []  # (prompt text, prompt ids, sequences); all validated before any is queued
         for prompt, p in zip(prompts, params):
-            ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             requests.append((prompt if isinstance(prompt, str) else None, ids, self.engine.make_sequences(ids, p)))
         for _, _, seqs in requests:
             self.engine.add_sequence(seqs[0])
@@ -104,11 +104,16 @@ class LLM:
     def check_integrity(self):
         self.engine.check_integrity()
 
-    def _encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt text -> token ids (adds BOS unless the text already starts with it)."""
         self._need_tokenizer("text prompts")
         bos = self.tokenizer.bos_token
         add_special = not (bos and prompt.startswith(bos))  # chat-templated text already has its BOS
         return self.tokenizer.encode(prompt, add_special_tokens=add_special)
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._need_tokenizer("decoding")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _need_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -121,7 +126,7 @@ class LLM:
     def _completion(self, seq: Sequence) -> CompletionOutput:
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+            text = self.decode(seq.completion_token_ids)
             if seq.finish_reason == "stop":
                 cut = [text.find(s) for s in seq.params.stop if s in text]
                 text = text[:min(cut)] if cut else text
