@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -74,9 +74,10 @@ class Leaf:
 class TreeStats:
     leaves: int = 0
     decoded_tokens: int = 0              # tokens sampled by the roots and branches of this prompt
+                                         # (engine decode counter + 1 per root: a root's first token comes
+                                         # from the prefill; a branch's first step is a decode step)
     reused_tokens: int = 0               # response tokens branches inherited from their root's KV
     parallel_equivalent_tokens: int = 0  # tokens of all leaves: what n=leaves parallel sampling decodes
-    prefilled_tokens: int = 0            # prompt tokens prefilled for this prompt (branches add none)
     wall_seconds: float = 0.0            # from the call's start until this prompt's last leaf finished
 
     @property
@@ -100,8 +101,6 @@ def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: Sampling
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    if any(not ids for ids in prompt_ids):
-        raise ValueError("every prompt needs at least one token")
     seeds = [sampling_params.seed if sampling_params.seed is not None else random.getrandbits(63) for _ in prompt_ids]
     return _TreeRun(llm, tree_params, sampling_params).run(prompt_ids, seeds)
 
@@ -110,21 +109,20 @@ class _TreeRun:
     """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
 
     def __init__(self, llm, tree_params: TreeParams, sampling_params: SamplingParams):
-        self.engine = llm.engine
-        self.decode = llm.decode if getattr(llm, "tokenizer", None) is not None else None
-        self.tp = tree_params
-        self.sp = sampling_params
+        self.llm, self.engine = llm, llm.engine
+        self.decode = llm.decode if llm.tokenizer is not None else None
+        self.tp, self.sp = tree_params, sampling_params
         self.owners: dict[int, tuple[int, int, int | None, int | None]] = {}  # uid -> (prompt, root, fork, branch)
-        self.roots: dict[tuple[int, int], Leaf] = {}
-        self.live: list[int] = []
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
         self.live = [self.tp.trees] * len(prompt_ids)
+        root_params = replace(self.sp, n=self.tp.trees)  # M siblings from one prefill: seq_ids 0..M-1
+        requests = [self.engine.make_sequences(ids, root_params, seed) for ids, seed in zip(prompt_ids, seeds)]
         self.start = time.perf_counter()
-        for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
-            for r in range(self.tp.trees):
-                self._submit(Sequence(ids, self.sp, seed, seq_id=r), (i, r, None, None))
+        for i, roots in enumerate(requests):
+            self.owners.update((seq.uid, (i, r, None, None)) for r, seq in enumerate(roots))
+            self.engine.add_sequence(roots[0])
         while self.owners:
             for seq in self.engine.step():
                 if seq.uid in self.owners:
@@ -133,54 +131,38 @@ class _TreeRun:
             result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
         return self.results
 
-    def _submit(self, seq: Sequence, owner):
-        self.owners[seq.uid] = owner
-        self.engine.add_sequence(seq)
-
     def _on_finished(self, seq: Sequence):
         i, r, f, b = self.owners.pop(seq.uid)
-        leaf = self._root_leaf(seq, r) if f is None else self._branch_leaf(seq, i, r, f, b)
-        self.results[i].leaves.append(leaf)
-        self._account(self.results[i].stats, leaf)
+        result = self.results[i]
+        leaf = self._leaf(seq, r, None if f is None else result.fork_positions[r][f], b)
+        result.leaves.append(leaf)
+        self._account(result.stats, leaf)
         if f is None:
             self._fork_branches(seq, i, r, leaf)
         self.engine.free(seq)
         self.live[i] -= 1
         if self.live[i] == 0:
-            self.results[i].stats.wall_seconds = time.perf_counter() - self.start
-            for r in range(self.tp.trees):
-                self.roots.pop((i, r), None)
+            result.stats.wall_seconds = time.perf_counter() - self.start
 
     def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf):
+        """B branches at each of the root's top-N positions; they decode from the next step on."""
         metric = leaf.entropies if self.tp.metric == "entropy" else [-lp for lp in leaf.logprobs]
         positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode)
-        self.results[i].fork_positions[r] = positions
-        self.roots[(i, r)] = leaf
         result = self.results[i]
+        result.fork_positions[r] = positions
         for f, t in enumerate(positions):
             exclude = leaf.token_ids[t] if self.tp.distinct else None
             for b in range(self.tp.branches):
-                child = self.engine.fork(root, len(result.prompt_token_ids) + t, self.sp, result.seed,
+                child = self.engine.fork(root, root.num_prompt_tokens + t, self.sp, result.seed,
                                          self.tp.branch_seq_id(r, f, b), exclude_token=exclude)
                 self.owners[child.uid] = (i, r, f, b)
                 self.live[i] += 1
 
-    def _root_leaf(self, seq: Sequence, r: int) -> Leaf:
-        ids = seq.completion_token_ids
-        return Leaf(ids, self._text(ids), list(seq.logprobs), list(seq.entropies), seq.finish_reason, r, seq_id=seq.seq_id)
-
-    def _branch_leaf(self, seq: Sequence, i: int, r: int, f: int, b: int) -> Leaf:
-        root = self.roots[(i, r)]
-        t = self.results[i].fork_positions[r][f]
-        ids = seq.completion_token_ids
-        assert ids[:t] == root.token_ids[:t], "a branch must start with its root's tokens before the fork"
-        own = len(ids) - t  # the engine records statistics for the tokens a sequence sampled itself
-        logprobs, entropies = list(seq.logprobs[-own:]), list(seq.entropies[-own:])
-        return Leaf(ids, self._text(ids), root.logprobs[:t] + logprobs, root.entropies[:t] + entropies,
-                    seq.finish_reason, r, t, b, seq.seq_id)
-
-    def _text(self, ids: list[int]) -> str | None:
-        return self.decode(ids) if self.decode is not None else None
+    def _leaf(self, seq: Sequence, root: int, fork_position: int | None, branch: int | None) -> Leaf:
+        """A fork inherits its parent's tokens, logprobs and entropies up to the fork: the leaf is the whole response."""
+        out = self.llm._completion(seq)
+        return Leaf(out.token_ids, out.text, list(out.logprobs), list(out.entropies), out.finish_reason,
+                    root, fork_position, branch, seq.seq_id)
 
     @staticmethod
     def _account(stats: TreeStats, leaf: Leaf):
