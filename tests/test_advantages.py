@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 from ettrl.advantages import (AdvantageConfig, adv_clip, adv_res, compute_advantages, entropy_term,
                               grpo_advantages)
 
+advantage_values = st.floats(-3, 3).filter(lambda x: x == 0 or abs(x) > 1e-6)  # no float32 subnormals
 rewards_lists = st.lists(st.sampled_from([0.0, 1.0, 0.25, -1.0, 2.5]), min_size=1, max_size=12)
 
 
@@ -70,7 +71,7 @@ def test_adv_res_per_group_mean_and_zero_entropy_group():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(0, 5)), min_size=1, max_size=16),
+@given(st.lists(st.tuples(advantage_values, st.floats(0, 5)), min_size=1, max_size=16),
        st.floats(0, 0.9), st.floats(0, 2))
 def test_adv_res_keeps_sign_and_scales_within_bounds(pairs, alpha, beta):
     a = torch.tensor([p[0] for p in pairs])
@@ -96,7 +97,7 @@ def test_entropy_term_hand_computed():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(0, 10)), min_size=1, max_size=16), st.floats(1, 5))
+@given(st.lists(st.tuples(advantage_values, st.floats(0, 10)), min_size=1, max_size=16), st.floats(1, 5))
 def test_entropy_term_never_flips_sign_and_is_bounded(pairs, kappa):
     a = torch.tensor([p[0] for p in pairs])
     h = torch.tensor([[p[1], p[1] / 2] for p in pairs])

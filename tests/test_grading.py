@@ -148,7 +148,7 @@ NOT_EQUIVALENT = [
     ("p - q", "q - p"), ("x^2+2x+1", "x^2+1"), ("6+9i", "6-9i"), ("x^5 - x^4", "x^4 - x^5"), ("2x", "x^2"),
     # text and multiple choice
     ("\\text{Navin}", "\\text{Evelyn}"), ("\\text{east}", "\\text{west}"), ("A", "B"), ("(C)", "(D)"),
-    ("\\text{odd}", "\\text{even}"),
+    ("\\text{odd}", "\\text{even}"), ("\\text{Evelyn}", "\\text{Nevely}"), ("\\text{east}", "\\text{northeast}"),
     # matrices
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}"),
     # a base subscript keeps the digits as written

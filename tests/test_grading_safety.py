@@ -176,3 +176,21 @@ def test_timeout_is_enforced_off_the_main_thread():
     assert out["warm"] is True
     assert result is False and seconds < 0.5 + 2.0
     assert out["after"] is True
+
+
+def test_callers_own_alarm_survives_a_bounded_comparison():
+    import signal
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        assert is_equivalent("2\\sqrt{3}", "\\sqrt{12}")
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < remaining < 30.0
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        time.sleep(0.1)
+        assert fired == [True]  # the caller's handler is back in place
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

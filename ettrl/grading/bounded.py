@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -30,10 +31,13 @@ def _raise_timeout(signum, frame):
 
 
 def run_with_alarm(fn, args: tuple, seconds: float, default):
-    """fn(*args), or `default` if it runs past `seconds`. Main thread only."""
+    """fn(*args), or `default` if it runs past `seconds`. Main thread only. A timer the caller had armed
+    keeps its remaining time (less the time spent here)."""
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    start = time.monotonic()
+    outer_delay = 0.0
     try:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        outer_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
             return fn(*args)
         finally:
@@ -42,6 +46,8 @@ def run_with_alarm(fn, args: tuple, seconds: float, default):
         return default
     finally:
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3))
 
 
 class WorkerProcess:
@@ -53,6 +59,7 @@ class WorkerProcess:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._owner_pid = os.getpid()
 
     def call(self, args: tuple, seconds: float, default):
         with self._lock:
@@ -70,6 +77,8 @@ class WorkerProcess:
                 return default
 
     def _ensure_started(self) -> subprocess.Popen:
+        if self._owner_pid != os.getpid():  # forked: the helper and its pipes belong to the parent
+            self._proc, self._owner_pid = None, os.getpid()
         if self._proc is None or self._proc.poll() is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             self._proc = subprocess.Popen(

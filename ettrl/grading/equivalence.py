@@ -89,6 +89,8 @@ def symbolic_equal(a: str, b: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool
     _math_verify()  # imports and grammar loading are not counted against the comparison's bound
     result = run_with_alarm(_parse_and_verify, (a, b), timeout_s, default=None)
     if result is None:
+        if len(_TIMED_OUT) > 100_000:
+            _TIMED_OUT.clear()
         _TIMED_OUT.add(pair)
     return bool(result)
 

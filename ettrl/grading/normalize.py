@@ -1,7 +1,8 @@
 """String normalisation and canonical keys: the fast path that settles most comparisons without sympy.
 
 `canonical_key` maps an answer to a hashable key. Equal keys mean equivalent answers. Two keys of the same
-exact kind ("num", "tuple", "set": exact rationals) that differ mean "not equivalent" without further work;
+exact kind ("num", "tuple", "set": exact rationals; "text": a word) that differ mean "not equivalent" without
+further work;
 everything else is left to the symbolic check in `equivalence.py`.
 
 Decisions: a percent sign and a degree sign are dropped ("50\\%" == "50", "30^\\circ" == "30"); a trailing
@@ -77,18 +78,22 @@ def _strip_units(s: str) -> str:
 
 
 def _is_text_answer(s: str) -> bool:
-    """A word answer such as "east" or "Navin": compared case-insensitively."""
+    """A word answer such as "east" or "Navin": compared case-insensitively and only as a word (sympy would
+    read "Evelyn" as the product E*v*e*l*y*n and find it equal to "Nevely")."""
     return len(s) >= 3 and s.isalpha() and s.isascii()
 
 
 def canonical_key(answer: str) -> tuple:
-    """A hashable key: ("num", Fraction), ("tuple", keys), ("set", keys) or ("str", normal form)."""
+    """A hashable key: ("num", Fraction), ("tuple", values), ("set", values), ("text", word) or
+    ("str", normal form)."""
     return key_of_normalized(normalize_answer(answer))
 
 
 def key_of_normalized(s: str) -> tuple:
     if len(s) > MAX_ANSWER_CHARS:
         return ("str", s)
+    if _is_text_answer(s):
+        return ("text", s)
     value = parse_number(_ASSIGNMENT.sub("", s, count=1))
     if value is not None:
         return ("num", value)
@@ -153,4 +158,4 @@ def split_top_level(s: str) -> list[str]:
 
 
 def is_exact_kind(key: tuple) -> bool:
-    return key[0] in ("num", "tuple", "set")
+    return key[0] in ("num", "tuple", "set", "text")
