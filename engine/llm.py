@@ -5,6 +5,7 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.model_files import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -26,13 +27,6 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    if Path(model).is_dir():
-        return Path(model)
-    from engine.model_files import resolve_model
-    return Path(resolve_model(model))
 
 
 def _load_tokenizer(model_dir: Path):
@@ -58,7 +52,7 @@ class LLM:
     kv_cache_memory_gb, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len, enable_prefix_caching)."""
 
     def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options):
-        self.model_dir = resolve_model_dir(model)
+        self.model_dir = Path(resolve_model(model))
         self.config = EngineConfig(model=str(model), dtype=dtype, device=device, **options)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.engine = LLMEngine(self.config, self.model_dir, self.tokenizer,

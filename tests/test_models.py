@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, resolve_model
 from tiny_models import CONFIGS, hf_greedy, hf_token_stats, make_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 100, 200], list(range(20, 57)), [42] * 17]
@@ -58,11 +58,7 @@ def test_bfloat16_logits_stay_close_to_fp32(tmp_path):
 @pytest.mark.integration
 def test_default_model_fp32_greedy_matches_transformers():
     from transformers import AutoModelForCausalLM
-    from engine.llm import resolve_model_dir
-    try:
-        path = resolve_model_dir("smollm2-135m-instruct")
-    except ImportError:
-        pytest.skip("engine.model_files has not landed yet")
+    path = resolve_model("smollm2-135m-instruct")
     llm = LLM(path, dtype="float32", kv_cache_tokens=4096)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
