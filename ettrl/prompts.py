@@ -37,3 +37,9 @@ def build_prompt(problem: str, style: str = "fewshot", tokenizer=None) -> str:
 
 def stop_strings(style: str) -> list[str]:
     return list(STOP[style])
+
+
+def encode_prompts(tokenizer, problems, style: str = "fewshot") -> list[list[int]]:
+    """Token ids of each problem's prompt (a chat template already holds its special tokens)."""
+    texts = [build_prompt(p.text, style, tokenizer) for p in problems]
+    return [tokenizer(t, add_special_tokens=style != "chat").input_ids for t in texts]

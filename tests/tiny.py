@@ -10,7 +10,7 @@ def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet() is unordered
     for i, special in enumerate(["<|endoftext|>", "<|pad|>"]):
         vocab[special] = 256 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -19,19 +19,26 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
-def make_tiny_model(path: Path, seed: int = 0, tied: bool = True) -> Path:
+def make_tiny_model(path: Path, seed: int = 0, tied: bool = True, favour: str = "", strength: float = 0.0) -> Path:
+    """`favour`: characters (plus EOS) the model prefers by `strength` (untied head only): every embedding
+    shares a direction u that survives the residual stream, and those tokens' output rows point along u."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     tokenizer = byte_tokenizer()
     config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=tied, bos_token_id=None, eos_token_id=256, pad_token_id=257)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init, so that distributions are far from uniform
-        for p in model.parameters():
+        for p in model.parameters():  # from our own generator: the same weights in every process
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        if favour and not tied:
+            u = torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=gen), dim=0)
+            model.model.embed_tokens.weight += 3 * u
+            ids = tokenizer(favour, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            model.lm_head.weight[ids] += strength * u
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return Path(path)

@@ -1,0 +1,38 @@
+"""Where gradients are applied: plain torch (one process) or DeepSpeed ZeRO (multi-process).
+
+Both expose the same small interface: `.model`, `.backward(loss)`, `.step() -> (grad_norm, lr)`,
+`.full_state_dict()`, `.state_dict()` / `.load_state_dict()`, `.rank`, `.world_size`, `.all_reduce_sum(x)`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    """lr multiplier: linear warm-up over warmup_ratio * total steps, then cosine decay to 0."""
+    warmup = max(1, math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+
+
+def make_backend(model, tcfg, total_steps: int, micro_batches_per_step: int):
+    if tcfg.backend == "torch":
+        from ettrl.backends.torch_backend import TorchBackend
+
+        return TorchBackend(model, tcfg, total_steps)
+    from ettrl.backends.deepspeed_backend import DeepSpeedBackend
+
+    return DeepSpeedBackend(model, tcfg, total_steps, micro_batches_per_step)

@@ -1,0 +1,52 @@
+"""Rollouts through the engine: parallel sampling (n_votes per prompt) or ETMR entropy-fork trees."""
+from __future__ import annotations
+
+from ettrl.data import Problem
+from ettrl.scoring import Group, Response
+
+
+def sampling_params(rcfg, stop: list[str], seed: int, n: int):
+    from engine import SamplingParams
+
+    return SamplingParams(n=n, temperature=rcfg.temperature, top_p=rcfg.top_p, max_tokens=rcfg.max_tokens,
+                          stop=stop, seed=seed)
+
+
+def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop: list[str], seed: int) -> list[Group]:
+    """One Group per problem; `decoded_tokens` is what the engine actually decoded for it."""
+    r = cfg.rollout
+    if not cfg.tree:
+        params = [sampling_params(r, stop, (seed + i) % 2**63, r.n_votes) for i in range(len(prompt_ids))]  # own noise per prompt
+        outs = llm.generate(prompt_ids, params)
+        return [Group(p, ids, [_response(o) for o in out.outputs], sum(len(o.token_ids) for o in out.outputs))
+                for p, ids, out in zip(problems, prompt_ids, outs)]
+    from engine.tree import TreeParams, sample_tree
+
+    tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric, distinct=r.distinct)
+    trees = sample_tree(llm, prompt_ids, tree_params, sampling_params(r, stop, seed, 1))
+    return [Group(p, ids, [_response(leaf) for leaf in t.leaves], t.stats.decoded_tokens)
+            for p, ids, t in zip(problems, prompt_ids, trees)]
+
+
+def _response(out) -> Response:
+    return Response(list(out.token_ids), out.text, [float(h) for h in out.entropies], out.finish_reason)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_llm(model: str, dtype: str = "float32", device: str = "auto", **engine_kwargs):
+    """(engine, tokenizer) for a model spec or directory; the trainer loads its copy from the same directory."""
+    from transformers import AutoTokenizer
+
+    from engine import LLM
+    from engine.model_files import resolve_model
+
+    model_dir = resolve_model(model)
+    llm = LLM(str(model_dir), dtype=dtype, device=resolve_device(device), **engine_kwargs)
+    return llm, AutoTokenizer.from_pretrained(str(model_dir))

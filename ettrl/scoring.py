@@ -1,0 +1,90 @@
+"""From one prompt's rollouts to training samples: answers, vote, rewards, vote-then-sample, advantages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ettrl.advantages import AdvantageConfig, compute_advantages
+from ettrl.data import Problem
+from ettrl.grading import extract_answer
+from ettrl.rewards import (dare_rewards, label_accuracy, majority_vote, rent_rewards, reward_accuracy, true_rewards,
+                           vote_then_sample)
+from ettrl.update import TrainSample
+
+RESHAPE_METHOD = {"none": "grpo", "res": "adv_res", "clip": "adv_clip"}
+
+
+@dataclass
+class Response:
+    token_ids: list[int]
+    text: str
+    entropies: list[float]  # full-vocabulary entropy of the sampling distribution at each token
+    finish_reason: str
+
+    @property
+    def entropy(self) -> float:
+        return sum(self.entropies) / max(1, len(self.entropies))
+
+
+@dataclass
+class Group:
+    problem: Problem
+    prompt_ids: list[int]
+    responses: list[Response]
+    decoded_tokens: int  # tokens the engine decoded for this prompt (trees reuse shared prefixes)
+
+
+def answers_of(group: Group, last_number_fallback: bool = False) -> list[str | None]:
+    """A response truncated at the length limit has no answer (it never votes)."""
+    return [None if r.finish_reason == "length" else extract_answer(r.text, last_number_fallback) for r in group.responses]
+
+
+def rewards_for(method: str, answers: list, entropies: list[float], algo) -> tuple[list[float], object]:
+    vote = majority_vote(answers)
+    if method == "rent":
+        return rent_rewards(entropies, algo.rent_beta), vote
+    if method == "dare":
+        return dare_rewards(answers, entropies, algo.dare_alpha, algo.dare_tau), vote
+    return list(vote.rewards), vote
+
+
+def advantage_config(cfg) -> AdvantageConfig:
+    a = cfg.algo
+    return AdvantageConfig(method=RESHAPE_METHOD[cfg.reshape], res_alpha=a.res_alpha, res_beta=a.res_beta,
+                           clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if a.entropy_adv else 0.0,
+                           entropy_kappa=a.entropy_kappa)
+
+
+def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[str, float]]:
+    """The n_train samples of this prompt, with per-token advantages, and the prompt's metrics."""
+    answers = answers_of(group, cfg.rollout.last_number_fallback)
+    entropies = [r.entropy for r in group.responses]
+    rewards, vote = rewards_for(cfg.method, answers, entropies, cfg.algo)
+    keep = vote_then_sample(len(group.responses), min(cfg.rollout.n_train, len(group.responses)), seed)
+    chosen = [group.responses[i] for i in keep]
+    token_h = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.entropies, dtype=torch.float32) for r in chosen],
+                                              batch_first=True)
+    adv = compute_advantages([rewards[i] for i in keep], advantage_config(cfg),
+                             response_entropies=[entropies[i] for i in keep], token_entropies=token_h)
+    samples = [TrainSample(group.prompt_ids, r.token_ids, _per_token(adv[j], len(r.token_ids)))
+               for j, r in enumerate(chosen)]
+    return samples, _metrics(group, answers, rewards, vote, entropies)
+
+
+def _per_token(adv: torch.Tensor, n: int) -> list[float]:
+    return [float(adv)] * n if adv.dim() == 0 else adv[:n].tolist()
+
+
+def _metrics(group: Group, answers, rewards, vote, entropies) -> dict[str, float]:
+    m = {"reward": sum(rewards) / len(rewards), "majority_ratio": vote.ratio,
+         "answered": sum(a is not None for a in answers) / len(answers),
+         "entropy": sum(entropies) / len(entropies),
+         "response_len": sum(len(r.token_ids) for r in group.responses) / len(group.responses),
+         "truncated": sum(r.finish_reason == "length" for r in group.responses) / len(group.responses)}
+    truth = group.problem.answer
+    if truth is not None:
+        m["label_acc"] = label_accuracy(vote.label, truth)
+        m["reward_acc"] = reward_accuracy(answers, vote.rewards, truth)
+        m["rollout_acc"] = sum(true_rewards(answers, truth)) / len(answers)
+    return m

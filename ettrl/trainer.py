@@ -1,0 +1,236 @@
+"""The test-time RL loop: roll out, grade, vote, reward, pick n_train, advantages, GRPO update, sync the engine.
+
+One `Trainer` per process.  With the DeepSpeed backend every rank runs its own engine on its own device and
+rolls out its share of the step's prompts; gradients meet in the backend.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ettrl.backends import make_backend
+from ettrl.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, set_rng_state
+from ettrl.config import Config
+from ettrl.data import load_problems
+from ettrl.eval import evaluate
+from ettrl.policy import load_policy
+from ettrl.prompts import encode_prompts, stop_strings
+from ettrl.rollout import resolve_device, rollout
+from ettrl.scoring import score_group
+from ettrl.update import policy_update
+
+SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_acc", "label_acc {:.2f}"),
+         ("rollout_acc", "acc {:.2f}"), ("entropy", "H {:.3f}"), ("loss", "loss {:+.4f}"), ("grad_norm", "|g| {:.3f}"),
+         ("rollout_tokens", "tok {:.0f}"), ("rollout_s", "roll {:.1f}s"), ("update_s", "upd {:.1f}s")]
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (per step, per prompt)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
+        from engine.model_files import resolve_model
+
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        torch.manual_seed(cfg.seed)
+        d = cfg.data
+        self.train_problems = load_problems(d.train, split=d.train_split, problem_field=d.problem_field,
+                                            answer_field=d.answer_field, size=d.train_size,
+                                            difficulty=d.difficulty, seed=d.seed, key="data.train")
+        self.eval_problems = [] if not d.eval else load_problems(
+            d.eval, split=d.eval_split, problem_field=d.problem_field, answer_field=d.answer_field,
+            size=d.eval_size, difficulty=d.difficulty, seed=d.seed, key="data.eval")
+        self.model_dir = resolve_model(cfg.model.name)
+        self.device = resolve_device(cfg.device)
+        self.model, self.tokenizer = load_policy(self.model_dir, cfg.model.dtype, "cpu" if cfg.trainer.backend == "deepspeed" and self.device == "cpu" else self.device,
+                                                 cfg.model.gradient_checkpointing)
+        self.ref_model = None
+        if cfg.trainer.kl_coef > 0:
+            self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
+        self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * len(self.train_problems) / cfg.trainer.prompts_per_step)
+        self.backend = make_backend(self.model, cfg.trainer, self.total_steps, self._micro_batches_per_rank())
+        self.rank, self.world = self.backend.rank, self.backend.world_size
+        if cfg.trainer.prompts_per_step % self.world:
+            raise ValueError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} must divide among {self.world} processes")
+        self.stop = stop_strings(d.prompt)
+        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
+        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
+        if resume:
+            self._restore()
+        self.llm = self._make_engine()
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _micro_batches_per_rank(self) -> int:
+        t = self.cfg.trainer
+        world = int(__import__("os").environ.get("WORLD_SIZE", "1")) if t.backend == "deepspeed" else 1
+        seqs = t.prompts_per_step * self.cfg.rollout.n_train // world
+        return max(1, math.ceil(seqs / t.micro_batch_size))
+
+    def _make_engine(self):
+        from engine import LLM
+
+        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device)
+        if self.step > 0:
+            llm.update_weights(self.backend.full_state_dict().items())
+        return llm
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {self.run_dir}: no finished checkpoint under {self.run_dir / 'checkpoints'}")
+        from safetensors.torch import load_file
+
+        state = load_training_state(ckpt)
+        weights = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+        self.backend.load_state_dict(state["backend"])
+        set_rng_state(state["rng"])
+        loop = state["loop"]
+        self.step, self.rollout_tokens, self.wall_s = loop["step"], loop["rollout_tokens"], loop["wall_s"]
+        self.eval_before = loop.get("eval_before")
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Prompts of a step: epoch-wise seeded shuffles, a pure function of the step (so resume is exact)."""
+        n, per = len(self.train_problems), self.cfg.trainer.prompts_per_step
+        out = []
+        for g in range(step * per, (step + 1) * per):
+            epoch, pos = divmod(g, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch)))
+            out.append(int(perm[pos]))
+        return out
+
+    def collect(self, step: int):
+        """Roll out this rank's prompts of `step` and score them: (training samples, per-prompt metrics, seconds)."""
+        cfg = self.cfg
+        mine = self.batch_indices(step)[self.rank :: self.world]
+        t0 = time.perf_counter()
+        groups = rollout(self.llm, [self.train_problems[i] for i in mine], [self.train_ids[i] for i in mine], cfg,
+                         self.stop, mix_seed(cfg.seed, step, 1))
+        rollout_s = time.perf_counter() - t0
+        samples, per_prompt = [], []
+        for i, g in zip(mine, groups):
+            s, m = score_group(g, cfg, mix_seed(cfg.seed, step, i, 2))
+            samples += s
+            per_prompt.append({**m, "rollout_tokens": g.decoded_tokens})
+        return samples, per_prompt, rollout_s
+
+    def update(self, samples) -> dict:
+        """One optimizer step on the samples, then the engine gets the new weights."""
+        cfg = self.cfg
+        metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
+                                self.ref_model, progress=self.rank == 0)
+        self.llm.update_weights(self.backend.full_state_dict().items())
+        return metrics
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        samples, per_prompt, rollout_s = self.collect(self.step)
+        t1 = time.perf_counter()
+        upd = self.update(samples)
+        t2 = time.perf_counter()
+        record = self._reduce(per_prompt)
+        record["rollout_tokens"] *= len(per_prompt) * self.world  # a sum over the step, not a mean per prompt
+        self.rollout_tokens += int(round(record["rollout_tokens"]))
+        self.step += 1
+        return {"step": self.step, **record, **upd, "rollout_tokens_total": self.rollout_tokens,
+                "rollout_s": rollout_s, "score_s": t1 - t0 - rollout_s, "update_s": t2 - t1}
+
+    def _reduce(self, rows: list[dict]) -> dict:
+        keys = sorted(rows[0])
+        sums = self.backend.all_reduce_sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
+        return {k: v / sums[-1] for k, v in zip(keys, sums)}
+
+    def run_eval(self, tag: str) -> dict | None:
+        if not self.eval_problems or self.rank != 0:
+            return None
+        result = evaluate(self.llm, self.eval_problems, self.eval_ids, self.cfg.eval, self.stop,
+                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})")
+        self._write({"type": "eval", "step": self.step, **result})
+        self.log(f"eval @ step {self.step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()
+                                                       if k.split("@")[0] in ("greedy", "avg", "maj", "pass")))
+        return result
+
+    def fit(self) -> dict:
+        cfg, start = self.cfg, time.perf_counter()
+        wall0 = self.wall_s
+        if self.step == 0:
+            self.eval_before = self.run_eval("before")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
+                   disable=self.rank != 0, file=sys.stdout)
+        while self.step < self.total_steps:
+            record = self.train_step()
+            self.wall_s = wall0 + time.perf_counter() - start
+            self._write({"type": "train", **record, "wall_s": self.wall_s})
+            bar.update(1)
+            bar.write(self._line(record))
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self.run_eval(f"step {self.step}")
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                self.save()
+        bar.close()
+        after = self.run_eval("after")
+        self.wall_s = wall0 + time.perf_counter() - start
+        return self.summary(after)
+
+    def summary(self, after: dict | None) -> dict:
+        return {"method": self.cfg.method, "steps": self.step, "rollout_tokens": self.rollout_tokens,
+                "wall_s": round(self.wall_s, 1), "before": self.eval_before, "after": after}
+
+    def save(self) -> Path | None:
+        weights = self.backend.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+        backend_state = self.backend.state_dict()
+        path = None
+        if self.rank == 0:
+            loop = {"step": self.step, "rollout_tokens": self.rollout_tokens, "wall_s": self.wall_s,
+                    "eval_before": self.eval_before}
+            path = save_checkpoint(self.run_dir, self.step, _unwrap(self.model), self.tokenizer,
+                                   {k: v.cpu() for k, v in weights.items()}, backend_state, loop)
+        self.backend.barrier()
+        return path
+
+    # -- output ---------------------------------------------------------------------------------------------
+
+    def _write(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _line(self, r: dict) -> str:
+        shown = [fmt.format(r[k]) for k, fmt in SHOWN if k in r]
+        return f"step {r['step']:>4}/{self.total_steps}  " + "  ".join(shown)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint (they are recomputed)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+

@@ -1,0 +1,67 @@
+"""One policy update from scored responses: micro-batches, exact gradient accumulation, one optimizer step.
+
+The loss of a step is the GRPO loss over all of the step's responses (on every rank), whatever the
+micro-batch size: each micro-batch's loss is weighted by its share of the step's tokens ("token-mean")
+or responses ("seq-mean-token-mean") before backward, and multiplied by the world size because
+data-parallel backends average gradients over ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from ettrl.loss import grpo_loss
+from ettrl.policy import pad_batch, response_stats
+
+
+@dataclass
+class TrainSample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantages: list[float]  # one per response token
+
+
+def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float, pad_id: int,
+                  ref_model=None, progress: bool = False) -> dict[str, float]:
+    """Apply one optimizer step on `samples` (this rank's share); returns loss and optimizer metrics."""
+    model = backend.model
+    device = next(model.parameters()).device
+    n_tokens, n_seqs = backend.all_reduce_sum([sum(len(s.response_ids) for s in samples), len(samples)])
+    totals = {}
+    starts = range(0, len(samples), tcfg.micro_batch_size)
+    for start in tqdm(starts, desc="update", unit="micro-batch", leave=False, disable=not progress, file=sys.stdout):
+        chunk = samples[start : start + tcfg.micro_batch_size]
+        loss, metrics, weight = _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs)
+        backend.backward(loss * weight * backend.world_size)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * weight
+    grad_norm, lr = backend.step()
+    return {**totals, "grad_norm": grad_norm, "lr": lr}
+
+
+def _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs):
+    batch = pad_batch([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id, device)
+    logp, entropy = response_stats(model, batch, temperature)
+    ref = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref = response_stats(ref_model, batch, temperature)[0]
+    lengths = batch["lengths"]
+    mask = _padded([torch.ones(n, device=device) for n in lengths])
+    adv = _padded([torch.tensor(s.advantages, dtype=torch.float32, device=device) for s in chunk])
+    split = lambda t: _padded(list(torch.split(t, lengths)))  # noqa: E731
+    logp_new = split(logp)
+    loss, metrics = grpo_loss(logp_new, logp_new.detach(), adv, mask, tcfg.eps_low, tcfg.eps_high, tcfg.loss_agg,
+                              ref_logp=None if ref is None else split(ref), kl_coef=tcfg.kl_coef,
+                              entropies=split(entropy.float()))
+    share = sum(lengths) / n_tokens if tcfg.loss_agg == "token-mean" else len(chunk) / n_seqs
+    metrics = {"loss": loss.item(), **{k: v for k, v in metrics.items() if k != "ratio_max"}}
+    return loss, metrics, share
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
