@@ -194,3 +194,8 @@ def test_callers_own_alarm_survives_a_bounded_comparison():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_unbalanced_braces_cannot_smuggle_a_second_box():
+    assert not is_equivalent("7}\\boxed{5", "5")
+    assert not is_equivalent("}{", "x")

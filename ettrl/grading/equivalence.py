@@ -1,6 +1,7 @@
 """Answer equivalence and grouping.
 
-Order of checks: canonical keys (exact, no sympy) -> shape guards -> math-verify under a time bound.
+Order of checks: canonical keys (exact, no sympy) -> shape guards -> math-verify's LaTeX parser -> cheap
+numeric verdicts on the parsed objects -> math-verify's verify; parse and verify run under one time bound.
 Model strings are never given to eval/sympify/parse_expr: math-verify is used with its LaTeX extractor
 only, which builds sympy objects from a grammar.
 """
@@ -10,7 +11,7 @@ from functools import lru_cache
 
 from ettrl.grading.bounded import WORKER, can_use_alarm, run_with_alarm
 from ettrl.grading.guards import too_hostile_for_sympy
-from ettrl.grading.normalize import canonical_key, is_exact_kind, key_of_normalized, normalize_answer
+from ettrl.grading.normalize import is_exact_kind, key_of_normalized, normalize_answer
 
 DEFAULT_TIMEOUT_S = 1.0
 _WORKER_MARGIN_S = 1.0  # IPC slack on top of the worker's own alarm

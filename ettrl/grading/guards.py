@@ -13,8 +13,9 @@ _FACTORIAL_OF_LITERAL = re.compile(r"(\d+)\s*!")
 
 
 def too_hostile_for_sympy(s: str) -> bool:
-    """True when `s` could make sympy run long in C code or blow the parser's stack."""
-    if len(s) > MAX_SYMBOLIC_CHARS or _brace_depth(s) > MAX_BRACE_DEPTH:
+    """True when `s` could make sympy run long in C code, blow the parser's stack, or break out of the
+    \\boxed{...} the parser receives."""
+    if len(s) > MAX_SYMBOLIC_CHARS or _brace_depth(s) > MAX_BRACE_DEPTH or not _curly_balanced(s):
         return True
     return _has_huge_power(s) or _has_huge_factorial(s)
 
@@ -28,6 +29,16 @@ def _brace_depth(s: str) -> int:
         elif ch in "})]":
             depth -= 1
     return deepest
+
+
+def _curly_balanced(s: str) -> bool:
+    """Unbalanced braces could close the \\boxed{...} wrapper handed to the parser and smuggle in another."""
+    depth = 0
+    for ch in s:
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _has_huge_power(s: str) -> bool:
