@@ -59,7 +59,7 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over each response's group, gathered back to [N]."""
     n_groups = int(index.max()) + 1 if index.numel() else 0
     sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
-    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, index, torch.ones_like(values))
+    counts = torch.zeros_like(sums).index_add_(0, index, torch.ones_like(values))
     return (sums / counts)[index]
 
 

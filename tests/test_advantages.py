@@ -1,10 +1,10 @@
 """Advantages: hand-computed values and properties (zero mean per group, Adv-Res sign and scale bounds)."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ettrl.advantages import (AdvantageConfig, adv_clip, adv_res, compute_advantages, entropy_term,
-                              grpo_advantages)
+from ettrl.advantages import AdvantageConfig, adv_clip, adv_res, compute_advantages, entropy_term, grpo_advantages
 
 advantage_values = st.floats(-3, 3).filter(lambda x: x == 0 or abs(x) > 1e-6)  # no float32 subnormals
 rewards_lists = st.lists(st.sampled_from([0.0, 1.0, 0.25, -1.0, 2.5]), min_size=1, max_size=12)

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from ettrl.grading import extract_answer, extract_choice, group_answers, is_equivalent
-from ettrl.grading import equivalence
+from ettrl.grading import equivalence, extract_answer, extract_choice, group_answers, is_equivalent
 
 BOUND_S = 3.0  # generous wall-clock bound per call on a shared 2-core CI machine (comparison timeout: 1 s)
 SLOW_BUT_LEGAL = ("(x+1)^{300}(x-1)^{300}", "(x^2-1)^{300}")  # equal; sympy needs ~20 s to say so

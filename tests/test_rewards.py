@@ -2,10 +2,19 @@
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ettrl.rewards import (dare_rewards, dare_scores, label_accuracy, majority_vote, rent_rewards,
-                           reward_accuracy, true_rewards, vote_then_sample)
+from ettrl.rewards import (
+    dare_rewards,
+    dare_scores,
+    label_accuracy,
+    majority_vote,
+    rent_rewards,
+    reward_accuracy,
+    true_rewards,
+    vote_then_sample,
+)
 
 
 def test_majority_vote_groups_equivalent_answers():

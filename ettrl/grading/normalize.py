@@ -2,8 +2,7 @@
 
 `canonical_key` maps an answer to a hashable key. Equal keys mean equivalent answers. Two keys of the same
 exact kind ("num", "tuple", "set": exact rationals; "text": a word) that differ mean "not equivalent" without
-further work;
-everything else is left to the symbolic check in `equivalence.py`.
+further work; everything else is left to the symbolic check in `equivalence.py`.
 
 Decisions: a percent sign and a degree sign are dropped ("50\\%" == "50", "30^\\circ" == "30"); a trailing
 unit in \\text{}/\\mbox{} is dropped; "137 \\frac{1}{2}" is the mixed number 275/2; "1,000" is one thousand;
