@@ -1,0 +1,192 @@
+"""kernels.entropy_sample: torch path against brute-force references, Triton (interpreter) against torch."""
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels.noise import gumbel, mix32_, row_keys
+
+
+def reference_stats(logits, temperature):
+    temp = torch.as_tensor(temperature, dtype=torch.float64).expand(logits.shape[0])
+    temp = torch.where(temp == 0, torch.ones_like(temp), temp)
+    logp = torch.log_softmax(logits.double() / temp[:, None], dim=-1)
+    entropy = -(logp.exp() * torch.where(logp.isinf(), 0.0, logp)).sum(-1)
+    return logp, entropy
+
+
+def reference_allowed(logits, top_k, top_p, exclude, temperature=1.0):
+    """Brute force: full sort, float64 cumulative mass."""
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    for row in range(logits.shape[0]):
+        x = logits[row].double()
+        if exclude is not None and exclude[row] >= 0:
+            x[exclude[row]] = float("-inf")
+        values = x.sort(descending=True).values
+        keep = len(values)
+        k = int(top_k[row])
+        if 0 < k < len(values):
+            keep = k
+        probs = torch.softmax(values / temperature, 0)[:keep]
+        p = float(top_p[row])
+        if p < 1:
+            cum = (probs / probs.sum()).cumsum(0)
+            keep = min(keep, int((cum < p).sum()) + 1)
+        allowed[row] = x >= values[keep - 1]
+        if exclude is not None and exclude[row] >= 0:
+            allowed[row, exclude[row]] = False
+    return allowed
+
+
+def reference_tokens(logits, temperature, allowed, keys):
+    x = logits.float() * (1.0 / torch.as_tensor(temperature, dtype=torch.float32))
+    scores = x + gumbel(keys[:, None], torch.arange(logits.shape[1])[None, :])
+    return scores.masked_fill(~allowed, float("-inf")).argmax(-1)
+
+
+def mix32_numpy(h):
+    h = h.astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def test_mix32_matches_uint32_arithmetic():
+    values = np.random.default_rng(0).integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    bits = torch.from_numpy(values.view(np.int32).copy())
+    assert np.array_equal(mix32_(bits).numpy().view(np.uint32), mix32_numpy(values))
+
+
+def test_noise_is_gumbel_and_keyed():
+    keys = row_keys(torch.tensor([1, 1, 2]), torch.tensor([5, 5, 5]), torch.tensor([0, 0, 0]))
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    g = gumbel(keys[:1, None], torch.arange(200_000)[None, :]).flatten().double()
+    assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_match_log_softmax(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 3001) * 4).to(dtype)
+    temperature = torch.rand(37) + 0.3
+    tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temperature, seeds=3, positions=7)
+    logp, entropy = reference_stats(logits.float(), temperature)
+    assert tokens.dtype == torch.int64 and logprobs.dtype == entropies.dtype == torch.float32
+    torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(entropies.double(), entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_match_brute_force_gumbel_max():
+    torch.manual_seed(1)
+    logits = torch.randn(16, 5000) * 3
+    keys = row_keys(torch.full((16,), 9), torch.arange(16) + 100, torch.full((16,), 4))
+    tokens, _, _ = kernels.entropy_sample(logits, temperature=0.7, seeds=9, seq_ids=torch.arange(16) + 100,
+                                          positions=4)
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    assert torch.equal(tokens, reference_tokens(logits, 0.7, allowed, keys))
+
+
+@pytest.mark.parametrize("top_k,top_p,exclude", [(5, 1.0, None), (-1, 0.8, None), (20, 0.5, None),
+                                                  (-1, 0.9, "argmax"), (3, 1.0, "argmax"), (0, 0.3, None)])
+def test_truncation_matches_brute_force(top_k, top_p, exclude):
+    torch.manual_seed(2)
+    batch, vocab = 24, 700
+    logits = torch.randn(batch, vocab) * 2
+    ks, ps = torch.full((batch,), top_k), torch.full((batch,), top_p)
+    excl = logits.argmax(-1) if exclude == "argmax" else None
+    seq_ids = torch.arange(batch)
+    for position in range(5):
+        tokens, logprobs, entropies = kernels.entropy_sample(
+            logits, temperature=0.9, top_k=ks, top_p=ps, seeds=1, seq_ids=seq_ids, positions=position,
+            exclude=excl)
+        allowed = reference_allowed(logits, ks, ps, excl, temperature=0.9)
+        keys = row_keys(torch.ones(batch, dtype=torch.int64), seq_ids, torch.full((batch,), position))
+        assert torch.equal(tokens, reference_tokens(logits, 0.9, allowed, keys))
+        logp, entropy = reference_stats(logits, 0.9)
+        torch.testing.assert_close(entropies.double(), entropy, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def sample_frequencies(row, draws, **kwargs):
+    logits = row.expand(draws, -1).contiguous()
+    tokens, _, _ = kernels.entropy_sample(logits, seq_ids=torch.arange(draws), **kwargs)
+    return torch.bincount(tokens, minlength=row.numel()).double() / draws
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0.6}, {"top_k": 4}, {"top_p": 0.7}, {"exclude": 2}])
+def test_sample_frequencies_match_renormalised_softmax(kwargs):
+    torch.manual_seed(3)
+    row = torch.randn(10) * 1.5
+    probs = torch.softmax(row.double() / kwargs.get("temperature", 1.0), 0)
+    allowed = reference_allowed(row[None], torch.tensor([kwargs.get("top_k", -1)]),
+                                torch.tensor([kwargs.get("top_p", 1.0)]),
+                                torch.tensor([kwargs["exclude"]]) if "exclude" in kwargs else None)[0]
+    target = probs * allowed / (probs * allowed).sum()
+    freq = sample_frequencies(row, 40_000, seeds=11, **kwargs)
+    assert 0.5 * (freq - target).abs().sum() < 0.02
+    assert freq[~allowed].sum() == 0
+
+
+def test_batch_invariance():
+    torch.manual_seed(4)
+    logits = torch.randn(12, 900)
+    seq_ids, positions = torch.arange(12) * 7, torch.arange(12) + 30
+    tokens, logprobs, entropies = kernels.entropy_sample(logits, seeds=5, seq_ids=seq_ids, positions=positions)
+    order = torch.randperm(12)
+    shuffled = kernels.entropy_sample(logits[order], seeds=5, seq_ids=seq_ids[order], positions=positions[order])
+    assert torch.equal(shuffled[0], tokens[order])
+    single = kernels.entropy_sample(logits[3:4], seeds=5, seq_ids=seq_ids[3:4], positions=positions[3:4])
+    assert single[0].item() == tokens[3].item()
+
+
+def test_greedy_rows_use_argmax_and_unit_temperature():
+    torch.manual_seed(5)
+    logits = torch.randn(6, 300)
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 2.0])
+    tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temperature, exclude=torch.tensor(
+        [-1, -1, int(logits[2].argmax()), -1, -1, -1]))
+    logp, entropy = reference_stats(logits, temperature)
+    assert tokens[0] == logits[0].argmax() and tokens[4] == logits[4].argmax()
+    assert tokens[2] == logits[2].topk(2).indices[1]
+    torch.testing.assert_close(entropies.double(), entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_edge_cases():
+    logits = torch.randn(4, 50)
+    logits[0, 10:] = float("-inf")
+    logits[1] = float("-inf")
+    logits[1, 7] = 3.0
+    for position in range(20):
+        tokens, logprobs, entropies = kernels.entropy_sample(logits, positions=position)
+        assert tokens[0] < 10 and tokens[1] == 7
+        assert entropies[1] == 0 and logprobs[1] == 0
+        assert entropies.isfinite().all() and logprobs.isfinite().all()
+    default = kernels.entropy_sample(logits, seeds=2)
+    for no_op in ({"top_p": 1.0, "top_k": -1}, {"top_k": 0}, {"top_k": 50}, {"top_k": 10_000}):
+        assert all(torch.equal(a, b) for a, b in zip(default, kernels.entropy_sample(logits, seeds=2, **no_op)))
+
+
+def test_bad_input_raises():
+    logits = torch.randn(3, 20)
+    logits[1, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.entropy_sample(logits)
+    with pytest.raises(ValueError, match="nonzero probability"):
+        kernels.entropy_sample(torch.full((2, 20), float("-inf")))
+    one_hot = torch.full((1, 20), float("-inf"))
+    one_hot[0, 3] = 0.0
+    with pytest.raises(ValueError, match="nonzero probability"):
+        kernels.entropy_sample(one_hot, exclude=3)
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.entropy_sample(torch.randn(2, 5), temperature=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.entropy_sample(torch.randn(2, 5), top_k=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="backend"):
+        kernels.entropy_sample(torch.randn(2, 5), backend="cuda")
