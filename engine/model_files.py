@@ -145,11 +145,20 @@ def build_once(target: Path, build) -> None:
         try:
             build(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
+            _make_readable(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_readable(path: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; a cache is meant to be shared like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
