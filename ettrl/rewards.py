@@ -3,6 +3,7 @@
     majority_vote(answers) -> Vote(label, ratio, rewards, class_ids, label_class)   unpacks as the 3-tuple
     vote_then_sample(n_votes, n_train, seed) -> indices of the responses that train
     rent_rewards(response_entropies, beta) / dare_rewards(answers, response_entropies, ...)
+    compute_rewards(answers, RewardConfig, response_entropies) -> the reward the trainer's config picks
     label_accuracy / reward_accuracy: logging-only metrics against a known ground truth
 """
 import random
@@ -132,3 +133,31 @@ def reward_accuracy(answers: Sequence[str | None], rewards: Sequence[float], gro
         raise ValueError(f"{len(answers)} answers but {len(rewards)} rewards")
     truth = true_rewards(answers, ground_truth)
     return sum(float(r) == t for r, t in zip(rewards, truth)) / len(answers)
+
+
+REWARD_METHODS = ("ttrl", "rent", "dare")
+
+
+@dataclass
+class RewardConfig:
+    method: str = "ttrl"     # "ttrl" (majority vote) | "rent" (negative entropy) | "dare"
+    rent_beta: float = 1.0
+    dare_alpha: float = 0.5
+    dare_tau: float = 0.05
+
+    def __post_init__(self):
+        if self.method not in REWARD_METHODS:
+            raise ValueError(f"reward method must be one of {REWARD_METHODS}, got {self.method!r}")
+
+
+def compute_rewards(answers: Sequence[str | None], config: RewardConfig | None = None,
+                    response_entropies: Sequence[float] | None = None) -> list[float]:
+    """Per-response rewards of one prompt's group under `config.method`."""
+    config = config or RewardConfig()
+    if config.method == "ttrl":
+        return majority_vote(answers).rewards
+    if response_entropies is None:
+        raise ValueError(f"reward method {config.method!r} needs response_entropies (mean token entropy per response)")
+    if config.method == "rent":
+        return rent_rewards(response_entropies, config.rent_beta)
+    return dare_rewards(answers, response_entropies, config.dare_alpha, config.dare_tau)

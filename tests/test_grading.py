@@ -2,9 +2,13 @@
 ../shared/data (MATH-500, AMC, AIME), plus the MATH-500 gold answers themselves."""
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ettrl.grading import canonical_key, extract_answer, extract_choice, group_answers, is_equivalent, normalize_answer
 
@@ -212,6 +216,43 @@ def test_group_answers_matches_pairwise_reference():
             if a is None or b is None:
                 continue
             assert (ids[i] == ids[j]) == is_equivalent(a, b), (a, b)
+
+
+def _render(value: Fraction, style: int) -> str:
+    """One of several ways a model writes the same rational number."""
+    n, d = value.numerator, value.denominator
+    if d == 1:
+        return [str(n), f"{n}.0", f"x = {n}", f"\\frac{{{2 * n}}}{{2}}", f" {n}. ", f"{n}^\\circ"][style % 6]
+    sign = "-" if n < 0 else ""
+    forms = [f"\\frac{{{n}}}{{{d}}}", f"{sign}\\dfrac{{{abs(n)}}}{{{d}}}", f"{n}/{d}", f"\\frac{{{2 * n}}}{{{2 * d}}}"]
+    if 10**6 % d == 0:
+        forms.append(str(n * (10**6 // d) / 10**6))
+    return forms[style % len(forms)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.fractions(min_value=-50, max_value=50, max_denominator=8)),
+                          st.integers(0, 5)), max_size=64))
+def test_group_answers_matches_brute_force_on_numbers(items):
+    """Classes of differently written rationals are exactly the classes of their values, first seen first."""
+    answers = [None if v is None else _render(v, style) for v, style in items]
+    first_seen: dict[Fraction, int] = {}
+    expected = []
+    for v, _ in items:
+        if v is None:
+            expected.append(-1)
+        else:
+            expected.append(first_seen.setdefault(v, len(first_seen)))
+    assert group_answers(answers) == expected
+
+
+def test_group_answers_from_several_threads_at_once():
+    answers = ["2\\sqrt{3}", "\\sqrt{12}", "\\frac{\\pi}{2}", "\\pi/2", "3", "x+1", "1+x", None]
+    expected = group_answers(answers)
+    assert expected == [0, 0, 1, 1, 2, 3, 3, -1]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: group_answers(answers), range(8)))
+    assert results == [expected] * 8
 
 
 def test_group_answers_empty_and_all_none():

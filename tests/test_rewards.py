@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ettrl.rewards import (
+    RewardConfig,
+    compute_rewards,
     dare_rewards,
     dare_scores,
     label_accuracy,
@@ -126,3 +128,14 @@ def test_label_and_reward_accuracy():
     assert reward_accuracy(answers, rewards, "3") == 0.25  # only the None response agrees (0 == 0)
     with pytest.raises(ValueError, match="rewards"):
         reward_accuracy(answers, [1.0], "3")
+
+
+def test_compute_rewards_by_config():
+    answers, h = ["1", "2", "1", None], [0.2, 0.4, 0.6, 0.8]
+    assert compute_rewards(answers) == [1.0, 0.0, 1.0, 0.0]
+    assert compute_rewards(answers, RewardConfig("rent", rent_beta=0.5), h) == [-0.1, -0.2, -0.3, -0.4]
+    assert compute_rewards(answers, RewardConfig("dare", dare_tau=0.0), h) == dare_rewards(answers, h, 0.5, 0.0)
+    with pytest.raises(ValueError, match="response_entropies"):
+        compute_rewards(answers, RewardConfig("dare"))
+    with pytest.raises(ValueError, match="reward method"):
+        RewardConfig("maj")
