@@ -185,6 +185,15 @@ def test_none_is_never_equivalent():
     assert not is_equivalent("1", None)
 
 
+def test_non_string_answers():
+    assert is_equivalent(142, "142.0")
+    assert group_answers([3, "3", None, 0.5, "\\frac12"]) == [0, 0, -1, 1, 1]
+    with pytest.raises(TypeError, match="must be a str"):
+        is_equivalent(["1"], "1")
+    with pytest.raises(TypeError, match="must be a str"):
+        group_answers([["1"]])
+
+
 def test_canonical_keys_settle_numbers_without_sympy():
     assert canonical_key("\\frac{1}{2}") == canonical_key("0.5") == canonical_key("1/2")
     assert canonical_key("1,000") == canonical_key("1000")

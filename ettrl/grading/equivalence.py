@@ -6,6 +6,7 @@ Model strings are never given to eval/sympify/parse_expr: math-verify is used wi
 only, which builds sympy objects from a grammar.
 """
 import logging
+from fractions import Fraction
 from functools import lru_cache
 
 from ettrl.grading.bounded import WORKER, can_use_alarm, run_with_alarm
@@ -25,8 +26,17 @@ def is_equivalent(a: str | None, b: str | None, timeout_s: float = DEFAULT_TIMEO
     """
     if a is None or b is None:
         return False
-    na, nb = normalize_answer(a), normalize_answer(b)
+    na, nb = normalize_answer(_as_text(a)), normalize_answer(_as_text(b))
     return _normalized_equivalent(na, key_of_normalized(na), nb, key_of_normalized(nb), timeout_s)
+
+
+def _as_text(answer) -> str:
+    """Answers are strings; plain numbers (a dataset's integer gold answer) are accepted as their str()."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, (int, float, Fraction)) and not isinstance(answer, bool):
+        return str(answer)
+    raise TypeError(f"an answer must be a str (or None), got {type(answer).__name__}: {answer!r}")
 
 
 def _normalized_equivalent(na: str, ka: tuple, nb: str, kb: tuple, timeout_s: float) -> bool:
@@ -51,14 +61,15 @@ def group_answers(answers: list[str | None], timeout_s: float = DEFAULT_TIMEOUT_
         if answer is None:
             answer_bucket.append(-1)
             continue
-        if answer not in bucket_of_answer:
-            normal = normalize_answer(answer)
+        text = _as_text(answer)
+        if text not in bucket_of_answer:
+            normal = normalize_answer(text)
             key = key_of_normalized(normal)
             if key not in bucket_keys:
                 bucket_keys[key] = len(buckets)
                 buckets.append((normal, key))
-            bucket_of_answer[answer] = bucket_keys[key]
-        answer_bucket.append(bucket_of_answer[answer])
+            bucket_of_answer[text] = bucket_keys[key]
+        answer_bucket.append(bucket_of_answer[text])
     bucket_class = _merge_buckets(buckets, timeout_s)
     return [-1 if b < 0 else bucket_class[b] for b in answer_bucket]
 
