@@ -302,6 +302,7 @@ def test_math500_gold_equivalent_to_itself():
     golds = _math500_answers()
     for gold in golds:
         assert is_equivalent(gold, gold), gold
+        assert normalize_answer(normalize_answer(gold)) == normalize_answer(gold)  # idempotent
     # a re-spaced copy must also match (goes through normalisation, not string identity)
     respaced = [g.replace(" ", "") + " " for g in golds]
     failures = [g for g, r in zip(golds, respaced) if not is_equivalent(g, r)]
