@@ -18,10 +18,11 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     ratio_max, and kl_ref / entropy when those inputs are given. Metrics are token means.
     """
     _check(logp_new, logp_old, advantages, mask, agg, ref_logp, entropies)
-    mask = mask.to(logp_new.dtype)
-    adv = advantages.to(logp_new.dtype)
+    logp_new = logp_new.float()  # bf16 log-probs lose the small differences the ratio is made of
+    mask = mask.float()
+    adv = advantages.detach().float()
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
-    log_ratio = logp_new - logp_old.detach()
+    log_ratio = logp_new - logp_old.detach().float()
     ratio = torch.exp(log_ratio)
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1 - eps_low, 1 + eps_high) * adv
@@ -30,7 +31,7 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     loss = pg_loss
     metrics = {"pg_loss": pg_loss.item()}
     if ref_logp is not None:
-        kl = _k3(ref_logp.detach() - logp_new)
+        kl = _k3(ref_logp.detach().float() - logp_new)
         if kl_coef:
             loss = loss + kl_coef * _aggregate(kl, mask, agg)
         metrics["kl_ref"] = _masked_mean(kl, mask)
@@ -40,7 +41,7 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
         metrics["ratio_mean"] = _masked_mean(ratio, mask)
         metrics["ratio_max"] = ratio.masked_fill(mask == 0, float("-inf")).max().item() if mask.any() else 0.0
         if entropies is not None:
-            metrics["entropy"] = _masked_mean(entropies, mask)
+            metrics["entropy"] = _masked_mean(entropies.float(), mask)
     return loss, metrics
 
 

@@ -140,3 +140,13 @@ def test_bad_inputs_get_clear_errors():
         grpo_loss(x, x, torch.zeros(3), x)
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         grpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3))
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    logp_new, logp_old, adv, mask, _ = _batch(1)
+    x = logp_new.bfloat16().requires_grad_(True)
+    loss, _ = grpo_loss(x, logp_old.bfloat16(), adv, mask)
+    loss.backward()
+    expected, _ = grpo_loss(logp_new.bfloat16().float(), logp_old.bfloat16().float(), adv, mask)
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
