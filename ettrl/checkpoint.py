@@ -34,22 +34,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, weights: dict, backend_state: dict,
-                    loop_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, weights: dict | None, backend_state: dict,
+                    loop_state: dict, rank: int = 0, barrier=lambda: None, keep: int = 2) -> Path:
+    """Every rank writes its optimizer/scheduler/RNG state; rank 0 writes the weights and renames into place."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"backend": backend_state, "rng": rng_state(), "loop": loop_state}, tmp / STATE_FILE)
-    (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    _prune(final.parent, keep)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save({"backend": backend_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"loop": loop_state}, tmp / STATE_FILE)
+        (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        _prune(final.parent, keep)
+    barrier()
     return final
 
 
@@ -59,8 +66,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_training_state(ckpt: Path) -> dict:
-    return torch.load(Path(ckpt) / STATE_FILE, weights_only=False)
+def load_training_state(ckpt: Path, rank: int = 0) -> dict:
+    """{"loop", "backend", "rng"} for this rank."""
+    ckpt = Path(ckpt)
+    mine = ckpt / f"rank{rank}.pt"
+    if not mine.is_file():
+        raise FileNotFoundError(f"{ckpt} has no state for rank {rank}; resume with the number of processes that saved it")
+    return {**torch.load(ckpt / STATE_FILE, weights_only=False), **torch.load(mine, weights_only=False)}
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -62,7 +62,7 @@ def _answer(out) -> str | None:
 
 def main(argv=None) -> dict:
     from ettrl.config import EvalConfig
-    from ettrl.data import load_problems
+    from ettrl.data import DataError, load_problems
     from ettrl.prompts import encode_prompts, stop_strings
     from ettrl.rollout import make_llm
 
@@ -87,8 +87,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     size = args.limit or (64 if args.data == "arithmetic" else 0)
-    problems = load_problems(args.data, split=args.split, problem_field=args.problem_field, answer_field=args.answer_field,
-                             size=size, difficulty=args.difficulty, seed=args.seed, key="--data")
+    try:
+        problems = load_problems(args.data, split=args.split, problem_field=args.problem_field,
+                                 answer_field=args.answer_field, size=size, difficulty=args.difficulty, seed=args.seed,
+                                 key="--data")
+    except DataError as e:
+        raise SystemExit(f"error: {str(e).replace('data.problem_field', '--problem-field')}")
     llm, tokenizer = make_llm(args.model, args.dtype, args.device)
     ecfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                       greedy=not args.no_greedy)

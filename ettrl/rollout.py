@@ -20,10 +20,10 @@ def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop
         outs = llm.generate(prompt_ids, params)
         return [Group(p, ids, [_response(o) for o in out.outputs], sum(len(o.token_ids) for o in out.outputs))
                 for p, ids, out in zip(problems, prompt_ids, outs)]
-    from engine.tree import TreeParams, sample_tree
+    from engine import TreeParams
 
     tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric, distinct=r.distinct)
-    trees = sample_tree(llm, prompt_ids, tree_params, sampling_params(r, stop, seed, 1))
+    trees = llm.sample_tree(prompt_ids, tree_params, sampling_params(r, stop, seed, 1))
     return [Group(p, ids, [_response(leaf) for leaf in t.leaves], t.stats.decoded_tokens)
             for p, ids, t in zip(problems, prompt_ids, trees)]
 

@@ -90,11 +90,15 @@ def main(argv=None) -> dict:
             save_config(cfg, run_dir / "config.yaml")
         print(f"run dir: {run_dir}  method: {cfg.method}  model: {cfg.model.name}  data: {cfg.data.train}", flush=True)
 
+    from ettrl.data import DataError
     from ettrl.plots import plot_curves
     from ettrl.trainer import Trainer
 
     log = print if rank == 0 else (lambda *a, **k: None)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), log=log)
+    try:
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), log=log)
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     summary = trainer.fit()
     if rank == 0:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", f"{cfg.name}: {cfg.method}")

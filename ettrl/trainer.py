@@ -94,7 +94,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.run_dir}: no finished checkpoint under {self.run_dir / 'checkpoints'}")
         from safetensors.torch import load_file
 
-        state = load_training_state(ckpt)
+        state = load_training_state(ckpt, self.rank)
         weights = {}
         for f in sorted(ckpt.glob("*.safetensors")):
             weights.update(load_file(f))
@@ -198,17 +198,13 @@ class Trainer:
         return {"method": self.cfg.method, "steps": self.step, "rollout_tokens": self.rollout_tokens,
                 "wall_s": round(self.wall_s, 1), "before": self.eval_before, "after": after}
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
         weights = self.backend.full_state_dict()  # a collective under ZeRO-3: every rank takes part
-        backend_state = self.backend.state_dict()
-        path = None
-        if self.rank == 0:
-            loop = {"step": self.step, "rollout_tokens": self.rollout_tokens, "wall_s": self.wall_s,
-                    "eval_before": self.eval_before}
-            path = save_checkpoint(self.run_dir, self.step, _unwrap(self.model), self.tokenizer,
-                                   {k: v.cpu() for k, v in weights.items()}, backend_state, loop)
-        self.backend.barrier()
-        return path
+        loop = {"step": self.step, "rollout_tokens": self.rollout_tokens, "wall_s": self.wall_s,
+                "eval_before": self.eval_before}
+        cpu_weights = {k: v.cpu() for k, v in weights.items()} if self.rank == 0 else None
+        return save_checkpoint(self.run_dir, self.step, _unwrap(self.model), self.tokenizer, cpu_weights,
+                               self.backend.state_dict(), loop, self.rank, self.backend.barrier)
 
     # -- output ---------------------------------------------------------------------------------------------
 

@@ -54,3 +54,13 @@ def test_bad_configs_say_what_to_change(overrides, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+def test_run_command_rejects_bad_config_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "ettrl.run", "method=ettrl", "rollout.n_train=99",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "lower rollout.n_train" in bad.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written for a config that cannot run"

@@ -1,0 +1,73 @@
+"""evaluate() against hand-computed metrics (a scripted engine), and the `python -m ettrl.eval` command."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_tiny_model  # noqa: E402
+
+from ettrl.config import EvalConfig  # noqa: E402
+from ettrl.data import Problem  # noqa: E402
+from ettrl.eval import evaluate  # noqa: E402
+
+
+class ScriptedLLM:
+    """Answers each prompt (a one-token id list naming the problem) with fixed texts."""
+
+    def __init__(self, sampled: dict, greedy: dict):
+        self.sampled, self.greedy = sampled, greedy
+
+    def generate(self, prompts, params):
+        table = self.greedy if params.temperature == 0 else self.sampled
+        out = []
+        for ids in prompts:
+            texts = table[ids[0]][: params.n]
+            outs = [SimpleNamespace(text=t, token_ids=[0] * 3, finish_reason="length" if t == "TRUNC" else "stop")
+                    for t in texts]
+            out.append(SimpleNamespace(outputs=outs))
+        return out
+
+
+def boxed(x):
+    return f"so the answer is \\boxed{{{x}}}."
+
+
+def test_metrics_by_hand():
+    problems = [Problem("a", "4"), Problem("b", "1/2"), Problem("c", None)]
+    sampled = {0: [boxed(4), boxed(5), boxed(5), boxed(4), boxed(4)],  # 3/5 right, majority 4 right
+               1: [boxed(0.5), boxed(3), boxed(3), "TRUNC", boxed("\\frac{1}{2}")],  # 2/5 right, majority 3 wrong
+               2: [boxed(1)] * 5}
+    greedy = {0: [boxed(5)], 1: [boxed("0.5")], 2: [boxed(1)]}
+    ecfg = EvalConfig(k=5)
+    r = evaluate(ScriptedLLM(sampled, greedy), problems, [[0], [1], [2]], ecfg, [])
+    assert r["eval_problems"] == 2  # the problem without ground truth is skipped
+    assert r["greedy"] == pytest.approx(0.5)
+    assert r["avg@5"] == pytest.approx((3 / 5 + 2 / 5) / 2)
+    assert r["maj@5"] == pytest.approx(0.5)
+    assert r["pass@5"] == pytest.approx(1.0)
+    assert r["eval_tokens"] == 2 * (5 * 3 + 3)
+
+
+def test_eval_needs_ground_truth():
+    with pytest.raises(ValueError, match="answer_field"):
+        evaluate(ScriptedLLM({}, {}), [Problem("a")], [[0]], EvalConfig(), [])
+
+
+def test_eval_command(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"q": f"{i}+{i}=", "a": 2 * i}) for i in range(3)))
+    out = subprocess.run([sys.executable, "-m", "ettrl.eval", "--model", str(model), "--data", str(data),
+                          "--problem-field", "q", "--answer-field", "a", "--k", "2", "--max-tokens", "4",
+                          "--prompt", "plain", "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["eval_problems"] == 3 and 0 <= result["avg@2"] <= result["pass@2"] <= 1
+    bad = subprocess.run([sys.executable, "-m", "ettrl.eval", "--model", str(model), "--data", str(data)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "set --problem-field to one of ['a', 'q']" in bad.stderr
