@@ -8,6 +8,7 @@ import re
 MAX_SYMBOLIC_CHARS = 400
 MAX_BRACE_DEPTH = 12
 MAX_EXPONENT = 10_000
+MAX_NESTED_EXPONENT = 100  # outer exponent allowed on a base that has its own power
 MAX_FACTORIAL = 1_000
 _FACTORIAL_OF_LITERAL = re.compile(r"(\d+)\s*!")
 
@@ -50,10 +51,25 @@ def _has_huge_power(s: str) -> bool:
         if "^" in exponent or compact.startswith("^", end) or "!" in exponent:
             return True
         digits = exponent.strip("{}()-+")
+        small = digits.isdigit() and len(digits) <= 6 and int(digits) <= MAX_NESTED_EXPONENT
         if digits.isdigit() and (len(digits) > 6 or int(digits) > MAX_EXPONENT):
             return True
+        if not small and "^" in _group_before(compact, pos):
+            return True  # (10^{9999})^{9999}: a power of a power
         pos = compact.find("^", pos + 1)
     return False
+
+
+def _group_before(s: str, pos: int) -> str:
+    """The (...) or {...} group that ends right before s[pos], or "" if s[pos - 1] closes none."""
+    if pos == 0 or s[pos - 1] not in ")}":
+        return ""
+    depth = 0
+    for i in range(pos - 1, -1, -1):
+        depth += (s[i] in ")}") - (s[i] in "({")
+        if depth == 0:
+            return s[i:pos]
+    return s[:pos]
 
 
 def _operand(s: str, start: int) -> tuple[str, int]:
