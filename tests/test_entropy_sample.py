@@ -190,3 +190,56 @@ def test_bad_input_raises():
         kernels.entropy_sample(torch.randn(2, 5), top_k=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="backend"):
         kernels.entropy_sample(torch.randn(2, 5), backend="cuda")
+
+
+TRITON_CASES = [
+    ((4, 1000), {}),
+    ((3, 2051), {"temperature": torch.tensor([0.0, 0.7, 1.3])}),
+    ((5, 777), {"top_k": torch.tensor([1, 3, -1, 50, 777])}),
+    ((4, 1500), {"top_p": 0.8, "exclude": torch.tensor([0, -1, 17, 1499])}),
+    ((3, 900), {"top_k": 20, "top_p": 0.6, "temperature": 0.5}),
+]
+TRITON_CASES = [(*case, dtype) for case in TRITON_CASES for dtype in (torch.float32, torch.bfloat16)]
+TRITON_CASES.append(((2, 32_771), {"temperature": 0.8}, torch.float32))
+
+
+@pytest.mark.parametrize("shape,kwargs,dtype", TRITON_CASES)
+def test_triton_matches_torch(shape, kwargs, dtype):
+    torch.manual_seed(6)
+    logits = (torch.randn(*shape) * 3).to(dtype)
+    logits[0, :5] = float("-inf")
+    keys = {"seeds": 4, "seq_ids": torch.arange(shape[0]) + 50, "positions": 12}
+    tokens, logprobs, entropies = kernels.entropy_sample(logits, backend="triton", **keys, **kwargs)
+    ref_tokens, ref_logprobs, ref_entropies = kernels.entropy_sample(logits, backend="torch", **keys, **kwargs)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropies, ref_entropies, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_truncated_samples_stay_allowed_and_match_torch():
+    torch.manual_seed(7)
+    row = torch.randn(8)
+    draws = 48
+    logits = row.expand(draws, -1).contiguous()
+    kwargs = {"top_k": 5, "top_p": 0.9, "exclude": 0, "seq_ids": torch.arange(draws)}
+    tokens, _, _ = kernels.entropy_sample(logits, backend="triton", **kwargs)
+    assert torch.equal(tokens, kernels.entropy_sample(logits, backend="torch", **kwargs)[0])
+    allowed = reference_allowed(row[None], torch.tensor([5]), torch.tensor([0.9]), torch.tensor([0]))[0]
+    assert allowed[tokens].all() and tokens.unique().numel() > 1
+
+
+def test_triton_edge_cases():
+    one_hot = torch.full((2, 100), float("-inf"))
+    one_hot[:, 42] = 1.0
+    tokens, logprobs, entropies = kernels.entropy_sample(one_hot, backend="triton")
+    assert tokens.tolist() == [42, 42] and entropies.tolist() == [0, 0] and logprobs.tolist() == [0, 0]
+    bad = torch.randn(2, 100)
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.entropy_sample(bad, backend="triton")
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.entropy_sample(torch.randn(2, 5), backend="triton")
