@@ -5,6 +5,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ettrl.grading import equivalence, extract_answer, extract_choice, group_answers, is_equivalent
 
@@ -201,3 +203,20 @@ def test_callers_own_alarm_survives_a_bounded_comparison():
 def test_unbalanced_braces_cannot_smuggle_a_second_box():
     assert not is_equivalent("7}\\boxed{5", "5")
     assert not is_equivalent("}{", "x")
+
+
+LATEX_TOKENS = ["\\frac", "{", "}", "^", "10", "9", "x", "(", ")", "!", "\\sqrt", ",", "\\pi", "+", "-", "\\cdot",
+                "\\boxed", "\\text", "\\{", "\\}", "[", "]", "\\infty", "\\cup", "=", ".", "%", "_", "\\binom", " "]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from(LATEX_TOKENS), max_size=40), st.lists(st.sampled_from(LATEX_TOKENS), max_size=40))
+def test_random_latex_never_raises_or_hangs(left, right):
+    equivalence._math_verify()  # one-time import and warm-up are outside the per-comparison bound
+    a, b = "".join(left), "".join(right)
+    for text in (a, "\\boxed{" + a + "}", "\\boxed " + a):
+        extract_answer(text)
+        extract_choice(text)
+    result, seconds = _timed(is_equivalent, a, b, 0.3)
+    assert isinstance(result, bool) and seconds < 0.3 + BOUND_S
+    assert is_equivalent(a, a) or not a.strip()
