@@ -86,7 +86,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.config.dtype = torch.float32
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _record_dtype(Path(out_dir) / "config.json")
+    _add_portable_fields(Path(out_dir))
     verify_converted_dir(Path(out_dir))
 
 
@@ -115,11 +115,17 @@ def _gguf_metadata(gguf_path: Path, key: str):
     return None if field is None else field.contents()
 
 
-def _record_dtype(config_path: Path) -> None:
-    # Newer transformers writes "dtype"; older readers look for "torch_dtype".
-    config = json.loads(config_path.read_text())
+def _add_portable_fields(out_dir: Path) -> None:
+    """Also write the keys transformers 4.x reads (it would silently fall back to rope_theta=10000)."""
+    config = json.loads((out_dir / "config.json").read_text())
     config["dtype"] = config["torch_dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # "TokenizersBackend" exists only in 5.x
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def verify_converted_dir(path: Path) -> None:
