@@ -14,12 +14,16 @@ _ACCEPT_TOL = 1e-12
 def numeric_verdict(a, b) -> bool | None:
     """A cheap decision before math-verify's simplify and set algebra, or None to ask math-verify.
 
-    False: two plain expressions that differ at one point of their free symbols; two numeric
-    intervals/unions/sets/tuples whose values differ; an expression and an interval.
+    False: two plain expressions (or two assignments "y = f", "y = g") that differ at one point of their free
+    symbols; two numeric intervals/unions/sets/tuples whose values differ; an expression and an interval or a
+    collection of several values; an interval and a finite set other than its two endpoints.
     True: two numeric intervals/unions/sets/tuples whose values agree to 1e-12 (their set algebra in sympy
     costs ~0.1 s a pair). Equations, matrices, symbolic sets and mixed kinds are left to math-verify."""
-    from sympy import Expr, Interval, Union
+    from sympy import Eq, Expr, FiniteSet, Interval, Symbol, Tuple, Union
 
+    if isinstance(a, Eq) and isinstance(b, Eq) and isinstance(a.lhs, Symbol) and a.lhs == b.lhs and \
+            a.lhs not in a.rhs.free_symbols | b.rhs.free_symbols:
+        a, b = a.rhs, b.rhs  # "y = f" vs "y = g": the same curve only if f and g agree
     if isinstance(a, Expr) and isinstance(b, Expr):
         symbols = sorted(a.free_symbols | b.free_symbols, key=str)
         if len(symbols) > len(_PROBE_VALUES):
@@ -27,15 +31,36 @@ def numeric_verdict(a, b) -> bool | None:
         point = tuple(zip(symbols, _PROBE_VALUES))
         va, vb = _value(a, point), _value(b, point)
         return False if va is not None and vb is not None and not _close(va, vb, _REJECT_TOL) else None
-    intervals = (Interval, Union)
-    if (isinstance(a, Expr) and isinstance(b, intervals)) or (isinstance(b, Expr) and isinstance(a, intervals)):
-        return False  # an expression is never an interval or a union of intervals
+    if isinstance(b, Expr):
+        a, b = b, a
+    several = isinstance(b, (Interval, Union)) or (isinstance(b, (FiniteSet, Tuple)) and len(b.args) > 1)
+    if isinstance(a, Expr) and several:
+        return False  # one value is never an interval, nor a collection of several values
+    if isinstance(b, Interval):
+        a, b = b, a
+    if isinstance(a, Interval) and isinstance(b, FiniteSet) and not _is_endpoint_pair(a, b):
+        return False  # math-verify reads "1,2" as "(1,2)", but no other finite set is an interval
     sa, sb = _signature(a), _signature(b)
     if sa is None or sb is None or sa[0] != sb[0]:
         return None
     if _same_signature(sa, sb, _ACCEPT_TOL):
         return True
     return False if not _same_signature(sa, sb, _REJECT_TOL) else None
+
+
+def _is_endpoint_pair(interval, finite) -> bool:
+    """Whether `finite` is {start, end} of `interval` (values that do not evaluate count as "maybe": yes)."""
+    if len(finite.args) != 2:
+        return False
+    values = [_value(x) for x in (interval.start, interval.end, *finite.args)]
+    if None in values:
+        return True
+    ends, elements = sorted(values[:2], key=_real), sorted(values[2:], key=_real)
+    return all(_close(x, y, _REJECT_TOL) for x, y in zip(ends, elements))
+
+
+def _real(z: complex) -> float:
+    return z.real
 
 
 @lru_cache(maxsize=65536)
