@@ -90,6 +90,11 @@ class LLM:
         self._need_tokenizer("chat")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams):
+        """ETMR tree rollouts (engine/tree.py): M roots per prompt, B branches at each of N fork points."""
+        from engine.tree import sample_tree
+        return sample_tree(self, prompts, tree_params, sampling_params)
+
     def update_weights(self, named_tensors) -> int:
         """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties
         the prefix cache. Refused while sequences are live. Returns the number of tensors written."""

@@ -1,0 +1,101 @@
+"""Decode throughput of the engine vs transformers `generate` on the default model (SmolLM2-135M-Instruct).
+
+For each dtype and batch size b: b samples x 128 new tokens of one chat prompt (T=0.6), the same prompt for both,
+median of 3 runs; tok/s counts generated tokens over wall time (prefill included). The compute floor is this
+machine's measured matmul GFLOP/s divided by the model's FLOPs per token (2 x parameters in matmuls).
+The engine runs without prefix caching so that every run prefills its prompt like transformers does.
+Both run in this one process, one after the other, so the ratio is fair even on a shared machine.
+
+    python bench/engine_throughput.py [--batches 1 8 64] [--dtypes float32 bfloat16] [--repeats 3]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from engine import LLM, SamplingParams
+
+PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+          "How many clips did Natalia sell altogether in April and May? Put the answer in \\boxed{}.")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def flops_per_token(llm: LLM) -> float:
+    model = llm.engine.runner.model
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens")
+    return 2.0 * (matmul_params + model.lm_head.numel() * model.args.tie_word_embeddings)
+
+
+def time_engine(llm: LLM, ids: list[int], batch: int, new_tokens: int, seed: int) -> float:
+    params = SamplingParams(n=batch, temperature=0.6, max_tokens=new_tokens, ignore_eos=True, seed=seed)
+    t = time.perf_counter()
+    outs = llm.generate([ids], params)
+    elapsed = time.perf_counter() - t
+    assert sum(len(o.token_ids) for o in outs[0].outputs) == batch * new_tokens
+    return batch * new_tokens / elapsed
+
+
+@torch.inference_mode()
+def time_transformers(model, ids: list[int], batch: int, new_tokens: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    input_ids = torch.tensor([ids] * batch)
+    t = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=0.6,
+                         top_p=1.0, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] - len(ids) == new_tokens
+    return batch * new_tokens / elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for dtype in args.dtypes:
+        llm = LLM(args.model, dtype=dtype, enable_prefix_caching=False, kv_cache_tokens=64 * 512)
+        ids = llm.encode(llm.apply_chat_template([{"role": "user", "content": PROMPT}]))
+        hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
+            llm.model_dir, dtype=DTYPES[dtype]).eval()
+        floor = matmul_gflops(DTYPES[dtype]) * 1e9 / flops_per_token(llm)
+        time_engine(llm, ids, 4, 8, seed=0)  # warm-up
+        for batch in args.batches:
+            eng = statistics.median(time_engine(llm, ids, batch, args.new_tokens, r) for r in range(args.repeats))
+            ref = None if hf is None else statistics.median(
+                time_transformers(hf, ids, batch, args.new_tokens, r) for r in range(args.repeats))
+            rows.append((dtype, batch, ref, eng, floor))
+            print(f"{dtype} batch {batch}: engine {eng:.0f} tok/s, transformers {ref or float('nan'):.0f} tok/s",
+                  flush=True)
+        del llm, hf
+    print(f"\nprompt {len(ids)} tokens, {args.new_tokens} new tokens per sample, T=0.6, median of {args.repeats}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| dtype | batch | transformers tok/s | engine tok/s | engine / transformers | compute floor tok/s "
+          "| engine / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, batch, ref, eng, floor in rows:
+        ratio = f"{eng / ref:.1f}x" if ref else "-"
+        print(f"| {dtype} | {batch} | {ref or float('nan'):.0f} | {eng:.0f} | {ratio} | {floor:.0f} | "
+              f"{100 * eng / floor:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
