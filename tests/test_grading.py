@@ -118,7 +118,8 @@ EQUIVALENT = [
     # complex numbers, expressions, polynomials
     ("6+9i", "9i+6"), ("1+2i", "2i+1"), ("p - q", "-q + p"), ("x^2+2x+1", "(x+1)^2"),
     ("x^5 - x^4 + x^3 - x^2 + x - 1", "x^5-x^4+x^3-x^2+x-1"), ("2(x+1)", "2x+2"), ("\\frac{x}{2}", "0.5x"),
-    ("y = 2x + 3", "y=2x+3"), ("y = 2x + 3", "y = 3 + 2x"), ("y = 2x + 3", "2y = 4x + 6"), ("a^2b", "a^{2}b"),
+    ("y = 2x + 3", "y=2x+3"), ("y = 2x + 3", "y = 3 + 2x"), ("y = 2x + 3", "2y = 4x + 6"),
+    ("y = 2x + 3", "2x + 3"), ("a^2b", "a^{2}b"),
     # matrices, vectors
     ("\\begin{pmatrix} -18 \\\\ -49 \\\\ 96 \\end{pmatrix}", "\\begin{pmatrix}-18\\\\-49\\\\96\\end{pmatrix}"),
     ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
@@ -153,6 +154,8 @@ NOT_EQUIVALENT = [
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{3} \\right)"),
     # expressions and polynomials
     ("y = 2x + 3", "y = 2x + 4"), ("y = 2x + 3", "y = 3x + 3"), ("2k", "-2,1"), ("18.90", "-2,1"),
+    ("y = 2x + 3", "1.25"), ("y = 2x + 3", "2x + 4"), ("y = 2x + 3", "3 \\pm 2\\sqrt{2}"),
+    ("\\left(\\frac{3}{5},\\frac{8}{3}\\right]", "(3, \\frac{\\pi}{2})"),
     ("[\\frac{\\pi^2}{8}, 3]", "-2,1"), ("(-\\infty,\\infty)", "-1,1"),
     ("p - q", "q - p"), ("x^2+2x+1", "x^2+1"), ("6+9i", "6-9i"), ("x^5 - x^4", "x^4 - x^5"), ("2x", "x^2"),
     # text and multiple choice

@@ -14,16 +14,21 @@ _ACCEPT_TOL = 1e-12
 def numeric_verdict(a, b) -> bool | None:
     """A cheap decision before math-verify's simplify and set algebra, or None to ask math-verify.
 
-    False: two plain expressions (or two assignments "y = f", "y = g") that differ at one point of their free
-    symbols; two numeric intervals/unions/sets/tuples whose values differ; an expression and an interval or a
-    collection of several values; an interval and a finite set other than its two endpoints.
+    False: two plain expressions that differ at one point of their free symbols (assignments "y = f" count
+    as f); two numeric intervals/unions/sets/tuples whose values differ; an expression and an interval or a
+    collection of several values; an interval and a finite set or tuple other than its two endpoints.
     True: two numeric intervals/unions/sets/tuples whose values agree to 1e-12 (their set algebra in sympy
     costs ~0.1 s a pair). Equations, matrices, symbolic sets and mixed kinds are left to math-verify."""
-    from sympy import Eq, Expr, FiniteSet, Interval, Symbol, Tuple, Union
+    from sympy import Expr, FiniteSet, Interval, Tuple, Union
+    from sympy.core.relational import Relational
 
-    if isinstance(a, Eq) and isinstance(b, Eq) and isinstance(a.lhs, Symbol) and a.lhs == b.lhs and \
-            a.lhs not in a.rhs.free_symbols | b.rhs.free_symbols:
-        a, b = a.rhs, b.rhs  # "y = f" vs "y = g": the same curve only if f and g agree
+    # Assignments "y = f" compare by their right-hand side, as in math-verify, against "y = g" or a non-relation
+    if _is_assignment(a) and _is_assignment(b) and a.lhs == b.lhs:
+        a, b = a.rhs, b.rhs
+    elif _is_assignment(a) and not isinstance(b, Relational):
+        a = a.rhs
+    elif _is_assignment(b) and not isinstance(a, Relational):
+        b = b.rhs
     if isinstance(a, Expr) and isinstance(b, Expr):
         symbols = sorted(a.free_symbols | b.free_symbols, key=str)
         if len(symbols) > len(_PROBE_VALUES):
@@ -38,8 +43,8 @@ def numeric_verdict(a, b) -> bool | None:
         return False  # one value is never an interval, nor a collection of several values
     if isinstance(b, Interval):
         a, b = b, a
-    if isinstance(a, Interval) and isinstance(b, FiniteSet) and not _is_endpoint_pair(a, b):
-        return False  # math-verify reads "1,2" as "(1,2)", but no other finite set is an interval
+    if isinstance(a, Interval) and isinstance(b, (FiniteSet, Tuple)) and not _is_endpoint_pair(a, b):
+        return False  # math-verify may read "1,2" as "(1,2)", but no other finite set or tuple is an interval
     sa, sb = _signature(a), _signature(b)
     if sa is None or sb is None or sa[0] != sb[0]:
         return None
@@ -48,8 +53,14 @@ def numeric_verdict(a, b) -> bool | None:
     return False if not _same_signature(sa, sb, _REJECT_TOL) else None
 
 
+def _is_assignment(expr) -> bool:
+    from sympy import Eq, Symbol
+
+    return isinstance(expr, Eq) and isinstance(expr.lhs, Symbol) and expr.lhs not in expr.rhs.free_symbols
+
+
 def _is_endpoint_pair(interval, finite) -> bool:
-    """Whether `finite` is {start, end} of `interval` (values that do not evaluate count as "maybe": yes)."""
+    """Whether `finite` holds just the interval's two ends (values that do not evaluate count as "maybe")."""
     if len(finite.args) != 2:
         return False
     values = [_value(x) for x in (interval.start, interval.end, *finite.args)]
