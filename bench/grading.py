@@ -77,6 +77,8 @@ def main():
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not DATA.exists():
+        raise SystemExit(f"benchmark data not found at {DATA}")
     golds = [json.loads(line)["answer"] for line in DATA.read_text().splitlines()]
     rng = random.Random(args.seed)
     group_answers(["1", "2\\sqrt{3}", "\\sqrt{12}"])  # import and warm up once, as a long-running trainer would
