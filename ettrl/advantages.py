@@ -7,7 +7,8 @@
     compute_advantages(rewards, AdvantageConfig, ...)      the combination the trainer picks by config
 
 Groups are given either as a constant `group_size` (consecutive responses, N divisible by it) or as a group
-id per response (`groups`); with neither, all responses form one group.
+id per response (`groups`: any hashable ids, e.g. prompt ids, or an integer tensor); with neither, all
+responses form one group.
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,10 +45,12 @@ def _group_index(n: int, group_size: int | None, groups, device) -> torch.Tensor
     if group_size is not None and groups is not None:
         raise ValueError("pass either group_size or groups, not both")
     if groups is not None:
-        ids = torch.as_tensor(groups, device=device)
-        if ids.shape != (n,):
-            raise ValueError(f"groups must have one id per response ({n}), got shape {tuple(ids.shape)}")
-        return torch.unique(ids, return_inverse=True)[1]
+        if len(groups) != n:
+            raise ValueError(f"groups must have one id per response ({n}), got {len(groups)}")
+        if torch.is_tensor(groups):
+            return torch.unique(groups.to(device), return_inverse=True)[1]
+        dense: dict = {}
+        return torch.tensor([dense.setdefault(g, len(dense)) for g in groups], dtype=torch.long, device=device)
     if group_size is None:
         return torch.zeros(n, dtype=torch.long, device=device)
     if group_size <= 0 or n % group_size:

@@ -26,7 +26,9 @@ def test_grpo_group_ids_equal_group_size():
     by_size = grpo_advantages(rewards, group_size=2)
     by_ids = grpo_advantages(rewards, groups=[7, 7, 3, 3, 9, 9])
     shuffled = grpo_advantages(rewards[[0, 2, 1, 3, 4, 5]], groups=[7, 3, 7, 3, 9, 9])
-    assert torch.equal(by_size, by_ids)
+    by_names = grpo_advantages(rewards, groups=["q7", "q7", "q3", "q3", "q9", "q9"])
+    by_tensor = grpo_advantages(rewards, groups=torch.tensor([7, 7, 3, 3, 9, 9]))
+    assert torch.equal(by_size, by_ids) and torch.equal(by_size, by_names) and torch.equal(by_size, by_tensor)
     assert torch.allclose(shuffled, by_size[[0, 2, 1, 3, 4, 5]])
 
 
@@ -50,6 +52,8 @@ def test_grpo_errors():
         grpo_advantages([1.0, 0.0], group_size=3)
     with pytest.raises(ValueError, match="either group_size or groups"):
         grpo_advantages([1.0, 0.0], group_size=2, groups=[0, 0])
+    with pytest.raises(ValueError, match="one id per response"):
+        grpo_advantages([1.0, 0.0], groups=[0])
     with pytest.raises(ValueError, match="1-D"):
         grpo_advantages([[1.0, 0.0]])
 
