@@ -1,0 +1,189 @@
+"""ETMR tree sampling on the engine: structure, fork selection, KV reuse, accounting, memory pressure."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine import LLM, SamplingParams, TreeParams
+from engine.sequence import Sequence
+from engine.tree_select import select_fork_positions
+
+PROMPTS = [[1, 5, 9, 14, 3, 7, 22, 8, 31, 4, 17], [2, 40, 6, 6, 13]]
+STOP_TOKENS = [3, 11]  # random lengths: roots finish at different steps, some too short for N forks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=47)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def make_llm(model_dir, **kwargs):
+    kwargs = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 512, **kwargs}
+    return LLM(model_dir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return make_llm(model_dir)
+
+
+def params(**kwargs):
+    kwargs = {"temperature": 1.0, "max_tokens": 14, "seed": 1234, "stop_token_ids": STOP_TOKENS, **kwargs}
+    return SamplingParams(**kwargs)
+
+
+def run_trees(llm, tp, sp):
+    before = (llm.engine.num_prefill_tokens, llm.engine.num_decode_tokens)
+    trees = llm.sample_tree(PROMPTS, tp, sp)
+    llm.engine.check_integrity()
+    assert not llm.engine.live_sequences()  # every root and branch was freed
+    after = (llm.engine.num_prefill_tokens, llm.engine.num_decode_tokens)
+    return trees, after[0] - before[0], after[1] - before[1]
+
+
+def roots_and_branches(tree):
+    roots = {leaf.root: leaf for leaf in tree.leaves if leaf.fork_position is None}
+    return roots, [leaf for leaf in tree.leaves if leaf.fork_position is not None]
+
+
+@pytest.mark.parametrize("metric", ["entropy", "surprisal"])
+def test_tree_structure_and_fork_selection(llm, metric):
+    tp = TreeParams(trees=4, forks=2, branches=2, metric=metric)
+    trees, _, decoded = run_trees(llm, tp, params())
+    assert len(trees) == len(PROMPTS)
+    for tree in trees:
+        roots, branches = roots_and_branches(tree)
+        assert sorted(roots) == list(range(tp.trees))
+        for r, root in roots.items():
+            values = root.entropies if metric == "entropy" else [-lp for lp in root.logprobs]
+            assert tree.fork_positions[r] == select_fork_positions(values, tp.forks)  # token ids: no \boxed cut
+            assert len(tree.fork_positions[r]) == min(tp.forks, len(root.token_ids) - 1)
+        expected_leaves = sum(1 + tp.branches * len(p) for p in tree.fork_positions)
+        assert len(tree.leaves) == tree.stats.leaves == expected_leaves
+        for leaf in branches:
+            root, t = roots[leaf.root], leaf.fork_position
+            assert leaf.token_ids[:t] == root.token_ids[:t]
+            assert leaf.logprobs[:t] == root.logprobs[:t] and leaf.entropies[:t] == root.entropies[:t]
+            assert len(leaf.logprobs) == len(leaf.entropies) == len(leaf.token_ids)
+            assert t in tree.fork_positions[leaf.root]
+        stats = tree.stats
+        assert stats.reused_tokens == sum(leaf.fork_position for leaf in branches)
+        assert stats.parallel_equivalent_tokens == sum(len(leaf.token_ids) for leaf in tree.leaves)
+        assert stats.decoded_tokens == stats.parallel_equivalent_tokens - stats.reused_tokens
+    # The engine's decode steps computed exactly these tokens; each root's first token came from the prefill.
+    assert decoded == sum(tree.stats.decoded_tokens - tp.trees for tree in trees)
+
+
+def test_full_trees_have_m_times_1_plus_bn_leaves(llm):
+    tp = TreeParams(trees=3, forks=3, branches=2)
+    trees, _, _ = run_trees(llm, tp, params(stop_token_ids=[], max_tokens=8, ignore_eos=True))
+    for tree in trees:
+        assert len(tree.leaves) == tp.num_leaves == 3 * (1 + 2 * 3)
+        assert all(len(leaf.token_ids) == 8 for leaf in tree.leaves)
+
+
+def test_roots_are_the_parallel_samples_of_the_same_seed(llm):
+    tp = TreeParams(trees=4, forks=1, branches=1)
+    trees, _, _ = run_trees(llm, tp, params())
+    parallel = llm.generate(PROMPTS, params(n=tp.trees))
+    for tree, request in zip(trees, parallel):
+        roots, _ = roots_and_branches(tree)
+        assert [roots[r].token_ids for r in range(tp.trees)] == [o.token_ids for o in request.outputs]
+
+
+def test_no_fork_from_the_last_box_on(llm, monkeypatch):
+    """With a tokenizer, positions from the token that starts the last \\boxed{ onward are never forks."""
+    boxed = {5, 6, 7, 8, 9, 10}
+    monkeypatch.setattr(llm, "tokenizer", object())
+    monkeypatch.setattr(llm, "decode", lambda ids: "".join("\\boxed{" if i in boxed else "x" for i in ids))
+    tp = TreeParams(trees=6, forks=2, branches=1)
+    trees, _, _ = run_trees(llm, tp, params(stop_token_ids=[], ignore_eos=True))
+    cut_somewhere = False
+    for tree in trees:
+        roots, _ = roots_and_branches(tree)
+        for r, root in roots.items():
+            last_box = max((k for k, tok in enumerate(root.token_ids) if tok in boxed), default=None)
+            cut_somewhere |= last_box is not None
+            assert tree.fork_positions[r] == select_fork_positions(root.entropies, tp.forks, end=last_box)
+    assert cut_somewhere
+
+
+def test_distinct_branches_resample_a_different_token(llm):
+    trees, _, _ = run_trees(llm, TreeParams(trees=4, forks=2, branches=3, distinct=True), params())
+    for tree in trees:
+        roots, branches = roots_and_branches(tree)
+        assert branches
+        for leaf in branches:
+            assert leaf.token_ids[leaf.fork_position] != roots[leaf.root].token_ids[leaf.fork_position]
+
+
+def test_branch_prefix_is_never_prefilled(model_dir):
+    tp = TreeParams(trees=4, forks=2, branches=2)
+    fresh = make_llm(model_dir)
+    with_branches, prefilled, _ = run_trees(fresh, tp, params())
+    assert fresh.engine.scheduler.num_preemptions == 0  # else recomputation would be prefill too
+    assert sum(t.stats.reused_tokens for t in with_branches) > 0
+    assert prefilled == sum(map(len, PROMPTS))  # each prompt once (its M roots share it); no branch prefix
+
+
+def test_branch_from_shared_kv_equals_prefill_from_scratch(llm, model_dir):
+    sp = params()
+    tree = llm.sample_tree(PROMPTS[:1], TreeParams(trees=3, forks=2, branches=2), sp)[0]
+    roots, branches = roots_and_branches(tree)
+    fresh = make_llm(model_dir)
+    for leaf in branches[:6]:
+        prefix = PROMPTS[0] + roots[leaf.root].token_ids[:leaf.fork_position]
+        seq = Sequence(prefix, sp, tree.seed, seq_id=leaf.seq_id, num_prompt_tokens=len(PROMPTS[0]))
+        fresh.engine.add_sequence(seq)
+        while not seq.is_finished:
+            fresh.engine.step()
+        assert seq.completion_token_ids == leaf.token_ids
+        own = len(leaf.token_ids) - leaf.fork_position
+        torch.testing.assert_close(torch.tensor(seq.logprobs[-own:]), torch.tensor(leaf.logprobs[-own:]),
+                                   rtol=1e-4, atol=1e-4)
+        fresh.engine.free(seq)
+
+
+def test_small_kv_pool_gives_the_same_leaves(llm, model_dir):
+    tp, sp = TreeParams(trees=4, forks=2, branches=2), params()
+    roomy, _, _ = run_trees(llm, tp, sp)
+    cramped_llm = make_llm(model_dir, num_kv_blocks=16)  # 64 token slots: a few sequences at a time
+    cramped, _, _ = run_trees(cramped_llm, tp, sp)
+    assert cramped_llm.engine.scheduler.num_preemptions > 0
+    for a, b in zip(roomy, cramped):
+        assert [(l.origin, l.token_ids) for l in a.leaves] == [(l.origin, l.token_ids) for l in b.leaves]
+
+
+def test_branches_join_while_other_roots_still_decode(llm):
+    events = []
+    engine = llm.engine
+    step, fork = engine.step, engine.fork
+
+    def logged_step():
+        finished = step()
+        events.extend(("finish", s.parent_uid is None) for s in finished)
+        return finished
+
+    def logged_fork(*args, **kwargs):
+        events.append(("fork", None))
+        return fork(*args, **kwargs)
+
+    engine.step, engine.fork = logged_step, logged_fork
+    try:
+        llm.sample_tree(PROMPTS, TreeParams(trees=6, forks=2, branches=2), params(max_tokens=24))
+    finally:
+        del engine.step, engine.fork
+    first_fork = events.index(("fork", None))
+    assert ("finish", True) in events[first_fork:]  # some root finished after the first branch was forked
+
+
+def test_bad_tree_params_are_rejected():
+    with pytest.raises(ValueError, match="metric"):
+        TreeParams(metric="variance")
+    with pytest.raises(ValueError, match="trees"):
+        TreeParams(trees=0)
