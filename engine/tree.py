@@ -112,7 +112,7 @@ class _TreeRun:
         self.llm, self.engine = llm, llm.engine
         self.decode = llm.decode if llm.tokenizer is not None else None
         self.tp, self.sp = tree_params, sampling_params
-        self.owners: dict[int, tuple[int, int, int | None, int | None]] = {}  # uid -> (prompt, root, fork, branch)
+        self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
@@ -121,18 +121,23 @@ class _TreeRun:
         requests = [self.engine.make_sequences(ids, root_params, seed) for ids, seed in zip(prompt_ids, seeds)]
         self.start = time.perf_counter()
         for i, roots in enumerate(requests):
-            self.owners.update((seq.uid, (i, r, None, None)) for r, seq in enumerate(roots))
+            self.owners.update((seq.uid, (seq, i, r, None, None)) for r, seq in enumerate(roots))
             self.engine.add_sequence(roots[0])
-        while self.owners:
-            for seq in self.engine.step():
-                if seq.uid in self.owners:
-                    self._on_finished(seq)
+        try:
+            while self.owners:
+                for seq in self.engine.step():
+                    if seq.uid in self.owners:
+                        self._on_finished(seq)
+        except BaseException:  # leave the engine clean (e.g. after Ctrl-C): no half-built tree holds KV blocks
+            for seq, *_ in list(self.owners.values()):
+                self.engine.free(seq)
+            raise
         for result in self.results:
             result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
         return self.results
 
     def _on_finished(self, seq: Sequence):
-        i, r, f, b = self.owners.pop(seq.uid)
+        _, i, r, f, b = self.owners.pop(seq.uid)
         result = self.results[i]
         leaf = self._leaf(seq, r, None if f is None else result.fork_positions[r][f], b)
         result.leaves.append(leaf)
@@ -155,7 +160,7 @@ class _TreeRun:
             for b in range(self.tp.branches):
                 child = self.engine.fork(root, root.num_prompt_tokens + t, self.sp, result.seed,
                                          self.tp.branch_seq_id(r, f, b), exclude_token=exclude)
-                self.owners[child.uid] = (i, r, f, b)
+                self.owners[child.uid] = (child, i, r, f, b)
                 self.live[i] += 1
 
     def _leaf(self, seq: Sequence, root: int, fork_position: int | None, branch: int | None) -> Leaf:

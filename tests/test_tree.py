@@ -182,8 +182,31 @@ def test_branches_join_while_other_roots_still_decode(llm):
     assert ("finish", True) in events[first_fork:]  # some root finished after the first branch was forked
 
 
+def test_an_interrupted_call_frees_everything(llm, monkeypatch):
+    step, calls = llm.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.sample_tree(PROMPTS, TreeParams(trees=4, forks=2, branches=2), params(max_tokens=8))
+    assert not llm.engine.live_sequences() and not llm.engine.has_unfinished()
+    llm.engine.check_integrity()
+
+
 def test_bad_tree_params_are_rejected():
     with pytest.raises(ValueError, match="metric"):
         TreeParams(metric="variance")
     with pytest.raises(ValueError, match="trees"):
         TreeParams(trees=0)
+    with pytest.raises(ValueError, match="branches"):
+        TreeParams(branches=-1)
+
+
+def test_n_other_than_one_is_rejected(llm):
+    with pytest.raises(ValueError, match="n == 1"):
+        llm.sample_tree(PROMPTS, TreeParams(), params(n=4))
