@@ -52,8 +52,8 @@ class LLM:
     kv_cache_memory_gb, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len, enable_prefix_caching)."""
 
     def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options):
-        self.model_dir = Path(resolve_model(model))
         self.config = EngineConfig(model=str(model), dtype=dtype, device=device, **options)
+        self.model_dir = Path(resolve_model(model))
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.engine = LLMEngine(self.config, self.model_dir, self.tokenizer,
                                 _eos_token_ids(self.model_dir, self.tokenizer))
