@@ -1,6 +1,6 @@
 """The built-in offline task: arithmetic word problems generated from a seed, at three difficulty levels.
 
-Level 1: one step, + or - on numbers up to 20.  Level 2: one step, + - * / on numbers up to 60.
+Level 1: one step, + or - on numbers up to 10.  Level 2: one step, + - * / on numbers up to 30.
 Level 3: two steps.  Train and held-out sets come from separate random streams and never share a problem.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "coins"
 
 
 def _add(rng, top):
-    a, b = rng.randint(2, top), rng.randint(2, top)
+    a, b = rng.randint(1, top), rng.randint(1, top)
     return "{n} has {a} {i}. {n} gets {b} more. How many {i} does {n} have now?", a, b, a + b
 
 
 def _sub(rng, top):
-    a = rng.randint(4, top)
+    a = rng.randint(3, top)
     b = rng.randint(1, a - 1)
     return "{n} has {a} {i} and gives {b} of them away. How many {i} does {n} have left?", a, b, a - b
 
@@ -34,7 +34,7 @@ def _div(rng, top):
 
 
 ONE_STEP = {1: (_add, _sub), 2: (_add, _sub, _mul, _div)}
-TOP = {1: 20, 2: 60}
+TOP = {1: 10, 2: 30}
 
 
 def make_problem(rng: random.Random, difficulty: int) -> dict:

@@ -39,14 +39,14 @@ def boxed(x):
 def test_metrics_by_hand():
     problems = [Problem("a", "4"), Problem("b", "1/2"), Problem("c", None)]
     sampled = {0: [boxed(4), boxed(5), boxed(5), boxed(4), boxed(4)],  # 3/5 right, majority 4 right
-               1: [boxed(0.5), boxed(3), boxed(3), "TRUNC", boxed("\\frac{1}{2}")],  # 2/5 right, majority 3 wrong
+               1: [boxed("\\frac{1}{2}"), boxed(3), boxed(3), "TRUNC", boxed(3)],  # 1/5 right, majority 3 wrong
                2: [boxed(1)] * 5}
     greedy = {0: [boxed(5)], 1: [boxed("0.5")], 2: [boxed(1)]}
     ecfg = EvalConfig(k=5)
     r = evaluate(ScriptedLLM(sampled, greedy), problems, [[0], [1], [2]], ecfg, [])
     assert r["eval_problems"] == 2  # the problem without ground truth is skipped
     assert r["greedy"] == pytest.approx(0.5)
-    assert r["avg@5"] == pytest.approx((3 / 5 + 2 / 5) / 2)
+    assert r["avg@5"] == pytest.approx((3 / 5 + 1 / 5) / 2)
     assert r["maj@5"] == pytest.approx(0.5)
     assert r["pass@5"] == pytest.approx(1.0)
     assert r["eval_tokens"] == 2 * (5 * 3 + 3)
