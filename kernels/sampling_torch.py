@@ -5,10 +5,12 @@ between calls, so a call touches the logits once from memory and allocates no [B
 """
 import torch
 
-from kernels.noise import U_SCALE, mix32_, uniform_bits_
+from kernels.noise import GUMBEL_MAX, GUMBEL_MIN, U_SCALE, mix32_, uniform_bits_
 from kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
 
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 20
+PRUNE_BLOCK = 32
+PRUNE_MAX_FRACTION = 4  # use the pruned path while at most 1/4 of the blocks can win
 _workspaces: dict = {}
 
 
@@ -42,19 +44,59 @@ def _entropy_stats(x: torch.Tensor, shifted: torch.Tensor, probs_unnorm: torch.T
     return max_x.squeeze(1), (max_x + log_total).squeeze(1), (log_total - weighted / total).squeeze(1)
 
 
-def _gumbel_scores(x, keys, token_ids, bits, tmp, out):
-    """out = x + g(key, token) for a chunk (the noise definition of noise.py, computed in place)."""
-    torch.bitwise_xor(token_ids[None, :], keys[:, None], out=bits)
+def _log_exponential_(bits: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = log(-log(u)) = -g for the keyed bits already in `bits` (noise.py's definition, in place)."""
     uniform_bits_(mix32_(bits, tmp))
-    out.copy_(bits).mul_(U_SCALE).log_().neg_().log_()
-    return torch.sub(x, out, out=out)
+    return out.copy_(bits).mul_(U_SCALE).log_().neg_().log_()
+
+
+def _dense_winners(x, chunk, keys, greedy, threshold, ws):
+    """Gumbel-max over every token of the chunk: (best score, token) per row."""
+    n, vocab = x.shape
+    bits = torch.bitwise_xor(torch.arange(vocab, dtype=torch.int32, device=x.device)[None, :], keys[:, None],
+                             out=ws["bits"][: n * vocab].view(n, vocab))
+    scores = _log_exponential_(bits, ws["tmp"][: n * vocab].view(n, vocab), ws["f"][: n * vocab].view(n, vocab))
+    torch.sub(x, scores, out=scores)
+    if bool(greedy.any()):
+        scores[greedy] = x[greedy]
+    if threshold is not None:
+        scores.masked_fill_(torch.lt(chunk, threshold[:, None], out=ws["mask"][: n * vocab].view(n, vocab)),
+                            float("-inf"))
+    return scores.max(dim=1)
+
+
+def _pruned_winners(x, chunk, keys, greedy, threshold, max_allowed):
+    """Exact Gumbel-max that draws noise only for blocks of PRUNE_BLOCK tokens that can still win.
+
+    Noise lies in [GUMBEL_MIN, GUMBEL_MAX], so the best allowed token scores at least max_allowed + GUMBEL_MIN
+    and a token with x < max_allowed - (GUMBEL_MAX - GUMBEL_MIN) never wins (a margin covers rounding). Real
+    LM logits leave few such blocks; returns None when too many survive (e.g. flat random logits).
+    """
+    n, vocab = x.shape
+    cut = max_allowed - (GUMBEL_MAX - GUMBEL_MIN) - (1e-3 + max_allowed.abs() * 2.0 ** -20)
+    blocks = x.view(n, vocab // PRUNE_BLOCK, PRUNE_BLOCK)
+    hit = torch.nonzero(blocks.amax(dim=2) >= cut[:, None])
+    if hit.shape[0] * PRUNE_MAX_FRACTION > blocks.shape[0] * blocks.shape[1]:
+        return None
+    rows, block = hit[:, 0], hit[:, 1]
+    ids = block[:, None] * PRUNE_BLOCK + torch.arange(PRUNE_BLOCK, device=x.device)
+    candidates = blocks[rows, block]
+    bits = torch.bitwise_xor(ids.to(torch.int32), keys[rows, None])
+    scores = candidates - _log_exponential_(bits, torch.empty_like(bits), torch.empty_like(candidates))
+    scores = torch.where(greedy[rows, None], candidates, scores)
+    if threshold is not None:
+        logits = chunk.view(n, -1, PRUNE_BLOCK)[rows, block]
+        scores.masked_fill_(logits < threshold[rows, None], float("-inf"))
+    block_best, block_arg = scores.max(dim=1)
+    best = torch.full((n,), float("-inf"), device=x.device).scatter_reduce_(0, rows, block_best, "amax")
+    winner = torch.where(block_best == best[rows], ids.gather(1, block_arg[:, None]).squeeze(1), vocab)
+    return best, torch.full((n,), vocab, device=x.device).scatter_reduce_(0, rows, winner, "amin")
 
 
 def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
     batch, vocab = logits.shape
     rows_per_chunk = max(1, min(batch, CHUNK_ELEMENTS // vocab))
     ws = _workspace(logits.device, rows_per_chunk * vocab)
-    token_ids = torch.arange(vocab, dtype=torch.int32, device=logits.device)
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
     entropies = torch.empty(batch, dtype=torch.float32, device=logits.device)
@@ -63,22 +105,26 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
         n = rows.stop - start
         chunk = logits[rows]
         x = torch.mul(chunk, params.inv_temp[rows, None], out=ws["x"][: n * vocab].view(n, vocab))
-        scores = ws["f"][: n * vocab].view(n, vocab)
-        max_x, lse, entropies[rows] = _entropy_stats(x, scores, ws["e"][: n * vocab].view(n, vocab))
-        _gumbel_scores(x, params.keys[rows], token_ids, ws["bits"][: n * vocab].view(n, vocab),
-                       ws["tmp"][: n * vocab].view(n, vocab), scores)
-        greedy = params.greedy[rows]
-        if bool(greedy.any()):
-            scores[greedy] = x[greedy]
+        max_x, lse, entropies[rows] = _entropy_stats(x, ws["f"][: n * vocab].view(n, vocab),
+                                                     ws["e"][: n * vocab].view(n, vocab))
+        check_finite_rows(max_x, max_x)
+        threshold = None
         if params.truncated:
             threshold = truncation_thresholds(chunk, lse, _slice_params(params, rows))
-            cut = torch.lt(chunk, threshold[:, None], out=ws["mask"][: n * vocab].view(n, vocab))
-            scores.masked_fill_(cut, float("-inf"))
-        if params.any_exclude:
+        max_allowed = max_x
+        if params.any_exclude:  # the excluded token's score becomes -inf; x stays valid for every other token
             excluded = params.exclude[rows]
             hit = torch.nonzero(excluded >= 0).flatten()
-            scores[hit, excluded[hit]] = float("-inf")
-        best, chunk_tokens = scores.max(dim=1)
+            x[hit, excluded[hit]] = float("-inf")
+            max_allowed = max_x.clone()
+            max_allowed[hit] = x[hit].amax(dim=1)
+        keys, greedy = params.keys[rows], params.greedy[rows]
+        winners = None
+        if vocab % PRUNE_BLOCK == 0:
+            winners = _pruned_winners(x, chunk, keys, greedy, threshold, max_allowed)
+        if winners is None:
+            winners = _dense_winners(x, chunk, keys, greedy, threshold, ws)
+        best, chunk_tokens = winners
         check_finite_rows(max_x, best)
         tokens[rows] = chunk_tokens
         logprobs[rows] = x.gather(1, chunk_tokens[:, None]).squeeze(1) - lse

@@ -80,9 +80,18 @@ def test_stats_match_log_softmax(dtype):
     torch.testing.assert_close(entropies.double(), entropy, rtol=1e-5, atol=1e-5)
 
 
-def test_tokens_match_brute_force_gumbel_max():
+def lm_like_logits(batch, vocab, seed):
+    """A flat bulk plus a few strong tokens, like a language model's next-token logits."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=generator) * 2
+    spikes = torch.randint(0, vocab, (batch, 12), generator=generator)
+    return logits.scatter_add_(1, spikes, torch.rand(batch, 12, generator=generator) * 10 + 14)
+
+
+@pytest.mark.parametrize("kind", ["flat", "lm-like"])
+def test_tokens_match_brute_force_gumbel_max(kind):
     torch.manual_seed(1)
-    logits = torch.randn(16, 5000) * 3
+    logits = torch.randn(16, 5000) * 3 if kind == "flat" else lm_like_logits(16, 4096, 1)
     keys = row_keys(torch.full((16,), 9), torch.arange(16) + 100, torch.full((16,), 4))
     tokens, _, _ = kernels.entropy_sample(logits, temperature=0.7, seeds=9, seq_ids=torch.arange(16) + 100,
                                           positions=4)
@@ -94,8 +103,9 @@ def test_tokens_match_brute_force_gumbel_max():
                                                   (-1, 0.9, "argmax"), (3, 1.0, "argmax"), (0, 0.3, None)])
 def test_truncation_matches_brute_force(top_k, top_p, exclude):
     torch.manual_seed(2)
-    batch, vocab = 24, 700
+    batch, vocab = 24, 704
     logits = torch.randn(batch, vocab) * 2
+    logits[::2] = lm_like_logits(batch // 2, vocab, 2)  # even rows take the pruned path
     ks, ps = torch.full((batch,), top_k), torch.full((batch,), top_p)
     excl = logits.argmax(-1) if exclude == "argmax" else None
     seq_ids = torch.arange(batch)
@@ -110,6 +120,27 @@ def test_truncation_matches_brute_force(top_k, top_p, exclude):
         torch.testing.assert_close(entropies.double(), entropy, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_pruned_path_equals_dense_path(monkeypatch):
+    from kernels import sampling_torch
+    from kernels.sampling import row_params, truncation_thresholds
+    monkeypatch.setattr(sampling_torch, "PRUNE_MAX_FRACTION", 1)  # never fall back to the dense path
+    from kernels.sampling_torch import _dense_winners, _pruned_winners, _workspace
+    batch, vocab = 8, 2048
+    logits = lm_like_logits(batch, vocab, 3)
+    params = row_params(logits, torch.tensor([0.7, 0.0, 1.0, 0.5, 1.2, 0.0, 0.9, 1.0]),
+                        torch.tensor([-1, -1, 5, -1, 40, -1, -1, 2]), torch.tensor([1.0, 1, 1, 0.8, 0.9, 1, 1, 1]),
+                        7, torch.arange(batch), 3, None)
+    x = logits * params.inv_temp[:, None]
+    lse = torch.logsumexp(x, 1)
+    threshold = truncation_thresholds(logits, lse, params)
+    for position in range(10):
+        keys = params.keys + position
+        pruned = _pruned_winners(x, logits, keys, params.greedy, threshold, x.amax(1))
+        dense = _dense_winners(x, logits, keys, params.greedy, threshold, _workspace(x.device, x.numel()))
+        assert pruned is not None
+        assert torch.equal(pruned[1], dense[1]) and torch.equal(pruned[0], dense[0])
 
 
 def sample_frequencies(row, draws, **kwargs):
