@@ -70,8 +70,8 @@ def row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exc
 def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowParams) -> torch.Tensor:
     """Per-row logit threshold of the top-k / top-p set (float32 [B], -inf where nothing is cut).
 
-    Works on the few highest logits of each truncated row (torch.topk), doubling the window until the top-p
-    mass is covered, so no row is fully sorted unless it has to be.
+    Works on the few highest logits of each truncated row (torch.topk), widening the window until the top-p
+    mass is covered, so no row is fully sorted unless it has to be (flat distributions with top-p).
     """
     batch, vocab = logits.shape
     thresholds = torch.full((batch,), float("-inf"), device=logits.device)
@@ -96,7 +96,7 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
         covered = (kept < window) | (window == vocab)
         if bool(covered.all()):
             break
-        window = min(vocab, 2 * window)
+        window = vocab if 8 * window > vocab else 4 * window
     last = kept.clamp(max=window - 1)
     last = torch.where(k > 0, torch.minimum(last, k - 1), last)
     thresholds[rows] = values.gather(1, last[:, None]).squeeze(1)

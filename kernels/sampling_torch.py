@@ -32,14 +32,10 @@ def _workspace(device, elements: int) -> dict:
 def _entropy_stats(x: torch.Tensor, shifted: torch.Tensor, probs_unnorm: torch.Tensor):
     """Row max, logsumexp and entropy of softmax(x) for a chunk x [R, V], using two same-shape buffers."""
     max_x = x.amax(dim=1, keepdim=True)
-    torch.sub(x, max_x.clamp(min=-3e38, max=3e38), out=shifted)
+    torch.sub(x, max_x.clamp(min=-3e38, max=3e38), out=shifted).clamp_(min=-3e38)  # -inf -> finite: 0 * y = 0
     torch.exp(shifted, out=probs_unnorm)
     total = probs_unnorm.sum(dim=1, keepdim=True)
-    weighted = torch.linalg.vecdot(probs_unnorm, shifted).unsqueeze(1)
-    if bool(weighted.isnan().any()):  # 0 * -inf from -inf logits: redo those rows without them
-        rows = weighted.isnan().flatten()
-        weighted[rows] = torch.where(probs_unnorm[rows] > 0, probs_unnorm[rows] * shifted[rows], 0.0).sum(
-            dim=1, keepdim=True)
+    weighted = shifted.mul_(probs_unnorm).sum(dim=1, keepdim=True)
     log_total = total.log()
     return max_x.squeeze(1), (max_x + log_total).squeeze(1), (log_total - weighted / total).squeeze(1)
 
@@ -100,11 +96,13 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
     entropies = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    same_temp = float(params.inv_temp[0]) if bool((params.inv_temp == params.inv_temp[0]).all()) else None
     for start in range(0, batch, rows_per_chunk):
         rows = slice(start, min(batch, start + rows_per_chunk))
         n = rows.stop - start
         chunk = logits[rows]
-        x = torch.mul(chunk, params.inv_temp[rows, None], out=ws["x"][: n * vocab].view(n, vocab))
+        x = torch.mul(chunk, params.inv_temp[rows, None] if same_temp is None else same_temp,
+                      out=ws["x"][: n * vocab].view(n, vocab))
         max_x, lse, entropies[rows] = _entropy_stats(x, ws["f"][: n * vocab].view(n, vocab),
                                                      ws["e"][: n * vocab].view(n, vocab))
         check_finite_rows(max_x, max_x)

@@ -232,12 +232,15 @@ TRITON_CASES = [
 ]
 TRITON_CASES = [(*case, dtype) for case in TRITON_CASES for dtype in (torch.float32, torch.bfloat16)]
 TRITON_CASES.append(((2, 32_771), {"temperature": 0.8}, torch.float32))
+TRITON_CASES.append(((3, 2048), {"lm-like": True, "temperature": 0.7, "top_p": 0.9}, torch.float32))
 
 
 @pytest.mark.parametrize("shape,kwargs,dtype", TRITON_CASES)
 def test_triton_matches_torch(shape, kwargs, dtype):
     torch.manual_seed(6)
-    logits = (torch.randn(*shape) * 3).to(dtype)
+    kwargs = dict(kwargs)
+    logits = lm_like_logits(*shape, 6) if kwargs.pop("lm-like", False) else torch.randn(*shape) * 3
+    logits = logits.to(dtype)
     logits[0, :5] = float("-inf")
     keys = {"seeds": 4, "seq_ids": torch.arange(shape[0]) + 50, "positions": 12}
     tokens, logprobs, entropies = kernels.entropy_sample(logits, backend="triton", **keys, **kwargs)
