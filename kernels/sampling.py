@@ -85,9 +85,10 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
     excluded_mass = torch.where(excl[:, None] >= 0, excluded_logit.exp(), 0.0).squeeze(1)
     window = min(vocab, max(int(k.max()) + 1, 64))
     while True:
-        values, ids = sub.topk(window, dim=1)
-        values = values.float().masked_fill(ids == excl[:, None], float("-inf"))
-        values = values.sort(dim=1, descending=True).values
+        values, ids = sub.sort(dim=1, descending=True) if window == vocab else sub.topk(window, dim=1)
+        values = values.float()
+        if bool((excl >= 0).any()):
+            values = values.masked_fill(ids == excl[:, None], float("-inf")).sort(dim=1, descending=True).values
         rank = torch.arange(window, device=logits.device)
         in_top_k = (k[:, None] == 0) | (rank[None, :] < k[:, None])
         probs = torch.exp(values * inv_temp - row_lse) * in_top_k
