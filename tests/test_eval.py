@@ -71,3 +71,20 @@ def test_eval_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ettrl.eval", "--model", str(model), "--data", str(data)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "set --problem-field to one of ['a', 'q']" in bad.stderr
+
+
+def test_curves_and_summary_table(tmp_path):
+    from ettrl.plots import plot_curves
+    from ettrl.run import format_summary
+
+    rows = [{"type": "eval", "step": 0, "greedy": 0.25, "avg@16": 0.2, "maj@16": 0.3}]
+    rows += [{"type": "train", "step": s, "reward": 0.1 * s, "majority_ratio": 0.3 + 0.05 * s, "entropy": 1 / s,
+              "rollout_tokens_total": 100 * s} for s in range(1, 5)]
+    rows += [{"type": "eval", "step": 4, "greedy": 0.5, "avg@16": 0.45, "maj@16": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    png = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_summary({"method": "ttrl", "steps": 4, "rollout_tokens": 400, "wall_s": 12.0,
+                            "before": rows[0], "after": rows[-1]})
+    assert ["greedy", "25.0%", "50.0%", "+25.0"] in [line.split() for line in table.splitlines()]
+    assert "rollout tokens 400" in table
