@@ -8,8 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.noise import MIX_MUL1, MIX_MUL2, U_SCALE
+from kernels import noise
 from kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
+
+MIX_MUL1 = tl.constexpr(noise.MIX_MUL1)
+MIX_MUL2 = tl.constexpr(noise.MIX_MUL2)
+U_SCALE = tl.constexpr(noise.U_SCALE)
 
 
 @triton.jit
