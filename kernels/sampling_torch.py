@@ -1,7 +1,9 @@
 """Torch implementation of `entropy_sample` (CPU path and reference for the Triton kernel).
 
-Rows are processed in chunks small enough that the working buffers stay in cache, and the buffers are reused
-between calls, so a call touches the logits once from memory and allocates no [B, V] temporaries.
+Rows are processed in chunks of about CHUNK_ELEMENTS logits whose working buffers stay in the last-level
+cache and are reused between calls (so the path is not thread-safe), so a call reads the logits from memory
+once and allocates no [B, V] temporaries. The Gumbel noise, the dominant cost, is drawn only for the 32-token
+blocks that can still win (exact; see `_pruned_winners`), or for every token when the logits are too flat.
 """
 import torch
 

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_online import online_entropy_update
+
 from kernels import noise
 from kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
 
@@ -54,14 +56,7 @@ def _entropy_sample_kernel(logits_ptr, stride, vocab, inv_temp_ptr, greedy_ptr, 
         x = logit * inv_temp
         if STATS:
             bad |= tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            shifted = x - m_ref
-            e = tl.exp(shifted)
-            s = (s + z * (tl.where(z > 0, m, m_ref) - m_ref)) * alpha + tl.sum(e * tl.where(e > 0, shifted, 0.0), axis=0)
-            z = z * alpha + tl.sum(e, axis=0)
-            m = m_new
+            m, z, s = online_entropy_update(m, z, s, x)
         if SAMPLE:
             noise = gumbel_log_exponential(key, offs)
             score = tl.where(greedy, x, x - noise)

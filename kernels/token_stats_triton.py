@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_online import online_entropy_update
+
 
 @triton.jit
 def _token_stats_forward(logits_ptr, stride, vocab, targets_ptr, inv_temp_ptr, logprob_ptr, entropy_ptr,
@@ -17,14 +19,7 @@ def _token_stats_forward(logits_ptr, stride, vocab, targets_ptr, inv_temp_ptr, l
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < vocab, other=neg_inf).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        shifted = x - m_ref
-        e = tl.exp(shifted)
-        s = (s + z * (tl.where(z > 0, m, m_ref) - m_ref)) * alpha + tl.sum(e * tl.where(e > 0, shifted, 0.0), axis=0)
-        z = z * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, z, s = online_entropy_update(m, z, s, x)
     log_z = tl.log(z)
     lse = m + log_z
     target_x = tl.load(row_ptr + tl.load(targets_ptr + row)).to(tl.float32) * inv_temp
@@ -34,8 +29,8 @@ def _token_stats_forward(logits_ptr, stride, vocab, targets_ptr, inv_temp_ptr, l
 
 
 @triton.jit
-def _token_stats_backward(logits_ptr, grad_ptr, stride, grad_stride, vocab, targets_ptr, inv_temp_ptr, lse_ptr, grad_out_ptr,
-                          BLOCK: tl.constexpr):
+def _token_stats_backward(logits_ptr, grad_ptr, stride, grad_stride, vocab, targets_ptr, inv_temp_ptr, lse_ptr,
+                          grad_out_ptr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     grad_row_ptr = grad_ptr + row.to(tl.int64) * grad_stride
@@ -75,6 +70,6 @@ class TokenStatsTriton(torch.autograd.Function):
         grad = torch.empty_like(logits)
         block = min(TokenStatsTriton.BLOCK, triton.next_power_of_2(vocab))
         if rows:
-            _token_stats_backward[(rows,)](logits, grad, logits.stride(0), grad.stride(0), vocab, targets, inv_temp, lse,
-                                           grad_logprobs.float().contiguous(), BLOCK=block)
+            _token_stats_backward[(rows,)](logits, grad, logits.stride(0), grad.stride(0), vocab, targets, inv_temp,
+                                           lse, grad_logprobs.float().contiguous(), BLOCK=block)
         return grad, None, None
