@@ -1,6 +1,11 @@
-"""engine._C.RadixTree against the brute-force PyRadixTree, driven by a simulated sequence layer."""
+"""engine._C.RadixTree against the brute-force PyRadixTree, driven by a simulated sequence layer.
+
+Two drivers share one harness: a hypothesis state machine (short runs, shrinks failures) and seeded random walks
+(long runs that grow deep trees, split locked nodes and evict under pressure).
+"""
 import gc
 import os
+import random
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -11,35 +16,37 @@ from engine._C import BlockAllocator, RadixTree
 from engine.radix_cache import RadixCache
 from tests.brute_force import PyBlockAllocator, PyRadixTree
 
-NUM_BLOCKS = 24
-token_lists = st.lists(st.integers(0, 2), max_size=12)  # 3-letter alphabet: prefixes collide all the time
-EXAMPLES = int(os.environ.get("RADIX_EXAMPLES", 250))  # lower it while debugging a failure
-STEPS = [0]
+NUM_BLOCKS = 32
+ALPHABET = 3  # prefixes collide all the time
+EXAMPLES = int(os.environ.get("RADIX_EXAMPLES", 150))  # lower it while debugging a failure
+ERRORS = (ValueError, IndexError, RuntimeError)
 
 
-def same_outcome(fn_cpp, fn_py):
-    """Runs both; they must raise the same exception type, or return values that `same` maps onto each other."""
-    try:
-        expected = fn_py()
-    except (ValueError, IndexError, RuntimeError) as e:
-        with pytest.raises(type(e)):
-            fn_cpp()
-        return None, None
-    return fn_cpp(), expected
+class Twins:
+    """The C++ tree and allocator next to their brute-force twins, plus a sequence layer using both.
 
+    Every method does the same thing to both sides and asserts the same result or the same exception type.
+    """
 
-class RadixMachine(RuleBasedStateMachine):
-    @initialize(block_size=st.sampled_from([1, 2, 3]))
-    def setup(self, block_size):
+    def __init__(self, block_size):
         self.bs = block_size
-        self.cpp_alloc = BlockAllocator(NUM_BLOCKS)
-        self.py_alloc = PyBlockAllocator(NUM_BLOCKS)
-        self.cpp = RadixTree(self.cpp_alloc, block_size)
-        self.py = PyRadixTree(self.py_alloc, block_size)
+        self.cpp_alloc, self.py_alloc = BlockAllocator(NUM_BLOCKS), PyBlockAllocator(NUM_BLOCKS)
+        self.cpp, self.py = RadixTree(self.cpp_alloc, block_size), PyRadixTree(self.py_alloc, block_size)
         self.handles = [(0, PyRadixTree.ROOT)]  # (cpp handle, py handle) of every node handed out
         self.cpp_to_py, self.py_to_cpp = {}, {}
         self.locks = []  # handle pairs locked by free-standing lock() calls
         self.sequences = []  # [tokens, blocks (one reference each), handle pair locked for the sequence or None]
+        self.seen = [[]]  # token lists used so far: new ones often extend a cut of an old one
+        self.steps = 0
+
+    def both(self, cpp_call, py_call):
+        try:
+            expected = py_call()
+        except ERRORS as e:
+            with pytest.raises(type(e)):
+                cpp_call()
+            return None, None
+        return cpp_call(), expected
 
     def remember(self, cpp_handle, py_handle):
         """Handles must correspond one to one over the whole run (stale ones are never reissued)."""
@@ -53,13 +60,40 @@ class RadixMachine(RuleBasedStateMachine):
         assert cpp_blocks == py_blocks
         return cpp_blocks, self.remember(cpp_node, py_node)
 
+    def insert(self, tokens, blocks):
+        got, expected = self.both(lambda: self.cpp.insert(tokens, blocks), lambda: self.py.insert(tokens, blocks))
+        if expected is not None:
+            self.remember(got, expected)
+
     def evict(self, n):
-        got, expected = same_outcome(lambda: self.cpp.evict(n), lambda: self.py.evict(n))
+        got, expected = self.both(lambda: self.cpp.evict(n), lambda: self.py.evict(n))
         assert got == expected
 
-    # ---- the sequence layer: match, take references, allocate the rest, later insert and release ----------
+    def lock(self, pair):
+        got, expected = self.both(lambda: self.cpp.lock(pair[0]), lambda: self.py.lock(pair[1]) or "locked")
+        if expected:
+            self.locks.append(pair)
 
-    @rule(tokens=token_lists, lock=st.booleans())
+    def unlock(self, pair):
+        self.cpp.unlock(pair[0])
+        self.py.unlock(pair[1])
+
+    def unlock_any(self, pair):
+        _, expected = self.both(lambda: self.cpp.unlock(pair[0]), lambda: self.py.unlock(pair[1]) or "unlocked")
+        if not expected:
+            return
+        if pair in self.locks:
+            self.locks.remove(pair)
+        else:  # it was a sequence's lock: the sequence must not unlock it again
+            next(s for s in self.sequences if s[2] == pair)[2] = None
+
+    def reset(self, unlock_first):
+        while unlock_first and self.locks:
+            self.unlock(self.locks.pop())
+        self.both(self.cpp.reset, self.py.reset)
+
+    # ---- the sequence layer: match, take references, allocate the rest; later insert and release ---------
+
     def start_sequence(self, tokens, lock):
         blocks, handle = self.match(tokens)
         self.cpp_alloc.retain_many(blocks)
@@ -74,95 +108,22 @@ class RadixMachine(RuleBasedStateMachine):
             assert need > self.cpp_alloc.num_free
             assert self.cpp_alloc.release_many(blocks) == self.py_alloc.release_many(blocks)
             if lock:
-                self.cpp.unlock(handle[0])
-                self.py.unlock(handle[1])
+                self.unlock(handle)
             return
         fresh = self.cpp_alloc.allocate(need)
         assert fresh == self.py_alloc.allocate(need)
         self.sequences.append([tokens, blocks + fresh, handle if lock else None])
 
-    @precondition(lambda self: self.sequences)
-    @rule(data=st.data(), insert=st.booleans())
-    def finish_sequence(self, data, insert):
-        tokens, blocks, lock = self.sequences.pop(data.draw(st.integers(0, len(self.sequences) - 1)))
-        if insert:
-            full = blocks[: len(tokens) // self.bs]  # fails only if insert_arbitrary stole one of them
-            got, expected = same_outcome(lambda: self.cpp.insert(tokens, full), lambda: self.py.insert(tokens, full))
-            if expected is not None:
-                self.remember(got, expected)
+    def finish_sequence(self, index, insert):
+        tokens, blocks, lock = self.sequences.pop(index)
+        if insert:  # fails only if insert_arbitrary took one of its blocks
+            self.insert(tokens, blocks[: len(tokens) // self.bs])
         if lock is not None:
-            self.cpp.unlock(lock[0])
-            self.py.unlock(lock[1])
+            self.unlock(lock)
         assert self.cpp_alloc.release_many(blocks) == self.py_alloc.release_many(blocks)
 
-    # ---- direct tree operations, valid or not -----------------------------------------------------------
-
-    @rule(tokens=token_lists)
-    def match_only(self, tokens):
-        self.match(tokens)
-
-    @rule(data=st.data())
-    def lock(self, data):
-        pair = data.draw(st.sampled_from(self.handles))
-        try:
-            self.py.lock(pair[1])
-        except ValueError:
-            with pytest.raises(ValueError):
-                self.cpp.lock(pair[0])
-            return
-        self.cpp.lock(pair[0])
-        self.locks.append(pair)
-
-    @precondition(lambda self: self.locks)
-    @rule(data=st.data())
-    def unlock_held(self, data):
-        pair = self.locks.pop(data.draw(st.integers(0, len(self.locks) - 1)))
-        self.cpp.unlock(pair[0])
-        self.py.unlock(pair[1])
-
-    @rule(data=st.data())
-    def unlock_any(self, data):
-        pair = data.draw(st.sampled_from(self.handles))
-        try:
-            self.py.unlock(pair[1])
-        except (ValueError, RuntimeError) as e:
-            with pytest.raises(type(e)):
-                self.cpp.unlock(pair[0])
-            return
-        self.cpp.unlock(pair[0])
-        if pair in self.locks:
-            self.locks.remove(pair)
-        else:  # a sequence's lock: the sequence must not unlock it again
-            seq = next(s for s in self.sequences if s[2] == pair)
-            seq[2] = None
-
-    @rule(n=st.integers(-1, 8))
-    def evict_some(self, n):
-        self.evict(n)
-
-    @rule()
-    def reset(self):
-        same_outcome(self.cpp.reset, self.py.reset)
-
-    @rule(tokens=token_lists, blocks=st.lists(st.integers(-1, NUM_BLOCKS), max_size=5))
-    def insert_arbitrary(self, tokens, blocks):
-        got, expected = same_outcome(lambda: self.cpp.insert(tokens, blocks), lambda: self.py.insert(tokens, blocks))
-        if expected is not None:
-            self.remember(got, expected)
-
-    @rule()
-    def unlock_all_then_reset(self):
-        while self.locks:
-            self.unlock_held_pair(self.locks.pop())
-        same_outcome(self.cpp.reset, self.py.reset)
-
-    def unlock_held_pair(self, pair):
-        self.cpp.unlock(pair[0])
-        self.py.unlock(pair[1])
-
-    @invariant()
-    def same_state(self):
-        STEPS[0] += 1
+    def check(self):
+        self.steps += 1
         self.cpp_alloc.check_integrity()
         self.cpp.check_integrity()
         assert self.cpp.num_cached_blocks == self.py.num_cached_blocks
@@ -171,23 +132,133 @@ class RadixMachine(RuleBasedStateMachine):
         assert all(self.py_alloc.refs[c.block] >= 1 for c in self.py.cache.values())
 
     def teardown(self):
-        if not hasattr(self, "cpp"):
-            return
         for pair in self.locks + [s[2] for s in self.sequences if s[2] is not None]:
-            self.unlock_held_pair(pair)
+            self.unlock(pair)
         for _, blocks, _ in self.sequences:
             assert self.cpp_alloc.release_many(blocks) == self.py_alloc.release_many(blocks)
         self.cpp.reset()
         self.py.reset()
-        self.cpp.check_integrity()
-        self.cpp_alloc.check_integrity()
+        self.check()
         assert self.cpp_alloc.num_free == self.py_alloc.num_free == NUM_BLOCKS
+
+
+# ---- driver 1: hypothesis state machine -----------------------------------------------------------------
+
+token_lists = st.lists(st.integers(0, ALPHABET - 1), max_size=12)
+
+
+class RadixMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.sampled_from([1, 2, 3]))
+    def setup(self, block_size):
+        self.twins = Twins(block_size)
+
+    def draw_tokens(self, data):
+        """Random tokens, or a random cut of earlier tokens plus a random tail, so matches end inside nodes."""
+        tokens = data.draw(token_lists)
+        if data.draw(st.booleans()):
+            old = data.draw(st.sampled_from(self.twins.seen))
+            tokens = old[: data.draw(st.integers(0, len(old)))] + tokens[: data.draw(st.integers(0, 4))]
+        self.twins.seen.append(tokens)
+        return tokens
+
+    @rule(data=st.data(), lock=st.booleans())
+    def start_sequence(self, data, lock):
+        self.twins.start_sequence(self.draw_tokens(data), lock)
+
+    @precondition(lambda self: self.twins.sequences)
+    @rule(data=st.data(), insert=st.booleans())
+    def finish_sequence(self, data, insert):
+        self.twins.finish_sequence(data.draw(st.integers(0, len(self.twins.sequences) - 1)), insert)
+
+    @rule(data=st.data())
+    def match(self, data):
+        self.twins.match(self.draw_tokens(data))
+
+    @rule(data=st.data(), blocks=st.lists(st.integers(-1, NUM_BLOCKS), max_size=5))
+    def insert_arbitrary(self, data, blocks):
+        self.twins.insert(self.draw_tokens(data), blocks)
+
+    @rule(data=st.data())
+    def lock(self, data):
+        self.twins.lock(data.draw(st.sampled_from(self.twins.handles)))
+
+    @precondition(lambda self: self.twins.locks)
+    @rule(data=st.data())
+    def unlock_held(self, data):
+        self.twins.unlock(self.twins.locks.pop(data.draw(st.integers(0, len(self.twins.locks) - 1))))
+
+    @rule(data=st.data())
+    def unlock_any(self, data):
+        self.twins.unlock_any(data.draw(st.sampled_from(self.twins.handles)))
+
+    @rule(n=st.integers(-1, 4))
+    def evict(self, n):
+        self.twins.evict(n)
+
+    @rule(dice=st.integers(0, 9), unlock_first=st.booleans())
+    def reset_rarely(self, dice, unlock_first):
+        if dice == 9:  # rare, so that trees grow between resets
+            self.twins.reset(unlock_first)
+
+    @invariant()
+    def same_state(self):
+        self.twins.check()
+
+    def teardown(self):
+        if hasattr(self, "twins"):
+            self.twins.teardown()
 
 
 RadixMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestRadixTreeMatchesBruteForce = RadixMachine.TestCase
+
+
+# ---- driver 2: long seeded random walks ----------------------------------------------------------------
+
+
+def random_tokens(rng, twins):
+    tail = [rng.randrange(ALPHABET) for _ in range(rng.randrange(9))]
+    if rng.random() < 0.2:
+        return tail
+    old = rng.choice(twins.seen)
+    return old[: rng.randint(0, len(old))] + tail[: rng.randrange(5)]
+
+
+def random_step(rng, twins):
+    op = rng.choices(["start", "finish", "match", "lock", "unlock", "unlock_any", "evict", "insert", "reset"],
+                     weights=[30, 25, 15, 6, 5, 2, 5, 2, 1])[0]
+    if op == "start":
+        tokens = random_tokens(rng, twins)
+        twins.seen.append(tokens)
+        twins.start_sequence(tokens, lock=rng.random() < 0.5)
+    elif op == "finish" and twins.sequences:
+        twins.finish_sequence(rng.randrange(len(twins.sequences)), insert=rng.random() < 0.9)
+    elif op == "match":
+        twins.match(random_tokens(rng, twins))
+    elif op == "lock":
+        twins.lock(rng.choice(twins.handles[-20:]))
+    elif op == "unlock" and twins.locks:
+        twins.unlock(twins.locks.pop(rng.randrange(len(twins.locks))))
+    elif op == "unlock_any":
+        twins.unlock_any(rng.choice(twins.handles))
+    elif op == "evict":
+        twins.evict(rng.randint(-1, 6))
+    elif op == "insert":
+        twins.insert(random_tokens(rng, twins), [rng.randint(-1, NUM_BLOCKS) for _ in range(rng.randrange(4))])
+    elif op == "reset":
+        twins.reset(unlock_first=rng.random() < 0.7)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_long_random_walks_match_brute_force(block_size):
+    for seed in range(3):
+        rng, twins = random.Random(seed), Twins(block_size)
+        for _ in range(2000):
+            random_step(rng, twins)
+            twins.check()
+        twins.teardown()
 
 
 # ---- explicit behaviour ------------------------------------------------------------------------------------
@@ -323,9 +394,3 @@ def test_tree_keeps_its_allocator_alive_and_releases_on_destruction():
     del tree
     gc.collect()
     assert alloc.num_free == 4
-
-
-def test_random_runs_reach_ten_thousand_steps():
-    if STEPS[0] == 0 or EXAMPLES < 250:
-        pytest.skip("counts steps only after a full run of TestRadixTreeMatchesBruteForce")
-    assert STEPS[0] >= 10_000, STEPS[0]
