@@ -143,6 +143,15 @@ def test_pruned_path_equals_dense_path(monkeypatch):
         assert torch.equal(pruned[1], dense[1]) and torch.equal(pruned[0], dense[0])
 
 
+def test_first_argmax_picks_first_of_ties():
+    from kernels.sampling_torch import _first_argmax
+    scores = torch.randint(0, 4, (50, 256)).float()  # many ties
+    scores[7] = float("-inf")
+    best, index = _first_argmax(scores)
+    assert torch.equal(index, torch.from_numpy(scores.numpy().argmax(1)))
+    assert torch.equal(best, scores.amax(1))
+
+
 def sample_frequencies(row, draws, **kwargs):
     logits = row.expand(draws, -1).contiguous()
     tokens, _, _ = kernels.entropy_sample(logits, seq_ids=torch.arange(draws), **kwargs)
