@@ -34,8 +34,8 @@ class DataConfig:
     eval_split: str = "test"
     problem_field: str = "problem"
     answer_field: str = "answer"  # optional in the data: ground truth is only logged
-    train_size: int = 256  # problems generated (arithmetic) or kept (files; 0 = all)
-    eval_size: int = 64
+    train_size: int = 64  # problems generated (arithmetic) or kept (files; 0 = all)
+    eval_size: int = 32
     difficulty: int = 1  # arithmetic task level, 1..3
     prompt: str = "fewshot"  # fewshot | plain | chat
     seed: int = 0
@@ -47,7 +47,7 @@ class RolloutConfig:
     n_train: int = 8  # responses per prompt used for the update (vote-then-sample)
     temperature: float = 0.6
     top_p: float = 1.0
-    max_tokens: int = 64
+    max_tokens: int = 48
     trees: int = 3  # ETMR: M (3 trees x (1 + 2 x 2) = 15 leaves, ~0.56x the tokens of 16 parallel)
     forks: int = 2  # ETMR: N
     branches: int = 2  # ETMR: B
@@ -94,7 +94,7 @@ class EvalConfig:
     k: int = 16
     temperature: float = 0.6
     top_p: float = 0.95
-    max_tokens: int = 64
+    max_tokens: int = 48
     greedy: bool = True
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,8 +54,11 @@ class Trainer:
             size=d.eval_size, difficulty=d.difficulty, seed=d.seed, key="data.eval")
         self.model_dir = resolve_model(cfg.model.name)
         self.device = resolve_device(cfg.device)
-        self.model, self.tokenizer = load_policy(self.model_dir, cfg.model.dtype, "cpu" if cfg.trainer.backend == "deepspeed" and self.device == "cpu" else self.device,
+        self.model, self.tokenizer = load_policy(self.model_dir, cfg.model.dtype, self.device,
                                                  cfg.model.gradient_checkpointing)
+        ckpt = self._latest_checkpoint() if resume else None
+        if ckpt is not None:  # weights go in before the backend wraps (and under ZeRO-3 partitions) the model
+            self._load_weights(ckpt)
         self.ref_model = None
         if cfg.trainer.kl_coef > 0:
             self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
@@ -68,15 +72,15 @@ class Trainer:
         self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
-        if resume:
-            self._restore()
+        if ckpt is not None:
+            self._restore(ckpt)
         self.llm = self._make_engine()
 
     # -- setup ---------------------------------------------------------------------------------------------
 
     def _micro_batches_per_rank(self) -> int:
         t = self.cfg.trainer
-        world = int(__import__("os").environ.get("WORLD_SIZE", "1")) if t.backend == "deepspeed" else 1
+        world = int(os.environ.get("WORLD_SIZE", "1")) if t.backend == "deepspeed" else 1
         seqs = t.prompts_per_step * self.cfg.rollout.n_train // world
         return max(1, math.ceil(seqs / t.micro_batch_size))
 
@@ -88,25 +92,31 @@ class Trainer:
             llm.update_weights(self.backend.full_state_dict().items())
         return llm
 
-    def _restore(self) -> None:
+    def _latest_checkpoint(self) -> Path:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no finished checkpoint under {self.run_dir / 'checkpoints'}")
+        return ckpt
+
+    def _load_weights(self, ckpt: Path) -> None:
         from safetensors.torch import load_file
 
-        state = load_training_state(ckpt, self.rank)
         weights = {}
         for f in sorted(ckpt.glob("*.safetensors")):
             weights.update(load_file(f))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
             raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+
+    def _restore(self, ckpt: Path) -> None:
+        state = load_training_state(ckpt, self.rank)
         self.backend.load_state_dict(state["backend"])
         set_rng_state(state["rng"])
         loop = state["loop"]
         self.step, self.rollout_tokens, self.wall_s = loop["step"], loop["rollout_tokens"], loop["wall_s"]
         self.eval_before = loop.get("eval_before")
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        if self.rank == 0:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
 
     # -- the loop --------------------------------------------------------------------------------------------
