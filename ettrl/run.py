@@ -5,7 +5,7 @@
     python -m ettrl.run --resume runs/default-20260101-120000
 
 Writes RUN_DIR/{config.yaml, metrics.jsonl, curves.png, summary.json, checkpoints/}.
-Multi-GPU: `deepspeed --num_gpus 8 -m ettrl.run ... trainer.backend=deepspeed` (or torchrun).
+Multi-GPU: `deepspeed --num_gpus 8 --module ettrl.run ... trainer.backend=deepspeed` or `torchrun --nproc_per_node 8 -m ettrl.run ...`.
 """
 from __future__ import annotations
 

@@ -194,7 +194,8 @@ class Trainer:
             self.wall_s = wall0 + time.perf_counter() - start
             self._write({"type": "train", **record, "wall_s": self.wall_s})
             bar.update(1)
-            bar.write(self._line(record))
+            if self.rank == 0:
+                bar.write(self._line(record))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.run_eval(f"step {self.step}")
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:

@@ -40,6 +40,8 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * weight
     grad_norm, lr = backend.step()
+    keys = sorted(totals)  # each rank's metrics are already weighted by its share of the whole step
+    totals = dict(zip(keys, backend.all_reduce_sum([totals[k] for k in keys])))
     return {**totals, "grad_norm": grad_norm, "lr": lr}
 
 
@@ -59,7 +61,7 @@ def _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_to
                               ref_logp=None if ref is None else split(ref), kl_coef=tcfg.kl_coef,
                               entropies=split(entropy.float()))
     share = sum(lengths) / n_tokens if tcfg.loss_agg == "token-mean" else len(chunk) / n_seqs
-    metrics = {"loss": loss.item(), **{k: v for k, v in metrics.items() if k != "ratio_max"}}
+    metrics = {"loss": loss.item(), **{k: v for k, v in metrics.items() if k not in ("ratio_max", "entropy")}}
     return loss, metrics, share
 
 
