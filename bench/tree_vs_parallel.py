@@ -67,6 +67,13 @@ def distinct_answers(answers: list[str | None]) -> int:
     return len({c for c in vote.class_ids if c >= 0})
 
 
+def mean_fork_depth(trees) -> float:
+    """Mean fork position as a fraction of its root's length; the paper's theory assumes 0.5 (uniform forks)."""
+    depths = [t / len(leaf.token_ids) for tree in trees for leaf in tree.leaves if leaf.fork_position is None
+              for t in tree.fork_positions[leaf.root]]
+    return statistics.mean(depths) if depths else float("nan")
+
+
 def run_once(llm, prompts, tp: TreeParams, sp: SamplingParams) -> dict:
     n = tp.num_leaves
     trees, tree_s, tree_prefill, tree_steps = timed(llm, lambda: llm.sample_tree(prompts, tp, sp))
@@ -81,6 +88,7 @@ def run_once(llm, prompts, tp: TreeParams, sp: SamplingParams) -> dict:
     return {
         "token_ratio": tree_tokens / par_tokens,
         "leaf_token_ratio": sum(t.stats.decoded_tokens for t in trees) / sum(t.stats.parallel_equivalent_tokens for t in trees),
+        "fork_depth": mean_fork_depth(trees),
         "wall_ratio": tree_s / par_s,
         "step_ratio": tree_steps / par_steps,
         "tree_leaves_per_s": tree_leaves / tree_s,
@@ -126,12 +134,12 @@ def main():
 def print_table(rows, args):
     print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts, T={args.temperature}, max {args.max_tokens} tokens, "
           f"batch {args.max_num_seqs}, median of {args.repeats}")
-    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | "
+    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | "
           "wall tree/parallel | steps tree/parallel | leaves/s tree | leaves/s parallel | distinct answers tree / parallel | majority agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['M']} | {r['N']} | {r['B']} | {r['leaves']} | {r['theory']:.3f} | {r['token_ratio']:.3f} | "
-              f"{r['leaf_token_ratio']:.3f} | {r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
+              f"{r['leaf_token_ratio']:.3f} | {r['fork_depth']:.2f} | {r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
               f"{r['parallel_leaves_per_s']:.2f} | {r['tree_distinct']:.1f} / {r['parallel_distinct']:.1f} | "
               f"{r['majority_agreement']:.2f} |")
 
