@@ -3,8 +3,8 @@
 Noise is a pure function of four keys, never of batch composition or row order, so a sequence samples the
 same token whatever batch it decodes in:
 
-    key(seed, seq_id, position) = mix32(mix32(mix32(mix32(seed_lo ^ C) ^ seed_hi) ^ seq_lo ^ seq_hi*C2)
-                                        ^ position)                       (per row, int64 host math)
+    key(seed, seq_id, position) = mix32(mix32(mix32(mix32(seed_lo ^ SALT) ^ seed_hi) ^ seq_lo ^ seq_hi * SALT)
+                                        ^ position_lo)                    (per row, mod 2**32, on the host)
     bits(key, token)           = mix32(key ^ token)                       (per element, uint32 wrap-around)
     u                          = ((bits >> 8) | 1) * 2**-24               (odd multiple of 2**-24: exact, in (0, 1))
     g                          = -log(-log(u))                            (standard Gumbel)
@@ -12,8 +12,9 @@ same token whatever batch it decodes in:
 mix32 is Chris Wellons' "lowbias32" integer finaliser (a bijection on uint32 with low bias). The torch
 version works on int32 with two's-complement wrap-around and masks after arithmetic right shifts, so its
 bits equal the uint32 arithmetic of the Triton version exactly; `u` is then exact in fp32 on both sides.
-The sampler returns argmax over allowed tokens of logits / T + g (Gumbel-max), which draws from
-softmax(logits / T) renormalised over the allowed set.
+The sampler returns the first argmax over allowed tokens of x - log(-log(u)) with x = logits.float() * (1 / T),
+the same fp32 operations on both backends (Gumbel-max: a draw from softmax(x) renormalised over the allowed
+set). The backends can disagree only when two scores tie within the last-bit differences of their `log`s.
 """
 import math
 
