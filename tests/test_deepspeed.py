@@ -75,3 +75,30 @@ def test_zero_matches_plain_torch(tmp_path, stage):
         moved = max(moved, (p.detach() - load_policy(model_dir)[0].state_dict()[name]).abs().max().item())
     assert moved > 1e-4, "the update must move the weights for the comparison to mean anything"
     assert abs(ds["metrics"]["grad_norm"] - metrics["grad_norm"]) < 1e-3 * metrics["grad_norm"]
+
+
+def test_torchrun_launches_two_gloo_trainers(tmp_path):
+    """The real command under the standard launcher: two CPU ranks, each with its own engine, ZeRO-2 over gloo."""
+    import json
+    import subprocess
+
+    import yaml
+
+    make_tiny_model(tmp_path / "model", tied=False, favour="0123456789", strength=6.0)
+    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = {"name": "tiny", "save_every": 2, "model": {"name": str(tmp_path / "model")},
+              "data": {"train": str(tmp_path / "p.jsonl"), "eval": "", "prompt": "plain"},
+              "rollout": {"n_votes": 6, "n_train": 4, "max_tokens": 16, "temperature": 1.0, "last_number_fallback": True},
+              "trainer": {"backend": "deepspeed", "zero_stage": 2, "prompts_per_step": 2, "micro_batch_size": 2,
+                          "max_steps": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ettrl.run", "--config", str(tmp_path / "c.yaml"),
+           "--run-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2]  # one record per step, from rank 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "rank1.pt").exists()
+    assert out.stdout.count("step    1/2") == 1
