@@ -351,13 +351,41 @@ void RadixTree::check_integrity() const {
 
 namespace py = pybind11;
 
+namespace {
+// Token lists are long: read them straight from the list's items, ~10x faster than pybind's generic caster.
+std::vector<int64_t> int_list(py::handle obj, const char* name) {
+  const std::string message = std::string(name) + " must be a list of ints";
+  PyObject* seq = PySequence_Fast(obj.ptr(), message.c_str());
+  if (seq == nullptr) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<int64_t> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(items[i]);
+    if (out[i] == -1 && PyErr_Occurred()) {
+      Py_DECREF(seq);
+      throw py::error_already_set();
+    }
+  }
+  Py_DECREF(seq);
+  return out;
+}
+}  // namespace
+
 void bind_radix_tree(py::module_& m) {
   using ettrl::BlockAllocator;
   using ettrl::RadixTree;
   py::class_<RadixTree>(m, "RadixTree")
       .def(py::init<BlockAllocator&, int64_t>(), py::arg("allocator"), py::arg("block_size"), py::keep_alive<1, 2>())
-      .def("match_prefix", &RadixTree::match_prefix, py::arg("tokens"))
-      .def("insert", &RadixTree::insert, py::arg("tokens"), py::arg("blocks"))
+      .def(
+          "match_prefix", [](RadixTree& t, py::handle tokens) { return t.match_prefix(int_list(tokens, "tokens")); },
+          py::arg("tokens"))
+      .def(
+          "insert",
+          [](RadixTree& t, py::handle tokens, py::handle blocks) {
+            return t.insert(int_list(tokens, "tokens"), int_list(blocks, "blocks"));
+          },
+          py::arg("tokens"), py::arg("blocks"))
       .def("lock", &RadixTree::lock, py::arg("node"))
       .def("unlock", &RadixTree::unlock, py::arg("node"))
       .def("evict", &RadixTree::evict, py::arg("num_blocks"))
