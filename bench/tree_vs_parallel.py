@@ -35,6 +35,8 @@ def parse_args():
     p.add_argument("--trees", type=int, default=12)
     p.add_argument("--configs", default="2x2,3x2", help="comma-separated NxB fork/branch settings")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--metric", default="entropy", choices=["entropy", "surprisal"])
+    p.add_argument("--distinct", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="engine decode batch; keep it <= prompts * trees so both runs keep the batch full")
     p.add_argument("--temperature", type=float, default=0.6)
@@ -115,7 +117,7 @@ def main():
     llm.generate(prompts, SamplingParams(max_tokens=1))  # warm-up: every timed run finds the prompts cached
     rows = []
     for forks, branches in args.configs:
-        tp = TreeParams(trees=args.trees, forks=forks, branches=branches)
+        tp = TreeParams(trees=args.trees, forks=forks, branches=branches, metric=args.metric, distinct=args.distinct)
         runs = []
         for rep in range(args.repeats):
             sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=stop_strings("fewshot"),
@@ -133,7 +135,8 @@ def main():
 
 def print_table(rows, args):
     print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts, T={args.temperature}, max {args.max_tokens} tokens, "
-          f"batch {args.max_num_seqs}, median of {args.repeats}")
+          f"batch {args.max_num_seqs}, fork metric {args.metric}{' distinct' if args.distinct else ''}, "
+          f"median of {args.repeats}")
     print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | "
           "wall tree/parallel | steps tree/parallel | leaves/s tree | leaves/s parallel | distinct answers tree / parallel | majority agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
