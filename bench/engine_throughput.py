@@ -10,11 +10,14 @@ Both run in this one process, one after the other, so the ratio is fair even on 
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py
+from engine import LLM, SamplingParams  # noqa: E402
 
 PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May? Put the answer in \\boxed{}.")
@@ -80,11 +83,11 @@ def main():
         time_engine(llm, ids, 4, 8, seed=0)  # warm-up
         for batch in args.batches:
             eng = statistics.median(time_engine(llm, ids, batch, args.new_tokens, r) for r in range(args.repeats))
+            print(f"{dtype} batch {batch}: engine {eng:.0f} tok/s", flush=True)
             ref = None if hf is None else statistics.median(
                 time_transformers(hf, ids, batch, args.new_tokens, r) for r in range(args.repeats))
             rows.append((dtype, batch, ref, eng, floor))
-            print(f"{dtype} batch {batch}: engine {eng:.0f} tok/s, transformers {ref or float('nan'):.0f} tok/s",
-                  flush=True)
+            print(f"{dtype} batch {batch}: transformers {ref or float('nan'):.0f} tok/s", flush=True)
         del llm, hf
     print(f"\nprompt {len(ids)} tokens, {args.new_tokens} new tokens per sample, T=0.6, median of {args.repeats}, "
           f"{torch.get_num_threads()} threads\n")

@@ -7,7 +7,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -72,11 +72,17 @@ class LLM:
         for prompt, p in zip(prompts, params):
             ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             requests.append((prompt if isinstance(prompt, str) else None, ids, self.engine.make_sequences(ids, p)))
-        for _, _, seqs in requests:
-            self.engine.add_sequence(seqs[0])
-        while self.engine.has_unfinished():
-            for seq in self.engine.step():
-                self.engine.free(seq)
+        try:
+            for _, _, seqs in requests:
+                self.engine.add_sequence(seqs[0])
+            while self.engine.has_unfinished():
+                for seq in self.engine.step():
+                    self.engine.free(seq)
+        finally:  # after an error (or KeyboardInterrupt) leave no live sequence behind
+            for _, _, seqs in requests:
+                for seq in seqs:
+                    if seq.block_table or seq.status != SequenceStatus.FINISHED:
+                        self.engine.free(seq)
         return [self._request_output(text, ids, seqs) for text, ids, seqs in requests]
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -55,6 +55,8 @@ class LLMEngine:
         self.scheduler.add_waiting(seq)
 
     def _check_fits(self, seq: Sequence):
+        if seq.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.runner.args.vocab_size
@@ -169,8 +171,6 @@ class LLMEngine:
         return seq.finish_reason is not None
 
     def _stop_string_hit(self, seq: Sequence) -> bool:
-        if self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model directory has none (use stop_token_ids)")
         longest = max(len(s) for s in seq.params.stop)
         window = seq.completion_token_ids[-(longest + STOP_WINDOW_TOKENS):]
         text = self.tokenizer.decode(window, skip_special_tokens=True)

@@ -97,6 +97,9 @@ def test_bad_inputs_get_clear_errors(llm, tmp_path):
     bare = LLM(no_tokenizer, dtype="float32", num_kv_blocks=64)
     with pytest.raises(ValueError, match="tokenizer"):
         bare.generate(["hello"], GREEDY)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        bare.generate([[1, 2, 3]], SamplingParams(max_tokens=3, stop=["x"]))
+    assert not bare.engine.has_unfinished() and not bare.engine.live_sequences()
     out = bare.generate([[1, 2, 3]], SamplingParams(max_tokens=3, seed=0))[0]
     assert out.outputs[0].text is None and len(out.outputs[0].token_ids) == 3
 
