@@ -24,9 +24,8 @@ MIX_MUL1 = 0x7FEB352D
 MIX_MUL2 = 0x846CA68B
 KEY_SALT = 0x9E3779B9
 U_SCALE = 2.0 ** -24
-# u lies in [2**-24, 1 - 2**-24], so the noise is bounded (the torch path prunes tokens that cannot win).
+# u <= 1 - 2**-24 bounds the noise from above (the torch path prunes tokens that cannot win).
 GUMBEL_MAX = -math.log(-math.log1p(-U_SCALE))
-GUMBEL_MIN = -math.log(-math.log(U_SCALE))
 
 _MASK32 = 0xFFFFFFFF
 

@@ -7,12 +7,12 @@ blocks that can still win (exact; see `_pruned_winners`), or for every token whe
 """
 import torch
 
-from kernels.noise import GUMBEL_MAX, GUMBEL_MIN, U_SCALE, mix32_, uniform_bits_
+from kernels.noise import GUMBEL_MAX, U_SCALE, mix32_, uniform_bits_
 from kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
 
 CHUNK_ELEMENTS = 1 << 20
 PRUNE_BLOCK = 32
-PRUNE_MAX_FRACTION = 4  # use the pruned path while at most 1/4 of the blocks can win
+PRUNE_MAX_FRACTION = 2  # use the pruned path while at most half of the blocks can win
 _workspaces: dict = {}
 
 
@@ -75,15 +75,20 @@ def _first_argmax(scores: torch.Tensor):
     return best, block * PRUNE_BLOCK + offset
 
 
-def _pruned_winners(x, chunk, keys, greedy, threshold, max_allowed):
+def _pruned_winners(x, chunk, keys, greedy, threshold):
     """Exact Gumbel-max that draws noise only for blocks of PRUNE_BLOCK tokens that can still win.
 
-    Noise lies in [GUMBEL_MIN, GUMBEL_MAX], so the best allowed token scores at least max_allowed + GUMBEL_MIN
-    and a token with x < max_allowed - (GUMBEL_MAX - GUMBEL_MIN) never wins (a margin covers rounding). Real
-    LM logits leave few such blocks; returns None when too many survive (e.g. flat random logits).
+    The best allowed score is at least the score of the largest x (always allowed: excluded tokens are -inf
+    in x and truncation keeps the top), and noise never exceeds GUMBEL_MAX, so a token with
+    x < that score - GUMBEL_MAX never wins (a margin covers rounding). Language-model logits at the usual
+    temperatures leave few such blocks; returns None when too many survive (flat logits).
     """
     n, vocab = x.shape
-    cut = max_allowed - (GUMBEL_MAX - GUMBEL_MIN) - (1e-3 + max_allowed.abs() * 2.0 ** -20)
+    top_x, top_token = _first_argmax(x)
+    top_bits = torch.bitwise_xor(top_token.to(torch.int32), keys)
+    floor = top_x - _log_exponential_(top_bits, torch.empty_like(top_bits), torch.empty_like(top_x))
+    floor = torch.where(greedy, top_x, floor)
+    cut = floor - GUMBEL_MAX - (1e-3 + floor.abs() * 2.0 ** -20)
     blocks = x.view(n, vocab // PRUNE_BLOCK, PRUNE_BLOCK)
     hit = torch.nonzero(blocks.amax(dim=2) >= cut[:, None])
     if hit.shape[0] * PRUNE_MAX_FRACTION > blocks.shape[0] * blocks.shape[1]:
@@ -123,17 +128,14 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
         threshold = None
         if params.truncated:
             threshold = truncation_thresholds(chunk, lse, _slice_params(params, rows))
-        max_allowed = max_x
         if params.any_exclude:  # the excluded token's score becomes -inf; x stays valid for every other token
             excluded = params.exclude[rows]
             hit = torch.nonzero(excluded >= 0).flatten()
             x[hit, excluded[hit]] = float("-inf")
-            max_allowed = max_x.clone()
-            max_allowed[hit] = x[hit].amax(dim=1)
         keys, greedy = params.keys[rows], params.greedy[rows]
         winners = None
         if vocab % PRUNE_BLOCK == 0:
-            winners = _pruned_winners(x, chunk, keys, greedy, threshold, max_allowed)
+            winners = _pruned_winners(x, chunk, keys, greedy, threshold)
         if winners is None:
             winners = _dense_winners(x, chunk, keys, greedy, threshold, ws)
         best, chunk_tokens = winners
