@@ -6,6 +6,9 @@
 // Eviction drops the last block of the least-recently-used unlocked leaf, one block at a time, which is
 // exactly LRU over cached block prefixes. Handles are slot | generation << 32; a node whose key changes end
 // (truncated by eviction) or that dies gets a new generation, so old handles are rejected.
+//
+// Cost: match/insert O(tokens + depth) with one hash lookup per node; lock/unlock O(depth + log L);
+// evict O(k log L) for k blocks, L evictable leaves (an ordered set keyed by last access); reset O(blocks).
 #pragma once
 #include <cstdint>
 #include <set>
@@ -21,7 +24,6 @@ class RadixTree {
  public:
   using Tokens = std::vector<int64_t>;
   using Blocks = std::vector<int64_t>;
-  static constexpr int64_t kRootHandle = 0;
 
   RadixTree(BlockAllocator& allocator, int64_t block_size);
   ~RadixTree();  // releases the tree's references
