@@ -57,7 +57,3 @@ def response_stats(model, batch: dict, temperature: float = 1.0) -> tuple[torch.
     logits = model.get_output_embeddings()(hidden[batch["rows"], batch["cols"]])
     return token_stats(logits, batch["targets"], temperature=temperature)
 
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """Parameters under their Hugging Face names (what `engine.LLM.update_weights` takes)."""
-    return {name: p.detach() for name, p in model.named_parameters()}
