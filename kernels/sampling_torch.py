@@ -31,15 +31,25 @@ def _workspace(device, elements: int) -> dict:
     return _workspaces[key]
 
 
-def _entropy_stats(x: torch.Tensor, shifted: torch.Tensor, probs_unnorm: torch.Tensor):
-    """Row max, logsumexp and entropy of softmax(x) for a chunk x [R, V], using two same-shape buffers."""
-    max_x = x.amax(dim=1, keepdim=True)
-    torch.sub(x, max_x.clamp(min=-3e38, max=3e38), out=shifted).clamp_(min=-3e38)  # -inf -> finite: 0 * y = 0
+def _entropy_stats(x: torch.Tensor, max_x: torch.Tensor, shifted: torch.Tensor, probs_unnorm: torch.Tensor):
+    """Logsumexp and entropy of softmax(x) for a chunk x [R, V] with row max max_x, using two buffers."""
+    max_x = max_x[:, None].clamp(min=-3e38, max=3e38)
+    torch.sub(x, max_x, out=shifted)
     torch.exp(shifted, out=probs_unnorm)
     total = probs_unnorm.sum(dim=1, keepdim=True)
     weighted = shifted.mul_(probs_unnorm).sum(dim=1, keepdim=True)
+    nan_rows = weighted.isnan().flatten()
+    if bool(nan_rows.any()):  # 0 * -inf from -inf logits: redo those rows without them
+        y = x[nan_rows] - max_x[nan_rows]
+        weighted[nan_rows] = (y.exp() * y.clamp(min=-3e38)).sum(dim=1, keepdim=True)
     log_total = total.log()
-    return max_x.squeeze(1), (max_x + log_total).squeeze(1), (log_total - weighted / total).squeeze(1)
+    return (max_x + log_total).squeeze(1), (log_total - weighted / total).squeeze(1)
+
+
+def _block_max(x: torch.Tensor):
+    """Maxima of the PRUNE_BLOCK-wide blocks of each row [R, V / PRUNE_BLOCK], or None if V is not a multiple."""
+    n, vocab = x.shape
+    return None if vocab % PRUNE_BLOCK else x.view(n, vocab // PRUNE_BLOCK, PRUNE_BLOCK).amax(dim=2)
 
 
 def _log_exponential_(bits: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -63,19 +73,20 @@ def _dense_winners(x, chunk, keys, greedy, threshold, ws):
     return _first_argmax(scores)
 
 
-def _first_argmax(scores: torch.Tensor):
-    """(max, index of its first occurrence) per row; via 32-wide block maxima, which torch reduces much
-    faster than a full max-with-indices."""
+def _first_argmax(scores: torch.Tensor, block_max: torch.Tensor | None = None):
+    """(max, index of its first occurrence) per row; via block maxima, which torch reduces much faster than a
+    full max-with-indices."""
     n, vocab = scores.shape
-    if vocab % PRUNE_BLOCK:
+    block_max = _block_max(scores) if block_max is None else block_max
+    if block_max is None:
         return scores.max(dim=1)
+    best, block = block_max.max(dim=1)
     blocks = scores.view(n, vocab // PRUNE_BLOCK, PRUNE_BLOCK)
-    best, block = blocks.amax(dim=2).max(dim=1)
     offset = blocks[torch.arange(n, device=scores.device), block].max(dim=1).indices
     return best, block * PRUNE_BLOCK + offset
 
 
-def _pruned_winners(x, chunk, keys, greedy, threshold):
+def _pruned_winners(x, chunk, keys, greedy, threshold, block_max):
     """Exact Gumbel-max that draws noise only for blocks of PRUNE_BLOCK tokens that can still win.
 
     The best allowed score is at least the score of the largest x (always allowed: excluded tokens are -inf
@@ -84,13 +95,13 @@ def _pruned_winners(x, chunk, keys, greedy, threshold):
     temperatures leave few such blocks; returns None when too many survive (flat logits).
     """
     n, vocab = x.shape
-    top_x, top_token = _first_argmax(x)
+    top_x, top_token = _first_argmax(x, block_max)
     top_bits = torch.bitwise_xor(top_token.to(torch.int32), keys)
     floor = top_x - _log_exponential_(top_bits, torch.empty_like(top_bits), torch.empty_like(top_x))
     floor = torch.where(greedy, top_x, floor)
     cut = floor - GUMBEL_MAX - (1e-3 + floor.abs() * 2.0 ** -20)
     blocks = x.view(n, vocab // PRUNE_BLOCK, PRUNE_BLOCK)
-    hit = torch.nonzero(blocks.amax(dim=2) >= cut[:, None])
+    hit = torch.nonzero(block_max >= cut[:, None])
     if hit.shape[0] * PRUNE_MAX_FRACTION > blocks.shape[0] * blocks.shape[1]:
         return None
     rows, block = hit[:, 0], hit[:, 1]
@@ -122,8 +133,10 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
         chunk = logits[rows]
         x = torch.mul(chunk, params.inv_temp[rows, None] if same_temp is None else same_temp,
                       out=ws["x"][: n * vocab].view(n, vocab))
-        max_x, lse, entropies[rows] = _entropy_stats(x, ws["f"][: n * vocab].view(n, vocab),
-                                                     ws["e"][: n * vocab].view(n, vocab))
+        block_max = _block_max(x)
+        max_x = x.amax(dim=1) if block_max is None else block_max.amax(dim=1)
+        lse, entropies[rows] = _entropy_stats(x, max_x, ws["f"][: n * vocab].view(n, vocab),
+                                              ws["e"][: n * vocab].view(n, vocab))
         check_finite_rows(max_x, max_x)
         threshold = None
         if params.truncated:
@@ -132,10 +145,12 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
             excluded = params.exclude[rows]
             hit = torch.nonzero(excluded >= 0).flatten()
             x[hit, excluded[hit]] = float("-inf")
+            if block_max is not None:
+                block_max[hit] = _block_max(x[hit])
         keys, greedy = params.keys[rows], params.greedy[rows]
         winners = None
-        if vocab % PRUNE_BLOCK == 0:
-            winners = _pruned_winners(x, chunk, keys, greedy, threshold)
+        if block_max is not None:
+            winners = _pruned_winners(x, chunk, keys, greedy, threshold, block_max)
         if winners is None:
             winners = _dense_winners(x, chunk, keys, greedy, threshold, ws)
         best, chunk_tokens = winners

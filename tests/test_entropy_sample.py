@@ -126,7 +126,7 @@ def test_pruned_path_equals_dense_path(monkeypatch):
     from kernels import sampling_torch
     from kernels.sampling import row_params, truncation_thresholds
     monkeypatch.setattr(sampling_torch, "PRUNE_MAX_FRACTION", 1)  # never fall back to the dense path
-    from kernels.sampling_torch import _dense_winners, _pruned_winners, _workspace
+    from kernels.sampling_torch import _block_max, _dense_winners, _pruned_winners, _workspace
     batch, vocab = 8, 2048
     logits = lm_like_logits(batch, vocab, 3)
     params = row_params(logits, torch.tensor([0.7, 0.0, 1.0, 0.5, 1.2, 0.0, 0.9, 1.0]),
@@ -138,7 +138,7 @@ def test_pruned_path_equals_dense_path(monkeypatch):
     threshold = truncation_thresholds(logits, lse, params)
     for position in range(10):
         keys = params.keys + position
-        pruned = _pruned_winners(x, logits, keys, params.greedy, threshold)
+        pruned = _pruned_winners(x, logits, keys, params.greedy, threshold, _block_max(x))
         dense = _dense_winners(x, logits, keys, params.greedy, threshold, _workspace(x.device, x.numel()))
         assert pruned is not None
         assert torch.equal(pruned[1], dense[1]) and torch.equal(pruned[0], dense[0])
