@@ -66,8 +66,8 @@ class TorchPagedAttention:
         p = self.plan_
         t, hkv, d, g = q.shape[0], self.kv_heads, self.head_dim, self.group
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
-        k_slots.index_copy_(0, p.slot_mapping, k.reshape(t, hkv * d))
-        v_slots.index_copy_(0, p.slot_mapping, v.reshape(t, hkv * d))
+        k_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, k)
+        v_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, v)
         keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         values = v_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         if p.decode:

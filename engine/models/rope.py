@@ -38,11 +38,12 @@ class RotaryEmbedding:
         self.sin = freqs.sin().to(device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns cos, sin of shape [T, 1, head_dim // 2], in the activation dtype like HF."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        """Returns cos and sign-folded sin, [T, 1, head_dim], in the activation dtype like HF."""
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]. Same arithmetic as HF's q * cos + rotate_half(q) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]. HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as
+    roll(x) * (-sin, sin): the same products and sums, so the same rounding."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
