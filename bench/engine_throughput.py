@@ -6,7 +6,7 @@ machine's measured matmul GFLOP/s divided by the model's FLOPs per token (2 x pa
 The engine runs without prefix caching so that every run prefills its prompt like transformers does.
 Both run in this one process, one after the other, so the ratio is fair even on a shared machine.
 
-    python bench/engine_throughput.py [--batches 1 8 64] [--dtypes float32 bfloat16] [--repeats 3]
+    python bench/engine_throughput.py [--batches 1 8 64] [--dtypes float32 bfloat16] [--repeats 3] [--threads N]
 """
 import argparse
 import statistics
@@ -70,7 +70,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     rows = []
