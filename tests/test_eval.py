@@ -68,9 +68,10 @@ def test_eval_command(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["eval_problems"] == 3 and 0 <= result["avg@2"] <= result["pass@2"] <= 1
-    bad = subprocess.run([sys.executable, "-m", "ettrl.eval", "--model", str(model), "--data", str(data)],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "set --problem-field to one of ['a', 'q']" in bad.stderr
+    from ettrl.eval import main
+
+    with pytest.raises(SystemExit, match=r"set --problem-field to one of \['a', 'q'\]"):
+        main(["--model", str(model), "--data", str(data)])
 
 
 def test_curves_and_summary_table(tmp_path):

@@ -79,7 +79,8 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
 
 
 def test_resume_without_checkpoint_says_so(setup, tmp_path):
+    from ettrl.run import main
+
     (tmp_path / "config.yaml").write_text((setup / "tiny.yaml").read_text())
-    cmd, env = run_cmd("--resume", str(tmp_path))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "no finished checkpoint" in out.stderr
+    with pytest.raises(SystemExit, match="no finished checkpoint"):
+        main(["--resume", str(tmp_path)])
