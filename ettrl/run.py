@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         trainer = Trainer(cfg, run_dir, resume=bool(args.resume), log=log)
-    except (DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     summary = trainer.fit()
     if rank == 0:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ettrl.backends import make_backend
 from ettrl.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, set_rng_state
-from ettrl.config import Config
+from ettrl.config import Config, ConfigError
 from ettrl.data import load_problems
 from ettrl.eval import evaluate
 from ettrl.policy import load_policy
@@ -62,15 +62,17 @@ class Trainer:
         self.ref_model = None
         if cfg.trainer.kl_coef > 0:
             self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
-        self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * len(self.train_problems) / cfg.trainer.prompts_per_step)
-        self.backend = make_backend(self.model, cfg.trainer, self.total_steps, self._micro_batches_per_rank())
+        t = cfg.trainer
+        self.total_steps = t.max_steps or math.ceil(t.epochs * len(self.train_problems) / t.prompts_per_step)
+        self.backend = make_backend(self.model, t, self.total_steps, self._micro_batches_per_rank())
         self.rank, self.world = self.backend.rank, self.backend.world_size
-        if cfg.trainer.prompts_per_step % self.world:
-            raise ValueError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} must divide among {self.world} processes")
+        if t.prompts_per_step % self.world:
+            raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of the {self.world} processes")
         self.stop = stop_strings(d.prompt)
         self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
         self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padding is masked anyway
         self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
         if ckpt is not None:
             self._restore(ckpt)
