@@ -66,7 +66,7 @@ def shared_run_dir(run_dir: Path, world: int) -> Path:
 def format_summary(summary: dict) -> str:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     keys = [k for k in after if k.split("@")[0] in ("greedy", "avg", "maj", "pass")]
-    lines = [f"{'metric':<10}{'before':>9}{'after':>9}{'change':>9}"]
+    lines = [f"{'metric':<10}{'before':>9}{'after':>9}{'change':>9}"] if keys else []
     for k in keys:
         b, a = before.get(k), after[k]
         change = f"{100 * (a - b):+8.1f}" if b is not None else ""
