@@ -1,7 +1,7 @@
 """Benchmark kernels.entropy_sample against the naive torch sequence (softmax, entropy, multinomial).
 
-    python bench/kernels.py                      # CPU: torch path; CUDA (if available): Triton kernel
-    python bench/kernels.py --batch 64 --vocab 151936 --logits lm --repeats 7
+    python bench/sampling_kernels.py                      # CPU: torch path; CUDA (if available): Triton kernel
+    python bench/sampling_kernels.py --batch 64 --vocab 151936 --logits lm --repeats 7
 
 Reports the median time of several runs, the speed-up over the naive sequence and the achieved bandwidth
 (logit bytes read once / time) next to the bandwidth of a plain copy on the same device.
