@@ -67,7 +67,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "ettrl", "ettrl.*"]),
-    package_data={"ettrl": ["configs/*.yaml", "configs/**/*.yaml"]},
     ext_modules=[ext],
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=[
