@@ -20,6 +20,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192       # prefill budget: tokens per prefill step
     max_model_len: int | None = None         # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    pack_weights: bool = True                # CPU: keep a oneDNN-blocked copy of each matmul weight (1.5-3x
+                                             # faster decode matmuls, twice the weight memory)
 
     def __post_init__(self):
         if self.dtype not in DTYPES and self.dtype != "auto":

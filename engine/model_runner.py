@@ -34,6 +34,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = CausalLM(self.args, self.dtype, self.device, self.max_model_len)
         load_weights(self.model, model_dir)
+        self.model.pack_weights(config.pack_weights)
         self.model.eval()
         a = self.args
         self.kv = KVCache(a.num_layers, self._num_blocks(), self.block_size, a.num_kv_heads, a.head_dim,
@@ -93,4 +94,6 @@ class ModelRunner:
     def update_weights(self, named_tensors) -> int:
         """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        return len(copy_named_tensors(self.model.hf_parameter_views(), items))
+        written = len(copy_named_tensors(self.model.hf_parameter_views(), items))
+        self.model.pack_weights(self.config.pack_weights)
+        return written

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.packed_linear import linear, pack
 from engine.models.rope import RotaryEmbedding, apply_rope
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
@@ -101,10 +102,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
         self.attn = None  # the engine's paged-attention backend, set by the model runner
+        self.qkv_packed = self.o_packed = None
+
+    def pack_weights(self, enabled: bool):
+        self.qkv_packed = pack(self.qkv_weight, self.qkv_bias) if enabled else None
+        self.o_packed = pack(self.o_weight, self.o_bias) if enabled else None
 
     def forward(self, x, cos, sin):
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_packed)
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
@@ -115,7 +121,7 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         out = self.attn(self.layer_idx, q, k, v)
-        return F.linear(out, self.o_weight, self.o_bias)
+        return linear(out, self.o_weight, self.o_bias, self.o_packed)
 
 
 class MLP(nn.Module):
@@ -127,10 +133,16 @@ class MLP(nn.Module):
         self.gate_up_bias = _param(2 * a.intermediate_size, **kw) if a.mlp_bias else None
         self.down_weight = _param(a.hidden_size, a.intermediate_size, **kw)
         self.down_bias = _param(a.hidden_size, **kw) if a.mlp_bias else None
+        self.gate_up_packed = self.down_packed = None
+
+    def pack_weights(self, enabled: bool):
+        self.gate_up_packed = pack(self.gate_up_weight, self.gate_up_bias) if enabled else None
+        self.down_packed = pack(self.down_weight, self.down_bias) if enabled else None
 
     def forward(self, x):
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
-        return F.linear(F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:], self.down_weight, self.down_bias)
+        gate_up = linear(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed)
+        act = F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
+        return linear(act, self.down_weight, self.down_bias, self.down_packed)
 
 
 class DecoderLayer(nn.Module):
@@ -158,6 +170,14 @@ class CausalLM(nn.Module):
         self.lm_head = self.embed_tokens if a.tie_word_embeddings else _param(a.vocab_size, a.hidden_size,
                                                                              dtype=dtype, device=device)
         self.rope = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, device)
+        self.lm_head_packed = None
+
+    def pack_weights(self, enabled: bool = True):
+        """(Re)builds the oneDNN copies of every matmul weight (packed_linear.py); call after writing weights."""
+        for layer in self.layers:
+            layer.self_attn.pack_weights(enabled)
+            layer.mlp.pack_weights(enabled)
+        self.lm_head_packed = pack(self.lm_head) if enabled else None
 
     def set_attention(self, attn):
         for layer in self.layers:
@@ -169,7 +189,7 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         x = self.norm(x[logits_indices])
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head, None, self.lm_head_packed).float()
 
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""
