@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-CXXFLAGS = ["-O3", "-Wall"]
+CXXFLAGS = ["-O3", "-Wall", "-fopenmp"]
 
 
 class NinjaBuildExt(build_ext):
@@ -56,7 +56,7 @@ class NinjaBuildExt(build_ext):
         return "\n".join(lines) + "\n"
 
 
-ext = Pybind11Extension("engine._C", SOURCES, extra_compile_args=CXXFLAGS, cxx_std=17)
+ext = Pybind11Extension("engine._C", SOURCES, extra_compile_args=CXXFLAGS, extra_link_args=["-fopenmp"], cxx_std=17)
 
 setup(
     name="ettrl",

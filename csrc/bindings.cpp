@@ -1,16 +1,32 @@
-// Python bindings of the C++ bookkeeping core: module `engine._C`.
+// Python bindings of the C++ core: module `engine._C`.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "paged_attention.h"
 
 namespace py = pybind11;
 using ettrl::BlockAllocator;
 
 void bind_radix_tree(py::module_& m);
 
+// Raw data pointers (tensor.data_ptr()): the extension does not link against torch. kernels/attention_torch.py
+// checks dtypes, devices, shapes and contiguity before calling.
+static void paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+                                   uintptr_t block_tables, uintptr_t kv_lens, int64_t batch, int64_t num_heads,
+                                   int64_t num_kv_heads, int64_t head_dim, int64_t table_width, int64_t block_size,
+                                   float scale, bool bf16, int num_threads) {
+  ettrl::DecodeAttentionArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_cache),
+                               reinterpret_cast<const void*>(v_cache), reinterpret_cast<void*>(out),
+                               reinterpret_cast<const int64_t*>(block_tables), reinterpret_cast<const int64_t*>(kv_lens),
+                               batch, num_heads, num_kv_heads, head_dim, table_width, block_size, scale, bf16,
+                               num_threads};
+  py::gil_scoped_release release;
+  ettrl::paged_decode_attention(a);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ETTRL C++ core: KV block allocator and radix tree of token prefixes";
+  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention (CPU)";
   py::class_<BlockAllocator>(m, "BlockAllocator")
       .def(py::init<int64_t>(), py::arg("num_blocks"))
       .def("allocate", &BlockAllocator::allocate, py::arg("n"))
@@ -25,4 +41,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_free", &BlockAllocator::num_free)
       .def_property_readonly("num_used", &BlockAllocator::num_used);
   bind_radix_tree(m);
+  m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("out"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("batch"), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("table_width"), py::arg("block_size"),
+        py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
 }

@@ -5,6 +5,10 @@ tensors every layer shares: the cache slot of each new token, and for each seque
 padded to the longest sequence. Each layer then writes its new K/V with one index_copy_, gathers the batch's
 keys and values with one index_select each, and runs one scaled_dot_product_attention over the padded batch.
 Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
+
+Decode steps of fp32/bf16 caches go to the C++ kernel `engine._C.paged_decode_attention` instead, which reads
+keys and values in place through the block tables: no gather, no padding, no mask (at batch 64 and ~200 keys
+on 2 cores it is several times faster than gather + SDPA). The torch path stays the reference for it.
 """
 from dataclasses import dataclass
 
@@ -15,18 +19,32 @@ import torch.nn.functional as F
 @dataclass
 class StepPlan:
     slot_mapping: torch.Tensor   # [T] cache slot of each new token
-    kv_slots: torch.Tensor       # [B * max_kv] slots of each sequence's keys, padded with slot 0
-    mask: torch.Tensor           # bool, [B, 1, rows, max_kv]: True where a query may attend
+    kv_slots: torch.Tensor | None  # [B * max_kv] slots of each sequence's keys, padded with slot 0 (torch path)
+    mask: torch.Tensor | None      # bool, [B, 1, rows, max_kv]: True where a query may attend (torch path)
     batch: int
     max_q: int
     max_kv: int
     decode: bool                 # every sequence has exactly one new token
     q_index: torch.Tensor | None = None    # [B * max_q] row of each padded query in the flat batch (T = padding)
     out_index: torch.Tensor | None = None  # [T] padded row of each real query
+    block_tables: torch.Tensor | None = None  # decode kernel: [B, max_blocks] int64
+    kv_lens: torch.Tensor | None = None       # decode kernel: [B] int64
+
+
+def decode_kernel(cache: torch.Tensor):
+    """engine._C.paged_decode_attention where it applies to this cache (CPU, fp32 or bf16), else None."""
+    if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    try:
+        from engine import _C
+    except ImportError:
+        return None
+    return getattr(_C, "paged_decode_attention", None)
 
 
 class TorchPagedAttention:
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float):
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+                 use_decode_kernel: bool = True):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
         self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
         self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
@@ -34,12 +52,18 @@ class TorchPagedAttention:
         self.num_heads = num_heads
         self.group = num_heads // self.kv_heads
         self.scale = scale
+        self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
         self.plan_: StepPlan | None = None
 
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
         """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
         device = block_tables.device
         batch, max_q, max_kv = len(kv_lens), max(query_lens), max(kv_lens)
+        if max_q == 1 and self.kernel is not None:
+            tables = block_tables.to(torch.int64).contiguous()
+            lens = torch.tensor(kv_lens, dtype=torch.int64)
+            self.plan_ = StepPlan(slot_mapping, None, None, batch, 1, max_kv, True, block_tables=tables, kv_lens=lens)
+            return
         nblocks = -(-max_kv // self.block_size)
         offsets = torch.arange(self.block_size, device=device)
         slots = (block_tables[:, :nblocks, None] * self.block_size + offsets).view(batch, -1)[:, :max_kv]
@@ -68,6 +92,8 @@ class TorchPagedAttention:
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
         k_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, k)
         v_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, v)
+        if p.block_tables is not None:
+            return self._decode_kernel(layer, q)
         keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         values = v_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         if p.decode:
@@ -79,3 +105,16 @@ class TorchPagedAttention:
         out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=p.mask, scale=self.scale)
         out = out.view(p.batch, hkv, p.max_q, g, d).transpose(1, 2).reshape(p.batch * p.max_q, hkv * g * d)
         return out.index_select(0, p.out_index)
+
+    def _decode_kernel(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        p = self.plan_
+        k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
+        if q.dtype != k_slots.dtype:
+            raise TypeError(f"queries are {q.dtype} but the KV cache is {k_slots.dtype}")
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        self.kernel(q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out.data_ptr(), p.block_tables.data_ptr(),
+                    p.kv_lens.data_ptr(), p.batch, self.num_heads, self.kv_heads, self.head_dim,
+                    p.block_tables.shape[1], self.block_size, self.scale, q.dtype == torch.bfloat16,
+                    torch.get_num_threads())
+        return out.view(q.shape[0], -1)

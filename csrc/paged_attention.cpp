@@ -1,0 +1,169 @@
+#include "paged_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <omp.h>
+
+namespace ettrl {
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline void store(float* p, int64_t i, float x) { p[i] = x; }
+inline void store(uint16_t* p, int64_t i, float x) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if (std::isnan(x)) {
+    p[i] = 0x7FC0;
+    return;
+  }
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+// Scratch of one worker: the scaled queries of a sequence, their scores over all its keys, the output sums.
+struct Scratch {
+  std::vector<float> q, scores, acc, row;
+};
+
+// One sequence, all heads: exact softmax(q k^T * scale) v. Each key (and value) row of all KV heads is read once,
+// front to back, and converted to fp32 once; every query head of its group then uses it. D > 0 fixes the head
+// size at compile time (the dot products then end in a short shuffle tree instead of a scalar loop).
+template <typename T, int64_t D>
+__attribute__((always_inline)) inline void attend(const DecodeAttentionArgs& a, int64_t b, Scratch& s) {
+  const int64_t heads = a.num_heads, group = a.num_heads / a.num_kv_heads, len = a.kv_lens[b];
+  const int64_t d = D > 0 ? D : a.head_dim;
+  const int64_t row = a.num_kv_heads * d;  // elements of one slot
+  const T* q = static_cast<const T*>(a.q) + b * heads * d;
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const int64_t* table = a.block_tables + b * a.table_width;
+  s.scores.resize(heads * len);
+  for (int64_t j = 0; j < heads * d; ++j) s.q[j] = load(q, j) * a.scale;
+  float* rf = s.row.data();
+
+  for (int64_t l0 = 0; l0 < len; l0 += a.block_size) {  // block by block: no division per key
+    const T* k = kc + table[l0 / a.block_size] * a.block_size * row;
+    for (int64_t l = l0; l < std::min(len, l0 + a.block_size); ++l, k += row) {
+#pragma omp simd
+      for (int64_t e = 0; e < row; ++e) rf[e] = load(k, e);
+      for (int64_t i = 0; i < heads; ++i) {
+        const float* qi = s.q.data() + i * d;
+        const float* ki = rf + (i / group) * d;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t e = 0; e < d; ++e) dot += qi[e] * ki[e];
+        s.scores[i * len + l] = dot;
+      }
+    }
+  }
+  for (int64_t i = 0; i < heads; ++i) {
+    float* si = s.scores.data() + i * len;
+    const float m = *std::max_element(si, si + len);
+    float total = 0.f;
+    for (int64_t l = 0; l < len; ++l) total += (si[l] = std::exp(si[l] - m));
+    const float inv = 1.f / total;
+    for (int64_t l = 0; l < len; ++l) si[l] *= inv;
+  }
+
+  std::fill(s.acc.begin(), s.acc.end(), 0.f);
+  for (int64_t l0 = 0; l0 < len; l0 += a.block_size) {
+    const T* v = vc + table[l0 / a.block_size] * a.block_size * row;
+    for (int64_t l = l0; l < std::min(len, l0 + a.block_size); ++l, v += row) {
+#pragma omp simd
+      for (int64_t e = 0; e < row; ++e) rf[e] = load(v, e);
+      for (int64_t i = 0; i < heads; ++i) {
+        const float p = s.scores[i * len + l];
+        const float* vi = rf + (i / group) * d;
+        float* acc = s.acc.data() + i * d;
+#pragma omp simd
+        for (int64_t e = 0; e < d; ++e) acc[e] += p * vi[e];
+      }
+    }
+  }
+  T* out = static_cast<T*>(a.out) + b * heads * d;
+  for (int64_t j = 0; j < heads * d; ++j) store(out, j, s.acc[j]);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void attend_range(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {
+  Scratch s;
+  s.q.resize(a.num_heads * a.head_dim);
+  s.acc.resize(a.num_heads * a.head_dim);
+  s.row.resize(a.num_kv_heads * a.head_dim);
+  switch (a.head_dim) {  // the head sizes of Llama, Qwen2/2.5 and Qwen3 models, then any other
+    case 64:
+      for (int64_t b = begin; b < end; ++b) attend<T, 64>(a, b, s);
+      break;
+    case 128:
+      for (int64_t b = begin; b < end; ++b) attend<T, 128>(a, b, s);
+      break;
+    default:
+      for (int64_t b = begin; b < end; ++b) attend<T, 0>(a, b, s);
+  }
+}
+
+// The same loops compiled for three instruction sets; the widest the CPU has is picked at run time.
+#define ETTRL_RANGE_FN(name, target_attr)                                                        \
+  target_attr void name(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {              \
+    if (a.bf16)                                                                                  \
+      attend_range<uint16_t>(a, begin, end);                                                     \
+    else                                                                                         \
+      attend_range<float>(a, begin, end);                                                        \
+  }
+#if defined(__x86_64__) || defined(__i386__)
+ETTRL_RANGE_FN(range_avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))))
+ETTRL_RANGE_FN(range_avx2, __attribute__((target("avx2,fma"))))
+#endif
+ETTRL_RANGE_FN(range_default, )
+#undef ETTRL_RANGE_FN
+
+constexpr int64_t kElementsPerThread = 1 << 19;
+
+using RangeFn = void (*)(const DecodeAttentionArgs&, int64_t, int64_t);
+
+RangeFn pick_range_fn() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return range_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return range_avx2;
+#endif
+  return range_default;
+}
+
+}  // namespace
+
+void paged_decode_attention(const DecodeAttentionArgs& a) {
+  if (a.batch < 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads || a.head_dim <= 0 || a.block_size <= 0)
+    throw std::invalid_argument("paged_decode_attention: bad shapes (num_heads must be a multiple of num_kv_heads)");
+  for (int64_t b = 0; b < a.batch; ++b)
+    if (a.kv_lens[b] < 1 || a.kv_lens[b] > a.table_width * a.block_size)
+      throw std::invalid_argument("paged_decode_attention: kv_len outside [1, table_width * block_size]");
+  static const RangeFn range = pick_range_fn();
+  const int64_t tasks = a.batch;
+  int64_t keys = 0;
+  for (int64_t b = 0; b < a.batch; ++b) keys += a.kv_lens[b];
+  // waking a second thread costs microseconds: only worth it with enough keys to share out
+  const int64_t useful = 1 + keys * a.num_kv_heads * a.head_dim / kElementsPerThread;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>({a.num_threads, tasks, useful}));
+  // OpenMP, not threads of our own: the extension links the libgomp torch has already loaded (same soname), so
+  // this runs on torch's worker threads instead of competing with them for the cores while they spin-wait.
+#pragma omp parallel num_threads(workers)
+  {
+    const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+    range(a, tasks * w / n, tasks * (w + 1) / n);
+  }
+}
+
+}  // namespace ettrl

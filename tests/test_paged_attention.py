@@ -1,0 +1,74 @@
+"""Paged attention on the CPU: the C++ decode kernel and the torch path against dense attention per sequence."""
+import pytest
+import torch
+
+from kernels.attention_torch import TorchPagedAttention, decode_kernel
+
+TOLERANCE = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def dense_reference(q, keys, values, scale):
+    """q [H, D] (one new token) against keys/values [L, Hkv, D], in float64 with repeated KV heads."""
+    group = q.shape[0] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    v = values.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = (q.double()[:, None, :] @ k.transpose(1, 2)).squeeze(1) * scale
+    return (torch.softmax(scores, -1)[:, None, :] @ v).squeeze(1)
+
+
+def random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed):
+    """A shuffled block pool holding each sequence's keys, the block tables, and each sequence's dense K/V."""
+    g = torch.Generator().manual_seed(seed)
+    nblocks = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(nblocks) + 3, generator=g).tolist()  # blocks scattered through the pool
+    k_cache = torch.randn(1, len(order), block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(1, len(order), block_size, kv_heads, dim, generator=g).to(dtype)
+    tables, start = [], 0
+    for n in nblocks:
+        tables.append(order[start:start + n])
+        start += n
+    width = max(nblocks)
+    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    dense = []
+    for t, n in zip(tables, lens):
+        dense.append((k_cache[0, t].reshape(-1, kv_heads, dim)[:n], v_cache[0, t].reshape(-1, kv_heads, dim)[:n]))
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    return k_cache, v_cache, table_tensor, dense, q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim):
+    lens, block_size, scale = [1, 5, 16, 17, 70, 33], 16, dim ** -0.5
+    k_cache, v_cache, tables, dense, q = random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed=dim + heads)
+    if use_kernel and decode_kernel(k_cache) is None:
+        pytest.skip("engine._C has no paged_decode_attention")
+    attn = TorchPagedAttention(k_cache, v_cache, heads, scale, use_decode_kernel=use_kernel)
+    assert (attn.kernel is not None) == use_kernel
+    # the new token's K/V: rewrite what the pool already holds at each sequence's last slot
+    last = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables.tolist(), lens)])
+    new_k = torch.stack([k[-1] for k, _ in dense])
+    new_v = torch.stack([v[-1] for _, v in dense])
+    attn.plan([1] * len(lens), lens, tables, last)
+    out = attn(0, q, new_k, new_v).view(len(lens), heads, dim)
+    for i, (keys, values) in enumerate(dense):
+        torch.testing.assert_close(out[i].double(), dense_reference(q[i], keys, values, scale), **TOLERANCE[dtype])
+
+
+def test_decode_kernel_equals_torch_path_in_the_engine(tmp_path):
+    from engine import LLM, SamplingParams
+    from tiny_models import make_tiny_model
+
+    make_tiny_model("llama", tmp_path)
+    prompts = [[5, 6, 7, 8], list(range(30, 70)), [9] * 21]
+    params = SamplingParams(n=3, temperature=0.8, max_tokens=40, seed=2, ignore_eos=True)
+    outs = []
+    for use_kernel in (True, False):
+        llm = LLM(tmp_path, dtype="float32", block_size=4)
+        llm.engine.runner.attn.kernel = llm.engine.runner.attn.kernel if use_kernel else None
+        outs.append(llm.generate(prompts, params))
+    for a, b in zip(*outs):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
