@@ -96,8 +96,9 @@ class LLM:
         self._need_tokenizer("chat")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams):
-        """ETMR tree rollouts (engine/tree.py): M roots per prompt, B branches at each of N fork points."""
+    def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams | list[SamplingParams]):
+        """ETMR tree rollouts (engine/tree.py): M roots per prompt, B branches at each of N fork points.
+        sampling_params: one for all prompts or one per prompt (each its own seed)."""
         from engine.tree import sample_tree
         return sample_tree(self, prompts, tree_params, sampling_params)
 

@@ -5,8 +5,8 @@ positions are chosen and its B*N branches are forked from its KV cache (full blo
 last block copied, the prefix never prefilled again); they join the running batch at the next step while
 other roots are still decoding. A root is freed as soon as its branches hold their own references.
 
-Noise keys: every sequence of prompt i uses seed_i (SamplingParams.seed, or a random seed per prompt when
-None). Root r has seq_id r; branch b at fork f of root r has seq_id M + (r*N + f)*B + b, so roots match
+Noise keys: every sequence of prompt i uses seed_i (the seed of prompt i's SamplingParams, or a random seed
+per prompt when None). Root r has seq_id r; branch b at fork f of root r has seq_id M + (r*N + f)*B + b, so roots match
 parallel samples 0..M-1 of the same seed and every leaf is reproducible whatever the batch composition.
 """
 from __future__ import annotations
@@ -94,31 +94,40 @@ class TreeResult:
     stats: TreeStats = field(default_factory=TreeStats)
 
 
-def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams) -> list[TreeResult]:
-    """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring."""
-    if sampling_params.n != 1:
-        raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={sampling_params.n}")
+def sample_tree(llm, prompts, tree_params: TreeParams,
+                sampling_params: SamplingParams | list[SamplingParams]) -> list[TreeResult]:
+    """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring.
+
+    `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
+    prompt its own seed when the prompts' samples should not share noise.
+    """
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    for p in params:
+        if p.n != 1:
+            raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={p.n}")
     prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    seeds = [sampling_params.seed if sampling_params.seed is not None else random.getrandbits(63) for _ in prompt_ids]
-    return _TreeRun(llm, tree_params, sampling_params).run(prompt_ids, seeds)
+    seeds = [p.seed if p.seed is not None else random.getrandbits(63) for p in params]
+    return _TreeRun(llm, tree_params, params).run(prompt_ids, seeds)
 
 
 class _TreeRun:
     """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
 
-    def __init__(self, llm, tree_params: TreeParams, sampling_params: SamplingParams):
+    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams]):
         self.llm, self.engine = llm, llm.engine
         self.decode = llm.decode if llm.tokenizer is not None else None
-        self.tp, self.sp = tree_params, sampling_params
+        self.tp, self.params = tree_params, sampling_params  # one SamplingParams per prompt
         self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
         self.live = [self.tp.trees] * len(prompt_ids)
-        root_params = replace(self.sp, n=self.tp.trees)  # M siblings from one prefill: seq_ids 0..M-1
-        requests = [self.engine.make_sequences(ids, root_params, seed) for ids, seed in zip(prompt_ids, seeds)]
+        requests = [self.engine.make_sequences(ids, replace(p, n=self.tp.trees), seed)  # M siblings, one prefill
+                    for ids, p, seed in zip(prompt_ids, self.params, seeds)]
         self.start = time.perf_counter()
         for i, roots in enumerate(requests):
             self.owners.update((seq.uid, (seq, i, r, None, None)) for r, seq in enumerate(roots))
@@ -158,7 +167,7 @@ class _TreeRun:
         for f, t in enumerate(positions):
             exclude = leaf.token_ids[t] if self.tp.distinct else None
             for b in range(self.tp.branches):
-                child = self.engine.fork(root, root.num_prompt_tokens + t, self.sp, result.seed,
+                child = self.engine.fork(root, root.num_prompt_tokens + t, self.params[i], result.seed,
                                          self.tp.branch_seq_id(r, f, b), exclude_token=exclude)
                 self.owners[child.uid] = (child, i, r, f, b)
                 self.live[i] += 1

@@ -96,6 +96,18 @@ def test_roots_are_the_parallel_samples_of_the_same_seed(llm):
         assert [roots[r].token_ids for r in range(tp.trees)] == [o.token_ids for o in request.outputs]
 
 
+def test_per_prompt_sampling_params_give_each_prompt_its_own_seed(llm):
+    tp = TreeParams(trees=3, forks=1, branches=1)
+    per_prompt = [params(seed=100 + i) for i in range(len(PROMPTS))]
+    trees = llm.sample_tree(PROMPTS, tp, per_prompt)
+    for i, (prompt, tree) in enumerate(zip(PROMPTS, trees)):
+        assert tree.seed == 100 + i
+        alone = llm.sample_tree([prompt], tp, params(seed=100 + i))[0]  # same leaves as a call of its own
+        assert [leaf.token_ids for leaf in tree.leaves] == [leaf.token_ids for leaf in alone.leaves]
+    with pytest.raises(ValueError, match="prompts but"):
+        llm.sample_tree(PROMPTS, tp, per_prompt[:1])
+
+
 def test_no_fork_from_the_last_box_on(llm, monkeypatch):
     """With a tokenizer, positions from the token that starts the last \\boxed{ onward are never forks."""
     boxed = {5, 6, 7, 8, 9, 10}
