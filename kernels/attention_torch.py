@@ -7,8 +7,8 @@ keys and values with one index_select each, and runs one scaled_dot_product_atte
 Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
 
 Decode steps of fp32/bf16 caches go to the C++ kernel `engine._C.paged_decode_attention` instead, which reads
-keys and values in place through the block tables: no gather, no padding, no mask (at batch 64 and ~200 keys
-on 2 cores it is several times faster than gather + SDPA). The torch path stays the reference for it.
+keys and values in place through the block tables: no gather, no padding, no mask (batch 64, 140-400 keys, 2 cores:
+1.4-1.8x faster than gather + SDPA in bf16, 2.3-4.9x in fp32). The torch path stays the reference for it.
 """
 from dataclasses import dataclass
 
