@@ -47,6 +47,17 @@ def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     return ids
 
 
+def per_prompt(prompts, sampling_params: SamplingParams | list[SamplingParams]):
+    """(list of prompts, one SamplingParams per prompt): one str or id list becomes a list of one, and one
+    SamplingParams serves every prompt."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    return prompts, params
+
+
 class LLM:
     """LLM(model, dtype="bfloat16", device="cpu", block_size=16, num_kv_blocks | kv_cache_tokens |
     kv_cache_memory_gb, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len, enable_prefix_caching)."""
@@ -62,12 +73,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """prompts: list of str or of token-id lists (one str or id list is accepted too)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        prompts, params = per_prompt(prompts, sampling_params or SamplingParams())
         requests = []  # (prompt text, prompt ids, sequences); all validated before any is queued
         for prompt, p in zip(prompts, params):
             ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)

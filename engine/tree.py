@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
+from engine.llm import per_prompt
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.tree_select import fork_positions
@@ -101,11 +102,7 @@ def sample_tree(llm, prompts, tree_params: TreeParams,
     `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
     prompt its own seed when the prompts' samples should not share noise.
     """
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-    if len(params) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    prompts, params = per_prompt(prompts, sampling_params)
     for p in params:
         if p.n != 1:
             raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={p.n}")

@@ -66,7 +66,9 @@ def test_decode_kernel_equals_torch_path_in_the_engine(tmp_path):
     outs = []
     for use_kernel in (True, False):
         llm = LLM(tmp_path, dtype="float32", block_size=4)
-        llm.engine.runner.attn.kernel = llm.engine.runner.attn.kernel if use_kernel else None
+        assert llm.engine.runner.attn.kernel is not None  # fp32 on the CPU: the C++ decode kernel by default
+        if not use_kernel:
+            llm.engine.runner.attn.kernel = None
         outs.append(llm.generate(prompts, params))
     for a, b in zip(*outs):
         for x, y in zip(a.outputs, b.outputs):
