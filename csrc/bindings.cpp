@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "fused_ops.h"
 #include "paged_attention.h"
 
 namespace py = pybind11;
@@ -25,8 +26,35 @@ static void paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_c
   ettrl::paged_decode_attention(a);
 }
 
+template <typename T = void>
+static T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+static void residual_rms_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out, int64_t rows,
+                              int64_t dim, float eps, bool bf16, int num_threads) {
+  py::gil_scoped_release release;
+  ettrl::residual_rms_norm(ptr(x), ptr(residual), ptr(weight), ptr(out), rows, dim, eps, bf16, num_threads);
+}
+
+static void rope_and_cache(uintptr_t qkv, uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
+                           uintptr_t positions, uintptr_t cos, uintptr_t sin, uintptr_t q_norm, uintptr_t k_norm,
+                           float norm_eps, int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           bool bf16, int num_threads) {
+  ettrl::RopeCacheArgs a{ptr(qkv), ptr(q_out), ptr(k_cache), ptr(v_cache), ptr<const int64_t>(slots),
+                         ptr<const int64_t>(positions), ptr<const float>(cos), ptr<const float>(sin), ptr(q_norm),
+                         ptr(k_norm), norm_eps, tokens, num_heads, num_kv_heads, head_dim, bf16, num_threads};
+  py::gil_scoped_release release;
+  ettrl::rope_and_cache(a);
+}
+
+static void silu_and_mul(uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t inter, bool bf16, int num_threads) {
+  py::gil_scoped_release release;
+  ettrl::silu_and_mul(ptr(gate_up), ptr(out), rows, inter, bf16, num_threads);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention (CPU)";
+  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention and fused layer ops (CPU)";
   py::class_<BlockAllocator>(m, "BlockAllocator")
       .def(py::init<int64_t>(), py::arg("num_blocks"))
       .def("allocate", &BlockAllocator::allocate, py::arg("n"))
@@ -45,4 +73,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("batch"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("table_width"), py::arg("block_size"),
         py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("residual_rms_norm", &residual_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"),
+        py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("rope_and_cache", &rope_and_cache, py::arg("qkv"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slots"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("q_norm"), py::arg("k_norm"),
+        py::arg("norm_eps"), py::arg("tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+        py::arg("bf16"), py::arg("num_threads"));
+  m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
+        py::arg("bf16"), py::arg("num_threads"));
 }

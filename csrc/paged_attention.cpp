@@ -1,5 +1,7 @@
 #include "paged_attention.h"
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,26 +12,6 @@
 
 namespace ettrl {
 namespace {
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void store(float* p, int64_t i, float x) { p[i] = x; }
-inline void store(uint16_t* p, int64_t i, float x) {  // round to nearest even, as torch's .to(bfloat16)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if (std::isnan(x)) {
-    p[i] = 0x7FC0;
-    return;
-  }
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  p[i] = static_cast<uint16_t>(bits >> 16);
-}
 
 // Scratch of one worker: the scaled queries of a sequence, their scores over all its keys, the output sums.
 struct Scratch {

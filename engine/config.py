@@ -22,6 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     pack_weights: bool = True                # CPU: keep a oneDNN-blocked copy of each matmul weight (1.5-3x
                                              # faster decode matmuls, twice the weight memory)
+    fused_ops: bool = True                   # CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up
 
     def __post_init__(self):
         if self.dtype not in DTYPES and self.dtype != "auto":

@@ -35,11 +35,14 @@ class ModelRunner:
         self.model = CausalLM(self.args, self.dtype, self.device, self.max_model_len)
         load_weights(self.model, model_dir)
         self.model.pack_weights(config.pack_weights)
+        self.model.use_fused_ops(config.fused_ops)
         self.model.eval()
         a = self.args
         self.kv = KVCache(a.num_layers, self._num_blocks(), self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
-        self.attn = attention_backend(self.device)(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5)
+        backend = attention_backend(self.device)
+        extra = {"fuse_rope": config.fused_ops} if self.device.type == "cpu" else {}
+        self.attn = backend(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, **extra)
         self.model.set_attention(self.attn)
 
     @staticmethod

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.models import fused_ops
+
 
 @dataclass
 class StepPlan:
@@ -44,8 +46,11 @@ def decode_kernel(cache: torch.Tensor):
 
 class TorchPagedAttention:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
-                 use_decode_kernel: bool = True):
-        """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
+                 use_decode_kernel: bool = True, fuse_rope: bool = True):
+        """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim].
+
+        fuse_rope: take each layer's fused qkv projection (`attend_qkv`) and apply rope, q/k norms and the cache
+        write in one C++ pass (engine/models/fused_ops.py) where it applies (CPU, fp32 or bf16)."""
         self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
         self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
         self.v_slots = v_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
@@ -53,6 +58,7 @@ class TorchPagedAttention:
         self.group = num_heads // self.kv_heads
         self.scale = scale
         self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
+        self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
         self.plan_: StepPlan | None = None
 
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
@@ -87,11 +93,25 @@ class TorchPagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D] (new tokens). Returns [T, heads * D]."""
+        hkv, d = self.kv_heads, self.head_dim
+        self.k_slots[layer].view(-1, hkv, d).index_copy_(0, self.plan_.slot_mapping, k)
+        self.v_slots[layer].view(-1, hkv, d).index_copy_(0, self.plan_.slot_mapping, v)
+        return self._attend(layer, q)
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
+        """The same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D] and its StepRope."""
+        q = fused_ops.rope_and_cache(qkv, self.k_slots[layer], self.v_slots[layer], self.plan_.slot_mapping,
+                                     rope.positions, rope.table.cos, rope.table.sin, self.num_heads, self.kv_heads,
+                                     self.head_dim, None if q_norm is None else q_norm.weight,
+                                     None if k_norm is None else k_norm.weight,
+                                     1e-6 if q_norm is None else q_norm.eps)
+        return self._attend(layer, q)
+
+    def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of the queries [T, heads, D] over the cache, their own keys included (already written)."""
         p = self.plan_
         t, hkv, d, g = q.shape[0], self.kv_heads, self.head_dim, self.group
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
-        k_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, k)
-        v_slots.view(-1, hkv, d).index_copy_(0, p.slot_mapping, v)
         if p.block_tables is not None:
             return self._decode_kernel(layer, q)
         keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models import fused_ops
 from engine.models.packed_linear import linear, pack
-from engine.models.rope import RotaryEmbedding, apply_rope
+from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
 
@@ -81,11 +82,21 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = _param(dim, dtype=dtype, device=device)
         self.eps = eps
+        self.fused = False  # the C++ op (fused_ops.py), set by CausalLM.use_fused_ops
 
     def forward(self, x):
+        if self.fused and x.dim() == 2:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add_and_norm(self, x, residual):
+        """(norm(residual + x), residual + x); the fused op updates `residual` in place."""
+        if self.fused:
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+        residual = residual + x
+        return self(residual), residual
 
 
 class Attention(nn.Module):
@@ -108,9 +119,13 @@ class Attention(nn.Module):
         self.qkv_packed = pack(self.qkv_weight, self.qkv_bias) if enabled else None
         self.o_packed = pack(self.o_weight, self.o_bias) if enabled else None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rope: StepRope):
         t = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_packed)
+        if getattr(self.attn, "takes_qkv", False):  # the backend applies rope (and q/k norms) and writes the cache
+            out = self.attn.attend_qkv(self.layer_idx, qkv, rope, self.q_norm, self.k_norm)
+            return linear(out, self.o_weight, self.o_bias, self.o_packed)
+        cos, sin = rope.cos_sin()
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
@@ -134,6 +149,7 @@ class MLP(nn.Module):
         self.down_weight = _param(a.hidden_size, a.intermediate_size, **kw)
         self.down_bias = _param(a.hidden_size, **kw) if a.mlp_bias else None
         self.gate_up_packed = self.down_packed = None
+        self.fused = False
 
     def pack_weights(self, enabled: bool):
         self.gate_up_packed = pack(self.gate_up_weight, self.gate_up_bias) if enabled else None
@@ -141,7 +157,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed)
-        act = F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
+        if self.fused:
+            act = fused_ops.silu_and_mul(gate_up)
+        else:
+            act = F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
         return linear(act, self.down_weight, self.down_bias, self.down_packed)
 
 
@@ -153,9 +172,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
         self.mlp = MLP(a, dtype, device)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope: StepRope):
+        """(this layer's MLP output, the residual stream before it): the next layer adds them (fused with its norm)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, rope)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -179,16 +204,24 @@ class CausalLM(nn.Module):
             layer.mlp.pack_weights(enabled)
         self.lm_head_packed = pack(self.lm_head) if enabled else None
 
+    def use_fused_ops(self, enabled: bool = True):
+        """C++ RMSNorm + residual add and SiLU * up (fused_ops.py) where they apply: CPU, fp32 or bf16."""
+        on = enabled and fused_ops.fused_supported(self.embed_tokens.device, self.embed_tokens.dtype)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP)):
+                m.fused = on
+        return on
+
     def set_attention(self, attn):
         for layer in self.layers:
             layer.self_attn.attn = attn
 
     def forward(self, input_ids, positions, logits_indices):
         x = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rope.lookup(positions, x.dtype)
+        rope, residual = StepRope(self.rope, positions, x.dtype), None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, rope)
+        x, _ = self.norm.add_and_norm(x[logits_indices], residual[logits_indices])
         return linear(x, self.lm_head, None, self.lm_head_packed).float()
 
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:

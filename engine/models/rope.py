@@ -47,3 +47,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """x: [T, heads, head_dim]. HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as
     roll(x) * (-sin, sin): the same products and sums, so the same rounding."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+class StepRope:
+    """One step's positions with the rotary tables; all layers share it. The gathered cos/sin of the torch path are
+    built on first use only, so the fused CPU path (which reads the tables itself) never pays for them."""
+
+    def __init__(self, rope: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype):
+        if positions.numel() and int(positions.max()) >= rope.cos.shape[0]:
+            raise IndexError(f"position {int(positions.max())} is past the rotary table ({rope.cos.shape[0]} positions)")
+        self.table, self.positions, self.dtype = rope, positions, dtype
+        self._cos_sin = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos_sin is None:
+            self._cos_sin = self.table.lookup(self.positions, self.dtype)
+        return self._cos_sin

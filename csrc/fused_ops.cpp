@@ -1,0 +1,198 @@
+#include "fused_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include <omp.h>
+
+#include "bf16.h"
+
+// Each kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the widest the CPU has (ifunc).
+#if defined(__x86_64__) && defined(__linux__)
+#define ETTRL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ETTRL_CLONES
+#endif
+
+namespace ettrl {
+namespace {
+
+constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
+
+// f(begin, end) over row ranges on torch's OpenMP pool (the extension shares torch's libgomp), or inline.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t elements, int num_threads, F&& f) {
+  const int64_t workers = elements >= kParallelElements ? std::min<int64_t>(num_threads, rows) : 1;
+  if (workers <= 1) return f(0, rows);
+#pragma omp parallel num_threads(workers)
+  {
+    const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+    f(rows * w / n, rows * (w + 1) / n);
+  }
+}
+
+// rms_norm of one row, rounded like RMSNorm.forward: h = float(x) * rsqrt(mean(x^2) + eps); out = w * T(h).
+template <typename T>
+__attribute__((always_inline)) inline void norm_row(const float* h, const T* w, T* out, int64_t dim, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < dim; ++j) sum += h[j] * h[j];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) store(out, j, load(w, j) * round_to(out, h[j] * inv));
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void norm_rows(const T* x, T* residual, const T* w, T* out, int64_t dim,
+                                                     float eps, int64_t begin, int64_t end) {
+  float h[dim];
+  for (int64_t r = begin; r < end; ++r) {
+    const T* xr = x + r * dim;
+    if (residual) {
+      T* res = residual + r * dim;
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) {
+        h[j] = round_to(res, load(xr, j) + load(res, j));
+        store(res, j, h[j]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) h[j] = load(xr, j);
+    }
+    norm_row(h, w, out + r * dim, dim, eps);
+  }
+}
+
+ETTRL_CLONES void norm_range(const void* x, void* residual, const void* w, void* out, int64_t dim, float eps,
+                             bool bf16, int64_t begin, int64_t end) {
+  if (bf16)
+    norm_rows(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(residual), static_cast<const uint16_t*>(w),
+              static_cast<uint16_t*>(out), dim, eps, begin, end);
+  else
+    norm_rows(static_cast<const float*>(x), static_cast<float*>(residual), static_cast<const float*>(w),
+              static_cast<float*>(out), dim, eps, begin, end);
+}
+
+// Rotate-half rope on one head, rounded like apply_rope: T(T(x * cos) + T(roll(x) * signed_sin)), cos and sin
+// rounded to T first (RotaryEmbedding.lookup casts them to the activation dtype).
+template <typename T>
+__attribute__((always_inline)) inline void rope_head(const float* x, const float* cos, const float* sin, T* out,
+                                                     int64_t d) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    const float c = round_to(out, cos[j]), s = round_to(out, sin[j]);
+    store(out, j, round_to(out, x[j] * c) + round_to(out, x[j + half] * -s));
+    store(out, j + half, round_to(out, x[j + half] * c) + round_to(out, x[j] * s));
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void rope_rows(const RopeCacheArgs& a, int64_t begin, int64_t end) {
+  const int64_t d = a.head_dim, hq = a.num_heads, hkv = a.num_kv_heads, width = (hq + 2 * hkv) * d;
+  const T* q_norm = static_cast<const T*>(a.q_norm);
+  const T* k_norm = static_cast<const T*>(a.k_norm);
+  float h[d];
+  T normed[d];
+  for (int64_t t = begin; t < end; ++t) {
+    const T* row = static_cast<const T*>(a.qkv) + t * width;
+    const float* cos = a.cos + a.positions[t] * (d / 2);
+    const float* sin = a.sin + a.positions[t] * (d / 2);
+    T* q_out = static_cast<T*>(a.q_out) + t * hq * d;
+    T* k_out = static_cast<T*>(a.k_cache) + a.slots[t] * hkv * d;
+    T* v_out = static_cast<T*>(a.v_cache) + a.slots[t] * hkv * d;
+    for (int64_t i = 0; i < hq + hkv; ++i) {
+      const T* src = row + i * d;
+      const T* norm_w = i < hq ? q_norm : k_norm;
+      if (norm_w) {  // Qwen3: RMSNorm over the head, then the rotation of the normed (rounded) values
+        for (int64_t j = 0; j < d; ++j) h[j] = load(src, j);
+        norm_row(h, norm_w, normed, d, a.norm_eps);
+        src = normed;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) h[j] = load(src, j);
+      rope_head(h, cos, sin, i < hq ? q_out + i * d : k_out + (i - hq) * d, d);
+    }
+    const T* v = row + (hq + hkv) * d;
+    for (int64_t j = 0; j < hkv * d; ++j) v_out[j] = v[j];
+  }
+}
+
+ETTRL_CLONES void rope_range(const RopeCacheArgs& a, int64_t begin, int64_t end) {
+  if (a.bf16)
+    rope_rows<uint16_t>(a, begin, end);
+  else
+    rope_rows<float>(a, begin, end);
+}
+
+// expf to within ~1 ulp, branch-free so that the silu loop vectorises (std::exp is a scalar libm call here):
+// Cody-Waite reduction x = n ln2 + r, Cephes' degree-6 polynomial for e^r, 2^n built in the exponent bits.
+// Overflows to +inf above log(FLT_MAX) like expf; the lower clamp only flushes results far below 1 ulp of 1.
+__attribute__((always_inline)) inline float exp_fast(float x) {
+  const float big = 88.72283935546875f;  // log(FLT_MAX)
+  const float c = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float n = (c * 1.44269504088896341f + shifter) - shifter;
+  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float e = p * scale;
+  return x > big ? __builtin_inff() : (x != x ? x : e);
+}
+
+// silu rounded like F.silu (x / (1 + exp(-x)) in fp32, then T), times up, rounded like the torch mul.
+template <typename T>
+__attribute__((always_inline)) inline void silu_rows(const T* gate_up, T* out, int64_t inter, int64_t begin,
+                                                     int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g = gate_up + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+#pragma omp simd
+    for (int64_t j = 0; j < inter; ++j) {
+      const float x = load(g, j);
+      store(o, j, round_to(o, x / (1.f + exp_fast(-x))) * load(u, j));
+    }
+  }
+}
+
+ETTRL_CLONES void silu_range(const void* gate_up, void* out, int64_t inter, bool bf16, int64_t begin, int64_t end) {
+  if (bf16)
+    silu_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), inter, begin, end);
+  else
+    silu_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), inter, begin, end);
+}
+
+}  // namespace
+
+void residual_rms_norm(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t dim,
+                       float eps, bool bf16, int num_threads) {
+  if (rows < 0 || dim <= 0) throw std::invalid_argument("residual_rms_norm: bad shape");
+  parallel_rows(rows, rows * dim, num_threads,
+                [&](int64_t b, int64_t e) { norm_range(x, residual, weight, out, dim, eps, bf16, b, e); });
+}
+
+void rope_and_cache(const RopeCacheArgs& a) {
+  if (a.tokens < 0 || a.head_dim <= 0 || a.head_dim % 2 || a.num_heads <= 0 || a.num_kv_heads <= 0)
+    throw std::invalid_argument("rope_and_cache: bad shape (head_dim must be even)");
+  const int64_t width = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim;
+  parallel_rows(a.tokens, a.tokens * width, a.num_threads, [&](int64_t b, int64_t e) { rope_range(a, b, e); });
+}
+
+void silu_and_mul(const void* gate_up, void* out, int64_t rows, int64_t inter, bool bf16, int num_threads) {
+  if (rows < 0 || inter <= 0) throw std::invalid_argument("silu_and_mul: bad shape");
+  parallel_rows(rows, rows * inter, num_threads,
+                [&](int64_t b, int64_t e) { silu_range(gate_up, out, inter, bf16, b, e); });
+}
+
+}  // namespace ettrl
