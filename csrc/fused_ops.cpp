@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "fast_exp.h"
 
 // Each kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the widest the CPU has (ifunc).
 #if defined(__x86_64__) && defined(__linux__)
@@ -125,29 +126,6 @@ ETTRL_CLONES void rope_range(const RopeCacheArgs& a, int64_t begin, int64_t end)
     rope_rows<uint16_t>(a, begin, end);
   else
     rope_rows<float>(a, begin, end);
-}
-
-// expf to within ~1 ulp, branch-free so that the silu loop vectorises (std::exp is a scalar libm call here):
-// Cody-Waite reduction x = n ln2 + r, Cephes' degree-6 polynomial for e^r, 2^n built in the exponent bits.
-// Overflows to +inf above log(FLT_MAX) like expf; the lower clamp only flushes results far below 1 ulp of 1.
-__attribute__((always_inline)) inline float exp_fast(float x) {
-  const float big = 88.72283935546875f;  // log(FLT_MAX)
-  const float c = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float n = (c * 1.44269504088896341f + shifter) - shifter;
-  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float e = p * scale;
-  return x > big ? __builtin_inff() : (x != x ? x : e);
 }
 
 // silu rounded like F.silu (x / (1 + exp(-x)) in fp32, then T), times up, rounded like the torch mul.

@@ -38,10 +38,16 @@ def random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
-def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim):
-    lens, block_size, scale = [1, 5, 16, 17, 70, 33], 16, dim ** -0.5
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (12, 1, 64)])
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim, block_size):
+    lens, scale = [1, 5, 16, 17, 70, 33], dim ** -0.5
     k_cache, v_cache, tables, dense, q = random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed=dim + heads)
+    used = torch.zeros(k_cache.shape[1] * block_size, dtype=torch.bool)
+    for t, n in zip(tables.tolist(), lens):
+        used[[t[p // block_size] * block_size + p % block_size for p in range(n)]] = True
+    for cache in (k_cache, v_cache) if use_kernel else ():  # the kernel must never read a slot no sequence owns
+        cache.view(-1, kv_heads, dim)[~used] = float("nan")  # (the torch path reads padding from slot 0, masked)
     if use_kernel and decode_kernel(k_cache) is None:
         pytest.skip("engine._C has no paged_decode_attention")
     attn = TorchPagedAttention(k_cache, v_cache, heads, scale, use_decode_kernel=use_kernel)
@@ -74,3 +80,17 @@ def test_decode_kernel_equals_torch_path_in_the_engine(tmp_path):
         for x, y in zip(a.outputs, b.outputs):
             assert x.token_ids == y.token_ids
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
+
+
+def test_portable_kernel_matches_dense():
+    """The kernel without AVX-512 (ETTRL_NO_AVX512=1, read once per process), as CPUs without it run it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_paged_attention as t, torch; "
+            "[t.test_decode_attention_matches_dense(d, True, *shape, bs) for d in (torch.float32, torch.bfloat16) "
+            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ETTRL_NO_AVX512": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=300)
