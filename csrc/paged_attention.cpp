@@ -20,6 +20,21 @@
 namespace ettrl {
 namespace {
 
+__attribute__((always_inline)) inline void softmax_in_place(float* p, int64_t len) {
+  float m = p[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t l = 0; l < len; ++l) m = std::max(m, p[l]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t l = 0; l < len; ++l) {
+    p[l] = exp_fast(p[l] - m);
+    total += p[l];
+  }
+  const float inv = 1.f / total;
+#pragma omp simd
+  for (int64_t l = 0; l < len; ++l) p[l] *= inv;
+}
+
 // Scratch of one worker: the scaled queries of a sequence, their scores over all its keys, the output sums.
 struct Scratch {
   std::vector<float> q, scores, acc, row;
@@ -56,20 +71,7 @@ __attribute__((always_inline)) inline void attend(const DecodeAttentionArgs& a, 
       }
     }
   }
-  for (int64_t i = 0; i < heads; ++i) {
-    float* si = s.scores.data() + i * len;
-    float m = si[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t l = 0; l < len; ++l) m = std::max(m, si[l]);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t l = 0; l < len; ++l) {
-      si[l] = exp_fast(si[l] - m);
-      total += si[l];
-    }
-    const float inv = 1.f / total;
-    for (int64_t l = 0; l < len; ++l) si[l] *= inv;
-  }
+  for (int64_t i = 0; i < heads; ++i) softmax_in_place(s.scores.data() + i * len, len);
 
   std::fill(s.acc.begin(), s.acc.end(), 0.f);
   for (int64_t l0 = 0; l0 < len; l0 += a.block_size) {
@@ -192,16 +194,7 @@ ETTRL_AVX512 void attend_avx512(const DecodeAttentionArgs& a, int64_t b, Scratch
         }
         _mm512_storeu_ps(p + k0, sum_lanes_16(acc));
       }
-      float m = p[0];
-      for (int64_t l = 1; l < len; ++l) m = std::max(m, p[l]);
-      float total = 0.f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t l = 0; l < len; ++l) {
-        p[l] = exp_fast(p[l] - m);
-        total += p[l];
-      }
-      const float inv = 1.f / total;
-      for (int64_t l = 0; l < len; ++l) p[l] *= inv;
+      softmax_in_place(p, len);
     }
     load_head<T, D>(static_cast<const T*>(a.v_cache), table, block_shift, row, g, len, rows);
     for (int64_t i = g * group; i < (g + 1) * group; ++i) {

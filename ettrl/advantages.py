@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 METHODS = ("grpo", "adv_res", "adv_clip")
+RES_DIRECTIONS = ("equations", "prose")
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AdvantageConfig:
     method: str = "grpo"        # "grpo" | "adv_res" | "adv_clip"
     res_alpha: float = 0.2      # Adv-Res: Y clipped to [1 - res_alpha, 1 + res_beta]
     res_beta: float = 0.2
+    res_direction: str = "equations"  # Adv-Res: "equations" (Eqs. 12-14) or "prose" (the text after Eq. 14)
     clip_beta: float = 2.0      # Adv-Clip: A clipped to [-clip_beta, clip_beta]
     entropy_alpha: float = 0.0  # per-token entropy term (Cheng et al.; paper value 0.4); 0 turns it off
     entropy_kappa: float = 2.0
@@ -31,6 +33,8 @@ class AdvantageConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"advantage method must be one of {METHODS}, got {self.method!r}")
+        if self.res_direction not in RES_DIRECTIONS:
+            raise ValueError(f"res_direction must be one of {RES_DIRECTIONS}, got {self.res_direction!r}")
 
 
 def _as_tensor(values, name: str) -> torch.Tensor:
@@ -76,20 +80,25 @@ def grpo_advantages(rewards, group_size: int | None = None, groups=None, eps: fl
 
 
 def adv_res(advantages, response_entropies, group_size: int | None = None, groups=None, alpha: float = 0.2,
-            beta: float = 0.2) -> torch.Tensor:
+            beta: float = 0.2, direction: str = "equations") -> torch.Tensor:
     """EAR Adv-Res: A_i * clip(Y_i, 1 - alpha, 1 + beta), Y_i = 1 + (Hbar - H_i) / Hbar, Hbar = group mean.
 
-    Direction (ALGORITHMS.md section 5, Decision): this implements the paper's Eqs. 12-14, so a response more
-    uncertain than its group (H_i > Hbar) gets a smaller |A| and a more confident one a larger |A|. The prose
-    after Eq. 14 describes the opposite; we follow the equations. A group with Hbar == 0 is left unscaled.
+    Direction (ALGORITHMS.md section 5, Decision): the default, "equations", implements the paper's Eqs. 12-14,
+    so a response more uncertain than its group (H_i > Hbar) gets a smaller |A| and a more confident one a larger
+    |A|. The prose after Eq. 14 describes the opposite ("the advantage is amplified when response entropy exceeds
+    the average"); direction="prose" gives that: Y_i = 1 + (H_i - Hbar) / Hbar. A group with Hbar == 0 is left
+    unscaled.
     """
+    if direction not in RES_DIRECTIONS:
+        raise ValueError(f"direction must be one of {RES_DIRECTIONS}, got {direction!r}")
     a = _as_tensor(advantages, "advantages")
     h = _as_tensor(response_entropies, "response_entropies").to(a.device)
     if h.shape != a.shape:
         raise ValueError(f"{len(a)} advantages but {len(h)} response entropies")
     h_bar = _group_mean(h, _group_index(len(h), group_size, groups, h.device))
     safe_bar = torch.where(h_bar > 0, h_bar, torch.ones_like(h_bar))
-    y = torch.where(h_bar > 0, 1 + (h_bar - h) / safe_bar, torch.ones_like(h))
+    relative = (h_bar - h) / safe_bar if direction == "equations" else (h - h_bar) / safe_bar
+    y = torch.where(h_bar > 0, 1 + relative, torch.ones_like(h))
     return y.clamp(1 - alpha, 1 + beta) * a
 
 
@@ -128,7 +137,8 @@ def compute_advantages(rewards, config: AdvantageConfig | None = None, group_siz
     if config.method == "adv_res":
         if response_entropies is None:
             raise ValueError("method 'adv_res' needs response_entropies (mean token entropy per response)")
-        a = adv_res(a, response_entropies, group_size, groups, config.res_alpha, config.res_beta)
+        a = adv_res(a, response_entropies, group_size, groups, config.res_alpha, config.res_beta,
+                    config.res_direction)
     elif config.method == "adv_clip":
         a = adv_clip(a, config.clip_beta)
     if config.entropy_alpha > 0:

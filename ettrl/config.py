@@ -61,6 +61,7 @@ class AlgoConfig:
     reshape: str = "auto"  # auto (from method) | none | res | clip
     res_alpha: float = 0.2
     res_beta: float = 0.2
+    res_direction: str = "equations"  # Adv-Res: equations (Eqs. 12-14, ALGORITHMS.md 5) | prose (the paper's text)
     clip_beta: float = 2.0
     entropy_adv: bool = False  # Cheng et al. entropy-advantage term
     entropy_alpha: float = 0.4
@@ -253,6 +254,8 @@ def validate(cfg: Config) -> None:
     _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
     _check(r.fork_metric in ("entropy", "surprisal"), f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
     _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
+    _check(a.res_direction in ("equations", "prose"),
+           f"algo.res_direction={a.res_direction!r}: use equations (the paper's Eqs. 12-14) or prose (its text)")
     _check(t.backend in ("torch", "deepspeed"), f"trainer.backend={t.backend!r}: use torch or deepspeed")
     _check(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage}: use 0, 1, 2 or 3")
     _check(t.lr > 0, "trainer.lr must be > 0")

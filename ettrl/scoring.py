@@ -52,6 +52,7 @@ def rewards_for(method: str, answers: list, entropies: list[float], algo) -> tup
 def advantage_config(cfg) -> AdvantageConfig:
     a = cfg.algo
     return AdvantageConfig(method=RESHAPE_METHOD[cfg.reshape], res_alpha=a.res_alpha, res_beta=a.res_beta,
+                           res_direction=a.res_direction,
                            clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if a.entropy_adv else 0.0,
                            entropy_kappa=a.entropy_kappa)
 

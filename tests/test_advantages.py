@@ -68,6 +68,18 @@ def test_adv_res_hand_computed():
     assert torch.allclose(out, a * torch.tensor([1.5, 1.0, 0.5, 1.0]))
 
 
+def test_adv_res_prose_direction_hand_computed():
+    a = torch.tensor([1.5, -0.5, -1.0, 2.0])
+    # Y = 1 + (H - 2) / 2 = [0.5, 1.0, 1.5, 1.0] -> clip [0.8, 1.2]: more uncertain than the group -> larger |A|
+    out = adv_res(a, [1.0, 2.0, 3.0, 2.0], direction="prose")
+    assert torch.allclose(out, torch.tensor([1.2, -0.5, -1.2, 2.0]))
+    config = AdvantageConfig(method="adv_res", res_direction="prose")
+    assert torch.allclose(compute_advantages([1.0, 0.0], config, response_entropies=[1.0, 3.0]),
+                          torch.tensor([0.8, -1.2]), atol=1e-5)
+    with pytest.raises(ValueError, match="res_direction"):
+        AdvantageConfig(res_direction="sideways")
+
+
 def test_adv_res_per_group_mean_and_zero_entropy_group():
     a = torch.tensor([1.0, -1.0, 1.0, -1.0])
     out = adv_res(a, [1.0, 3.0, 0.0, 0.0], group_size=2)  # group 1: mean 2 -> Y = [1.5, 0.5]; group 2: mean 0
