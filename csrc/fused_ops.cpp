@@ -5,10 +5,9 @@
 #include <cstring>
 #include <stdexcept>
 
-#include <omp.h>
-
 #include "bf16.h"
 #include "fast_exp.h"
+#include "parallel_ranges.h"
 
 // Each kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the widest the CPU has (ifunc).
 #if defined(__x86_64__) && defined(__linux__)
@@ -22,16 +21,10 @@ namespace {
 
 constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
 
-// f(begin, end) over row ranges on torch's OpenMP pool (the extension shares torch's libgomp), or inline.
+// f(begin, end) over row ranges on all threads, or inline when the work is too small to share out.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t elements, int num_threads, F&& f) {
-  const int64_t workers = elements >= kParallelElements ? std::min<int64_t>(num_threads, rows) : 1;
-  if (workers <= 1) return f(0, rows);
-#pragma omp parallel num_threads(workers)
-  {
-    const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
-    f(rows * w / n, rows * (w + 1) / n);
-  }
+  parallel_ranges(rows, elements >= kParallelElements ? num_threads : 1, f);
 }
 
 // rms_norm of one row, rounded like RMSNorm.forward: h = float(x) * rsqrt(mean(x^2) + eps); out = w * T(h).

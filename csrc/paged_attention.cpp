@@ -2,6 +2,7 @@
 
 #include "bf16.h"
 #include "fast_exp.h"
+#include "parallel_ranges.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,7 +11,6 @@
 #include <stdexcept>
 #include <vector>
 
-#include <omp.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 // GCC 12 flags its own intrinsics headers (the undefined-vector idiom) under -Wall
@@ -213,17 +213,15 @@ ETTRL_AVX512 void attend_avx512(const DecodeAttentionArgs& a, int64_t b, Scratch
 }
 
 ETTRL_AVX512 void range_avx512(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {
+  const bool specialised = (a.head_dim == 64 || a.head_dim == 128) && (a.block_size & (a.block_size - 1)) == 0;
+  if (!specialised) return a.bf16 ? attend_range<uint16_t>(a, begin, end) : attend_range<float>(a, begin, end);
   Scratch s;
   s.q.resize(a.num_heads * a.head_dim);
-  s.acc.resize(a.num_heads * a.head_dim);
-  s.row.resize(a.num_kv_heads * a.head_dim);
   for (int64_t b = begin; b < end; ++b) {
     if (a.head_dim == 64)
       a.bf16 ? attend_avx512<uint16_t, 64>(a, b, s) : attend_avx512<float, 64>(a, b, s);
-    else if (a.head_dim == 128)
-      a.bf16 ? attend_avx512<uint16_t, 128>(a, b, s) : attend_avx512<float, 128>(a, b, s);
     else
-      a.bf16 ? attend_range<uint16_t>(a, b, b + 1) : attend_range<float>(a, b, b + 1);
+      a.bf16 ? attend_avx512<uint16_t, 128>(a, b, s) : attend_avx512<float, 128>(a, b, s);
   }
 }
 #undef ETTRL_AVX512
@@ -238,8 +236,9 @@ RangeFn pick_range_fn() {
   __builtin_cpu_init();
 #if defined(__x86_64__)
   const char* no_avx512 = std::getenv("ETTRL_NO_AVX512");  // tests of the portable kernel on an AVX-512 machine
-  if ((no_avx512 == nullptr || *no_avx512 == '\0' || *no_avx512 == '0') && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
+  const bool allowed = no_avx512 == nullptr || *no_avx512 == '\0' || *no_avx512 == '0';
+  if (allowed && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return range_avx512;
 #endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return range_avx2;
@@ -261,14 +260,7 @@ void paged_decode_attention(const DecodeAttentionArgs& a) {
   for (int64_t b = 0; b < a.batch; ++b) keys += a.kv_lens[b];
   // waking a second thread costs microseconds: only worth it with enough keys to share out
   const int64_t useful = 1 + keys * a.num_kv_heads * a.head_dim / kElementsPerThread;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>({a.num_threads, tasks, useful}));
-  // OpenMP, not threads of our own: the extension links the libgomp torch has already loaded (same soname), so
-  // this runs on torch's worker threads instead of competing with them for the cores while they spin-wait.
-#pragma omp parallel num_threads(workers)
-  {
-    const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
-    range(a, tasks * w / n, tasks * (w + 1) / n);
-  }
+  parallel_ranges(tasks, std::min<int64_t>(a.num_threads, useful), [&](int64_t b, int64_t e) { range(a, b, e); });
 }
 
 }  // namespace ettrl
