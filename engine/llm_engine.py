@@ -78,6 +78,7 @@ class LLMEngine:
 
         It shares the parent's KV blocks of tokens[:position - 1] (copy-on-write for a partially shared block),
         joins the running batch, and its first step is a decode step on token position - 1: no prefill.
+        When more sequences run than max_num_seqs, a fork yields to its ancestors' generation (fork_depth).
         exclude_token forbids one token at `position` (distinct branches).
         """
         if parent.status == SequenceStatus.WAITING or not parent.block_table and position > 1:
@@ -92,6 +93,7 @@ class LLMEngine:
         child.entropies = parent.entropies[:position - parent.num_prompt_tokens]
         child.exclude_token = -1 if exclude_token is None else exclude_token
         child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
+        child.fork_depth = parent.fork_depth + 1
         self._check_fits(child)
         self.kv.share_prefix(parent, child, position - 1)
         self.scheduler.add_running(child)

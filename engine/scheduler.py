@@ -1,6 +1,7 @@
 """Continuous batching: each step is either a prefill of waiting sequences or one decode token for every running
 one. When blocks run out, cached prefixes are evicted first, then the most recently admitted sequences are
-preempted (their blocks released, their tokens kept) and recomputed later from their tokens."""
+preempted (their blocks released, their tokens kept) and recomputed later from their tokens. When more sequences
+run than max_num_seqs, those of lower fork depth decode first (round robin within a depth)."""
 from collections import deque
 
 from engine.config import EngineConfig
@@ -47,8 +48,10 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled, num_tokens = [], 0
-        while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
+            if self._num_decoding_before(seq) + len(scheduled) >= self.max_num_seqs:
+                break
             if scheduled and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
             if not self.kv.admit(seq):
@@ -59,7 +62,15 @@ class Scheduler:
         self.running += scheduled
         return scheduled
 
+    def _num_decoding_before(self, seq: Sequence) -> int:
+        """Running sequences that take a decode slot before `seq` would (a root is admitted past forks)."""
+        return sum(1 for other in self.running if other.fork_depth <= seq.fork_depth)
+
     def _schedule_decode(self) -> list[Sequence]:
+        if len(self.running) > self.max_num_seqs:
+            # Sequences that may still be forked (roots) go first: their forks can only start once they
+            # finish, so a root left to wait behind forks stretches the tail of a tree with a half-empty batch.
+            self.running.sort(key=lambda seq: seq.fork_depth)  # stable: round robin within a depth
         queue = deque(self.running[:self.max_num_seqs])
         rest = self.running[self.max_num_seqs:]
         scheduled = []

@@ -35,6 +35,7 @@ class Sequence:
         self.request_id = None
         self.parent_uid: int | None = None
         self.fork_position: int | None = None
+        self.fork_depth = 0            # forks of forks count up; with a full batch, lower depths decode first
 
     def __len__(self):
         return len(self.token_ids)
