@@ -2,8 +2,9 @@
 
 For each (N, B): M(1 + B N) leaves per prompt from `LLM.sample_tree` against n = M(1 + B N) samples per
 prompt from `LLM.generate`. Reports the decoded-token ratio (engine counters of both runs), the same ratio
-within the tree's own leaves, the paper's theory (1 + 0.5 B N) / (1 + B N), the wall-clock ratio, leaves/s,
-distinct answers per prompt, and how often the two majority votes agree. Medians of --repeats runs.
+within the tree's own leaves, the paper's theory (1 + 0.5 B N) / (1 + B N) (forks uniform over the response: mean
+depth 0.5) and the same theory at the measured mean fork depth d, (1 + B N (1 - d)) / (1 + B N), the wall-clock
+ratio, leaves/s, distinct answers per prompt, and how often the two majority votes agree. Medians of --repeats runs.
 
 Both runs are timed with a full decode batch (prompts * trees >= --max-num-seqs), the regime of test-time RL
 with many prompts: there wall-clock follows tokens. With a batch that is never full, wall-clock follows the
@@ -11,6 +12,8 @@ number of steps instead, and a tree needs root + branch steps in sequence.
 
     python bench/tree_vs_parallel.py            # SmolLM2-135M, 8 prompts, M=12, (N,B) = (2,2), (3,2), batch 64
     python bench/tree_vs_parallel.py --quick    # 1 prompt, one run, (2,2) only, batch 8
+    python bench/tree_vs_parallel.py --data ../shared/data/math500.jsonl --prompt chat --max-tokens 192
+                                                # long free-form answers, where forks spread over the response
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 from dataclasses import replace
 
 from engine import LLM, SamplingParams, TreeParams
-from ettrl import arithmetic
+from ettrl.data import load_problems
 from ettrl.grading import extract_answer, is_equivalent
 from ettrl.prompts import build_prompt, stop_strings
 from ettrl.rewards import majority_vote
@@ -32,6 +35,8 @@ def parse_args():
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--data", default="arithmetic", help="arithmetic (built-in, level 1) or a JSONL/JSON/Parquet file")
+    p.add_argument("--prompt", default="fewshot", choices=["fewshot", "plain", "chat"], help="prompt style (ettrl.prompts)")
     p.add_argument("--trees", type=int, default=12)
     p.add_argument("--configs", default="2x2,3x2", help="comma-separated NxB fork/branch settings")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -111,22 +116,25 @@ def run_once(llm, prompts, tp: TreeParams, sp: SamplingParams) -> dict:
 
 def main():
     args = parse_args()
-    problems = arithmetic.generate(args.prompts, difficulty=1, seed=args.seed, split="eval")
-    prompts = [build_prompt(p["problem"]) for p in problems]
+    problems = load_problems(args.data, split="eval", size=args.prompts, seed=args.seed, key="--data")
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    prompts = [build_prompt(p.text, args.prompt, llm.tokenizer) for p in problems]
     llm.generate(prompts, SamplingParams(max_tokens=1))  # warm-up: every timed run finds the prompts cached
     rows = []
     for forks, branches in args.configs:
         tp = TreeParams(trees=args.trees, forks=forks, branches=branches, metric=args.metric, distinct=args.distinct)
         runs = []
         for rep in range(args.repeats):
-            sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=stop_strings("fewshot"),
+            sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=stop_strings(args.prompt),
                                 seed=args.seed * 1000 + rep)
             runs.append(run_once(llm, prompts, tp, sp))
             print(f"N={forks} B={branches} run {rep}: " + ", ".join(f"{k}={v:.3g}" for k, v in runs[-1].items()), flush=True)
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         theory = (1 + 0.5 * branches * forks) / (1 + branches * forks)
-        rows.append({"M": args.trees, "N": forks, "B": branches, "leaves": tp.num_leaves, "theory": theory, **median})
+        depth = median["fork_depth"]
+        at_depth = (1 + branches * forks * (1 - depth)) / (1 + branches * forks)  # the theory at the measured depth
+        rows.append({"M": args.trees, "N": forks, "B": branches, "leaves": tp.num_leaves, "theory": theory,
+                     "theory_at_depth": at_depth, **median})
     print_table(rows, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -134,15 +142,15 @@ def main():
 
 
 def print_table(rows, args):
-    print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts, T={args.temperature}, max {args.max_tokens} tokens, "
+    print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts of {args.data} ({args.prompt}), T={args.temperature}, max {args.max_tokens} tokens, "
           f"batch {args.max_num_seqs}, fork metric {args.metric}{' distinct' if args.distinct else ''}, "
           f"median of {args.repeats}")
-    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | "
+    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | theory at that depth | "
           "wall tree/parallel | steps tree/parallel | leaves/s tree | leaves/s parallel | distinct answers tree / parallel | majority agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['M']} | {r['N']} | {r['B']} | {r['leaves']} | {r['theory']:.3f} | {r['token_ratio']:.3f} | "
-              f"{r['leaf_token_ratio']:.3f} | {r['fork_depth']:.2f} | {r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
+              f"{r['leaf_token_ratio']:.3f} | {r['fork_depth']:.2f} | {r['theory_at_depth']:.3f} | {r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
               f"{r['parallel_leaves_per_s']:.2f} | {r['tree_distinct']:.1f} / {r['parallel_distinct']:.1f} | "
               f"{r['majority_agreement']:.2f} |")
 
