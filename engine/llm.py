@@ -6,6 +6,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model
+from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
 
@@ -71,20 +72,25 @@ class LLM:
         self._next_request_id = 0
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
-        """prompts: list of str or of token-id lists (one str or id list is accepted too)."""
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: list of str or of token-id lists (one str or id list is accepted too).
+        use_tqdm: a progress bar over finished responses with the decode rate."""
         prompts, params = per_prompt(prompts, sampling_params or SamplingParams())
         requests = []  # (prompt text, prompt ids, sequences); all validated before any is queued
         for prompt, p in zip(prompts, params):
             ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             requests.append((prompt if isinstance(prompt, str) else None, ids, self.engine.make_sequences(ids, p)))
+        progress = Progress(self.engine, sum(len(seqs) for *_, seqs in requests), "generate", use_tqdm)
         try:
             for _, _, seqs in requests:
                 self.engine.add_sequence(seqs[0])
             while self.engine.has_unfinished():
-                for seq in self.engine.step():
+                finished = self.engine.step()
+                for seq in finished:
                     self.engine.free(seq)
+                progress.update(len(finished))
         finally:  # after an error (or KeyboardInterrupt) leave no live sequence behind
+            progress.close()
             for _, _, seqs in requests:
                 for seq in seqs:
                     if seq.block_table or seq.status != SequenceStatus.FINISHED:
@@ -102,11 +108,12 @@ class LLM:
         self._need_tokenizer("chat")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams | list[SamplingParams]):
+    def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams | list[SamplingParams],
+                    use_tqdm: bool = False):
         """ETMR tree rollouts (engine/tree.py): M roots per prompt, B branches at each of N fork points.
-        sampling_params: one for all prompts or one per prompt (each its own seed)."""
+        sampling_params: one for all prompts or one per prompt (each its own seed). use_tqdm: a progress bar."""
         from engine.tree import sample_tree
-        return sample_tree(self, prompts, tree_params, sampling_params)
+        return sample_tree(self, prompts, tree_params, sampling_params, use_tqdm=use_tqdm)
 
     def update_weights(self, named_tensors) -> int:
         """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from engine.llm import per_prompt
+from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.tree_select import fork_positions
@@ -95,8 +96,8 @@ class TreeResult:
     stats: TreeStats = field(default_factory=TreeStats)
 
 
-def sample_tree(llm, prompts, tree_params: TreeParams,
-                sampling_params: SamplingParams | list[SamplingParams]) -> list[TreeResult]:
+def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams | list[SamplingParams],
+                use_tqdm: bool = False) -> list[TreeResult]:
     """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring.
 
     `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
@@ -108,14 +109,18 @@ def sample_tree(llm, prompts, tree_params: TreeParams,
             raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={p.n}")
     prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     seeds = [p.seed if p.seed is not None else random.getrandbits(63) for p in params]
-    return _TreeRun(llm, tree_params, params).run(prompt_ids, seeds)
+    progress = Progress(llm.engine, len(prompt_ids) * tree_params.num_leaves, "trees", use_tqdm)
+    try:
+        return _TreeRun(llm, tree_params, params, progress).run(prompt_ids, seeds)
+    finally:
+        progress.close()
 
 
 class _TreeRun:
     """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
 
-    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams]):
-        self.llm, self.engine = llm, llm.engine
+    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress):
+        self.llm, self.engine, self.progress = llm, llm.engine, progress
         self.decode = llm.decode if llm.tokenizer is not None else None
         self.tp, self.params = tree_params, sampling_params  # one SamplingParams per prompt
         self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
@@ -151,6 +156,7 @@ class _TreeRun:
         if f is None:
             self._fork_branches(seq, i, r, leaf)
         self.engine.free(seq)
+        self.progress.update()
         self.live[i] -= 1
         if self.live[i] == 0:
             result.stats.wall_seconds = time.perf_counter() - self.start
@@ -161,6 +167,7 @@ class _TreeRun:
         positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode)
         result = self.results[i]
         result.fork_positions[r] = positions
+        self.progress.shrink((self.tp.forks - len(positions)) * self.tp.branches)
         for f, t in enumerate(positions):
             exclude = leaf.token_ids[t] if self.tp.distinct else None
             for b in range(self.tp.branches):

@@ -12,18 +12,19 @@ def sampling_params(rcfg, stop: list[str], seed: int, n: int):
                           stop=stop, seed=seed)
 
 
-def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop: list[str], seed: int) -> list[Group]:
-    """One Group per problem; `decoded_tokens` is what the engine actually decoded for it."""
+def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop: list[str], seed: int,
+            progress: bool = False) -> list[Group]:
+    """One Group per problem; `decoded_tokens` is what the engine actually decoded for it. progress: a bar."""
     r = cfg.rollout
     seeds = [(seed + i) % 2**63 for i in range(len(prompt_ids))]  # each prompt its own noise
     if not cfg.tree:
-        outs = llm.generate(prompt_ids, [sampling_params(r, stop, s, r.n_votes) for s in seeds])
+        outs = llm.generate(prompt_ids, [sampling_params(r, stop, s, r.n_votes) for s in seeds], use_tqdm=progress)
         return [Group(p, ids, [_response(o) for o in out.outputs], sum(len(o.token_ids) for o in out.outputs))
                 for p, ids, out in zip(problems, prompt_ids, outs)]
     from engine import TreeParams
 
     tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric, distinct=r.distinct)
-    trees = llm.sample_tree(prompt_ids, tree_params, [sampling_params(r, stop, s, 1) for s in seeds])
+    trees = llm.sample_tree(prompt_ids, tree_params, [sampling_params(r, stop, s, 1) for s in seeds], use_tqdm=progress)
     return [Group(p, ids, [_response(leaf) for leaf in t.leaves], t.stats.decoded_tokens)
             for p, ids, t in zip(problems, prompt_ids, trees)]
 

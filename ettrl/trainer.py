@@ -139,7 +139,7 @@ class Trainer:
         mine = self.batch_indices(step)[self.rank :: self.world]
         t0 = time.perf_counter()
         groups = rollout(self.llm, [self.train_problems[i] for i in mine], [self.train_ids[i] for i in mine], cfg,
-                         self.stop, mix_seed(cfg.seed, step, 1))
+                         self.stop, mix_seed(cfg.seed, step, 1), progress=self.rank == 0)
         rollout_s = time.perf_counter() - t0
         samples, per_prompt = [], []
         for i, g in zip(mine, groups):

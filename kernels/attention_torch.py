@@ -60,6 +60,7 @@ class TorchPagedAttention:
         self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
         self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
         self.plan_: StepPlan | None = None
+        self._rope_checked = None  # (plan, StepRope) whose step tensors the fused rope op has checked
 
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
         """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
@@ -99,12 +100,17 @@ class TorchPagedAttention:
         return self._attend(layer, q)
 
     def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
-        """The same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D] and its StepRope."""
+        """The same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D] and its StepRope.
+        The step's shared tensors (slots, positions, rope tables; caches and norms alike in every layer) are
+        checked in the first layer of a step only."""
+        step = (self.plan_, rope)
+        checked = self._rope_checked is not None and all(a is b for a, b in zip(step, self._rope_checked))
         q = fused_ops.rope_and_cache(qkv, self.k_slots[layer], self.v_slots[layer], self.plan_.slot_mapping,
                                      rope.positions, rope.table.cos, rope.table.sin, self.num_heads, self.kv_heads,
                                      self.head_dim, None if q_norm is None else q_norm.weight,
                                      None if k_norm is None else k_norm.weight,
-                                     1e-6 if q_norm is None else q_norm.eps)
+                                     1e-6 if q_norm is None else q_norm.eps, step_checked=checked)
+        self._rope_checked = step
         return self._attend(layer, q)
 
     def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:

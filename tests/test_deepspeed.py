@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_model, make_tiny_task  # noqa: E402
 
 pytest.importorskip("deepspeed")
 
@@ -84,9 +84,7 @@ def test_torchrun_launches_two_gloo_trainers(tmp_path):
 
     import yaml
 
-    make_tiny_model(tmp_path / "model", tied=False, favour="0123456789", strength=6.0)
-    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    make_tiny_task(tmp_path, num_problems=4, data_file="p.jsonl")
     config = {"name": "tiny", "save_every": 2, "model": {"name": str(tmp_path / "model")},
               "data": {"train": str(tmp_path / "p.jsonl"), "eval": "", "prompt": "plain"},
               "rollout": {"n_votes": 6, "n_train": 4, "max_tokens": 16, "temperature": 1.0, "last_number_fallback": True},

@@ -136,3 +136,11 @@ def test_update_weights_refused_while_sequences_are_live(llm):
         llm.update_weights({})
     llm.engine.free(seqs[0])
     assert llm.update_weights({}) == 0
+
+
+def test_generate_progress_bar(llm, capsys):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=4, ignore_eos=True)
+    quiet = llm.generate([PROMPT, PROMPT[:5]], params)
+    shown = llm.generate([PROMPT, PROMPT[:5]], params, use_tqdm=True)
+    assert [[c.token_ids for c in o.outputs] for o in shown] == [[c.token_ids for c in o.outputs] for o in quiet]
+    assert "generate" in capsys.readouterr().out

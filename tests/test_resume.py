@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_task  # noqa: E402
 
 STEPS = 4
 
@@ -21,9 +21,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    make_tiny_model(root / "model", tied=False, favour="0123456789", strength=6.0)
-    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)]
-    (root / "problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    make_tiny_task(root)
     config = {
         "name": "tiny", "method": "ttrl", "save_every": 1,
         "model": {"name": str(root / "model")},

@@ -1,6 +1,5 @@
 """One full step of every method on a tiny random model: the step lowers the GRPO loss it optimised, the
 weights move, and afterwards the engine's log-probabilities equal the trainer's (the sync worked)."""
-import json
 import sys
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_task  # noqa: E402
 
 from engine import SamplingParams  # noqa: E402
 from ettrl.config import METHODS, load_config  # noqa: E402
@@ -20,9 +19,7 @@ from ettrl.trainer import Trainer  # noqa: E402
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(root / "model", tied=False, favour="0123456789", strength=6.0)
-    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)]
-    (root / "problems.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    make_tiny_task(root)
     return root
 
 

@@ -222,3 +222,31 @@ def test_bad_tree_params_are_rejected():
 def test_n_other_than_one_is_rejected(llm):
     with pytest.raises(ValueError, match="n == 1"):
         llm.sample_tree(PROMPTS, TreeParams(), params(n=4))
+
+
+def test_progress_bar_counts_every_leaf(llm, monkeypatch, capsys):
+    """use_tqdm: the bar's total shrinks for roots too short for N forks and ends at the number of leaves."""
+    import engine.tree
+    from engine.progress import Progress
+
+    bars = []
+
+    class Recording(Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.done = 0
+            bars.append(self)
+
+        def update(self, finished: int = 1):
+            super().update(finished)
+            self.done += finished
+
+    monkeypatch.setattr(engine.tree, "Progress", Recording)
+    tp = TreeParams(trees=4, forks=6, branches=1)
+    quiet = llm.sample_tree(PROMPTS, tp, params())
+    shown = llm.sample_tree(PROMPTS, tp, params(), use_tqdm=True)
+    assert [[leaf.token_ids for leaf in t.leaves] for t in shown] == [[leaf.token_ids for leaf in t.leaves] for t in quiet]
+    leaves = sum(len(t.leaves) for t in shown)
+    assert leaves < len(PROMPTS) * tp.num_leaves  # some roots were too short: the total had to shrink
+    assert bars[-1].done == bars[-1].bar.total == leaves
+    assert "trees" in capsys.readouterr().out

@@ -63,18 +63,34 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_and_cache(qkv: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
                    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None = None,
-                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, step_checked: bool = False) -> torch.Tensor:
     """Rotated queries [T, num_heads, head_dim]; the rotated keys and the values go into their cache slots.
 
     qkv: [T, (num_heads + 2 num_kv_heads) head_dim] (q | k | v per row); k_slots, v_slots: [slots, kv_heads * head_dim]
     of one layer; slot_mapping, positions: int64 [T]; cos_table, sin_table: fp32 [max_positions, head_dim / 2];
     q_norm, k_norm: per-head RMSNorm weights [head_dim] applied before the rotation (Qwen3), or None.
+    step_checked: every argument but qkv passed these checks earlier in this step (an earlier layer's call with the
+    same step tensors and a cache and norms of the same shape), so only qkv is checked.
     """
     t, dtype = qkv.shape[0], qkv.dtype
     _check("rope_and_cache qkv", qkv, dtype, 2)
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"rope_and_cache: qkv has {qkv.shape[1]} features, expected "
                          f"({num_heads} + 2 x {num_kv_heads}) x {head_dim} with an even head_dim")
+    if not step_checked:
+        _check_rope_step(t, dtype, k_slots, v_slots, slot_mapping, positions, cos_table, sin_table, num_kv_heads,
+                         head_dim, q_norm, k_norm)
+    q = qkv.new_empty(t, num_heads, head_dim)
+    _ops().rope_and_cache(qkv.data_ptr(), q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), slot_mapping.data_ptr(),
+                          positions.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
+                          0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
+                          norm_eps, t, num_heads, num_kv_heads, head_dim, dtype == torch.bfloat16,
+                          torch.get_num_threads())
+    return q
+
+
+def _check_rope_step(t, dtype, k_slots, v_slots, slot_mapping, positions, cos_table, sin_table, num_kv_heads,
+                     head_dim, q_norm, k_norm) -> None:
     for name, cache in (("k_slots", k_slots), ("v_slots", v_slots)):
         _check(f"rope_and_cache {name}", cache, dtype, 2)
         if cache.shape[1] != num_kv_heads * head_dim:
@@ -92,10 +108,3 @@ def rope_and_cache(qkv: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
             _check(f"rope_and_cache {name}", w, dtype, 1)
     if (q_norm is None) != (k_norm is None):
         raise ValueError("rope_and_cache: give both q_norm and k_norm or neither")
-    q = qkv.new_empty(t, num_heads, head_dim)
-    _ops().rope_and_cache(qkv.data_ptr(), q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), slot_mapping.data_ptr(),
-                          positions.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
-                          0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
-                          norm_eps, t, num_heads, num_kv_heads, head_dim, dtype == torch.bfloat16,
-                          torch.get_num_threads())
-    return q

@@ -28,6 +28,17 @@ def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
 
 
+class OptimizerState:
+    """What a checkpoint keeps of a backend besides the weights: its optimizer's and scheduler's state."""
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
 def make_backend(model, tcfg, total_steps: int, micro_batches_per_step: int):
     if tcfg.backend == "torch":
         from ettrl.backends.torch_backend import TorchBackend

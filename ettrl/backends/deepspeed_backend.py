@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ettrl.backends import cosine_with_warmup, make_optimizer
+from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:
@@ -26,7 +26,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(OptimizerState):
     def __init__(self, model, tcfg, total_steps: int, micro_batches_per_step: int):
         import deepspeed
 
@@ -75,13 +75,6 @@ class DeepSpeedBackend:
 
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {name: p.detach().clone() for name, p in params.items()}
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ettrl.backends import cosine_with_warmup, make_optimizer
+from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer
 
 
-class TorchBackend:
+class TorchBackend(OptimizerState):
     rank, world_size = 0, 1
 
     def __init__(self, model, tcfg, total_steps: int):
@@ -29,13 +29,6 @@ class TorchBackend:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
