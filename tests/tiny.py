@@ -5,7 +5,18 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import byte_tokenizer
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet() is unordered
+    for i, special in enumerate(["<|endoftext|>", "<|pad|>"]):
+        vocab[special] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
 def make_tiny_model(path: Path, seed: int = 0, tied: bool = True, favour: str = "", strength: float = 0.0) -> Path:
@@ -14,7 +25,7 @@ def make_tiny_model(path: Path, seed: int = 0, tied: bool = True, favour: str = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     gen = torch.Generator().manual_seed(seed)
-    tokenizer = byte_tokenizer(eos="<|endoftext|>", pad="<|pad|>")
+    tokenizer = byte_tokenizer()
     config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=tied, bos_token_id=None, eos_token_id=256, pad_token_id=257)

@@ -34,17 +34,16 @@ def make_tiny_model(kind: str, directory: Path, seed: int = 0, max_shard_size: s
     return model
 
 
-def byte_tokenizer(eos: str = "<eos>", pad: str | None = None):
-    """Byte-level tokenizer: ids 0..255 are bytes, 256 is `eos`, 257 `pad` if given; fits the tiny vocabularies."""
+def byte_tokenizer():
+    """Byte-level tokenizer: ids 0..255 are bytes, 256 is <eos>; fits the tiny vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    specials = [eos] + ([pad] if pad else [])
-    vocab.update((token, 256 + i) for i, token in enumerate(specials))
+    vocab["<eos>"] = 256
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
