@@ -74,6 +74,12 @@ def distinct_answers(answers: list[str | None]) -> int:
     return len({c for c in vote.class_ids if c >= 0})
 
 
+def token_theory(forks: int, branches: int, depth: float = 0.5) -> float:
+    """Tokens decoded relative to parallel sampling when every fork sits at `depth` of its root's length and each
+    leaf is as long as its root: (1 + B N (1 - depth)) / (1 + B N); depth 0.5 is the paper's uniform forks."""
+    return (1 + branches * forks * (1 - depth)) / (1 + branches * forks)
+
+
 def mean_fork_depth(trees) -> float:
     """Mean fork position as a fraction of its root's length; the paper's theory assumes 0.5 (uniform forks)."""
     depths = [t / len(leaf.token_ids) for tree in trees for leaf in tree.leaves if leaf.fork_position is None
@@ -130,11 +136,9 @@ def main():
             runs.append(run_once(llm, prompts, tp, sp))
             print(f"N={forks} B={branches} run {rep}: " + ", ".join(f"{k}={v:.3g}" for k, v in runs[-1].items()), flush=True)
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        theory = (1 + 0.5 * branches * forks) / (1 + branches * forks)
-        depth = median["fork_depth"]
-        at_depth = (1 + branches * forks * (1 - depth)) / (1 + branches * forks)  # the theory at the measured depth
-        rows.append({"M": args.trees, "N": forks, "B": branches, "leaves": tp.num_leaves, "theory": theory,
-                     "theory_at_depth": at_depth, **median})
+        at_depth = token_theory(forks, branches, median["fork_depth"])
+        rows.append({"M": args.trees, "N": forks, "B": branches, "leaves": tp.num_leaves,
+                     "theory": token_theory(forks, branches), "theory_at_depth": at_depth, **median})
     print_table(rows, args)
     if args.json:
         with open(args.json, "w") as f:
