@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "entropy_sample.h"
 #include "fused_ops.h"
 #include "paged_attention.h"
 
@@ -53,8 +54,18 @@ static void silu_and_mul(uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t
   ettrl::silu_and_mul(ptr(gate_up), ptr(out), rows, inter, bf16, num_threads);
 }
 
+static void entropy_sample(uintptr_t logits, uintptr_t inv_temp, uintptr_t greedy, uintptr_t keys, uintptr_t exclude,
+                           uintptr_t tokens, uintptr_t logprobs, uintptr_t entropies, int64_t batch, int64_t vocab,
+                           int num_threads) {
+  ettrl::EntropySampleArgs a{ptr<const float>(logits), ptr<const float>(inv_temp), ptr<const uint8_t>(greedy),
+                             ptr<const int32_t>(keys), ptr<const int64_t>(exclude), ptr<int64_t>(tokens),
+                             ptr<float>(logprobs), ptr<float>(entropies), batch, vocab, num_threads};
+  py::gil_scoped_release release;
+  ettrl::entropy_sample_rows(a);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention and fused layer ops (CPU)";
+  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention, fused layer ops and entropy_sample (CPU)";
   py::class_<BlockAllocator>(m, "BlockAllocator")
       .def(py::init<int64_t>(), py::arg("num_blocks"))
       .def("allocate", &BlockAllocator::allocate, py::arg("n"))
@@ -79,6 +90,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("slots"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("q_norm"), py::arg("k_norm"),
         py::arg("norm_eps"), py::arg("tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
         py::arg("bf16"), py::arg("num_threads"));
+  m.def("entropy_sample", &entropy_sample, py::arg("logits"), py::arg("inv_temp"), py::arg("greedy"), py::arg("keys"),
+        py::arg("exclude"), py::arg("tokens"), py::arg("logprobs"), py::arg("entropies"), py::arg("batch"),
+        py::arg("vocab"), py::arg("num_threads"));
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
 }

@@ -22,4 +22,8 @@ struct DecodeAttentionArgs {
 // Query head i attends with KV head i / (num_heads / num_kv_heads), as Hugging Face's repeat_kv does.
 void paged_decode_attention(const DecodeAttentionArgs& args);
 
+// The AVX-512 kernel (paged_attention_avx512.cpp: 16-key tiles, online softmax, shared prefixes read once) on up
+// to `workers` threads; false, having done nothing, where it does not apply (head size, block size, no x86-64).
+bool paged_decode_attention_avx512(const DecodeAttentionArgs& args, int workers);
+
 }  // namespace ettrl

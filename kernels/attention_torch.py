@@ -8,7 +8,10 @@ Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so G
 
 Decode steps of fp32/bf16 caches go to the C++ kernel `engine._C.paged_decode_attention` instead, which reads
 keys and values in place through the block tables: no gather, no padding, no mask (batch 64, 140-400 keys, 2 cores:
-1.4-1.8x faster than gather + SDPA in bf16, 2.3-4.9x in fp32). The torch path stays the reference for it.
+1.4-1.8x faster than gather + SDPA in bf16, 2.3-4.9x in fp32). With AVX-512 it works in 16-key tiles with an online
+softmax and reads a prefix that several sequences share (same leading blocks: the n samples of a prompt, a tree's
+branches) once for all of them, bit-identical to reading it per sequence (csrc/paged_attention_avx512.cpp). The
+torch path stays the reference for it.
 """
 from dataclasses import dataclass
 

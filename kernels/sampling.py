@@ -119,7 +119,9 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
                    positions=0, exclude=None, backend: str = "auto"):
     """Sample one token per row of logits [B, V] (float32 or bfloat16).
 
-    Every parameter is a python scalar or a per-row tensor [B]. seq_ids defaults to the row index, which makes
+    backend: "auto" (Triton for CUDA tensors; on the CPU the C++ op for float32 logits without top-k/top-p,
+    kernels/sampling_cpu.py, else torch), "torch" or "triton". Every parameter is a python scalar or a per-row
+    tensor [B]. seq_ids defaults to the row index, which makes
     the noise depend on row order: pass real sequence ids for batch-invariant sampling. The noise is a pure
     function of (seed, seq_id, position, token), so vary `positions` (or seeds) between calls.
     Returns (tokens int64 [B], logprobs float32 [B], entropies float32 [B]).
@@ -134,5 +136,11 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
     if resolve_backend(backend, logits) == "triton":
         from kernels.sampling_triton import entropy_sample_triton
         return entropy_sample_triton(logits, params)
+    if backend == "auto":
+        from kernels import sampling_cpu
+        if sampling_cpu.applies(logits, params):
+            result = sampling_cpu.entropy_sample_cpu(logits, params)
+            if result is not None:
+                return result
     from kernels.sampling_torch import entropy_sample_torch
     return entropy_sample_torch(logits, params)

@@ -94,3 +94,82 @@ def test_portable_kernel_matches_dense():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "ETTRL_NO_AVX512": "1"}
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=300)
+
+
+def shared_prefix_pool(lens, shared_blocks, block_size, heads, kv_heads, dim, dtype, seed):
+    """Block tables whose first shared_blocks[i] blocks are those of sequence 0 (the n samples of a prompt, a
+    tree's branches); other blocks are private and scattered. Block 0 is a real block of sequence 0, so table
+    padding (also 0) must never count as shared."""
+    g = torch.Generator().manual_seed(seed)
+    nblocks = [-(-n // block_size) for n in lens]
+    owned = [nblocks[0]] + [n - s for n, s in zip(nblocks[1:], shared_blocks[1:])]
+    pool = sum(owned) + 2
+    order = [0] + (torch.randperm(pool - 1, generator=g) + 1).tolist()
+    k_cache = torch.randn(1, pool, block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(1, pool, block_size, kv_heads, dim, generator=g).to(dtype)
+    tables, start = [order[:nblocks[0]]], nblocks[0]
+    for n, s in zip(nblocks[1:], shared_blocks[1:]):
+        tables.append(tables[0][:s] + order[start:start + n - s])
+        start += n - s
+    width = max(nblocks)
+    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    dense = [(k_cache[0, t].reshape(-1, kv_heads, dim)[:n], v_cache[0, t].reshape(-1, kv_heads, dim)[:n])
+             for t, n in zip(tables, lens)]
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    return k_cache, v_cache, table_tensor, dense, q
+
+
+def run_kernel(k_cache, v_cache, tables, lens, q, heads, kv_heads, dim, block_size):
+    from engine import _C
+
+    out = torch.empty_like(q)
+    k, v = k_cache[0].reshape(-1, kv_heads * dim), v_cache[0].reshape(-1, kv_heads * dim)
+    tables, kv_lens = tables.contiguous(), torch.tensor(lens, dtype=torch.int64)
+    _C.paged_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tables.data_ptr(),
+                              kv_lens.data_ptr(), len(lens), heads, kv_heads, dim, tables.shape[1], block_size,
+                              dim ** -0.5, q.dtype == torch.bfloat16, 2)
+    return out
+
+
+SHARED_CASES = [  # (kv lengths, leading blocks each shares with sequence 0): samples of one prompt, tree branches
+    ([150, 150, 149, 151, 200, 40, 33, 7], [0, 9, 9, 9, 9, 2, 2, 0]),
+    ([64, 65, 64, 90, 17], [0, 4, 4, 3, 1]),
+    ([31, 40], [0, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("block_size", [16, 4, 32])
+@pytest.mark.parametrize("case", range(len(SHARED_CASES)))
+def test_shared_prefix_attention_matches_dense(dtype, heads, kv_heads, dim, block_size, case):
+    """Sequences that share leading KV blocks (read once per group by the AVX-512 kernel) get exact attention."""
+    if decode_kernel(torch.empty(1, dtype=dtype)) is None:
+        pytest.skip("engine._C has no paged_decode_attention")
+    lens, shared = SHARED_CASES[case]
+    shared = [min(s * 16 // block_size, -(-n // block_size)) for s, n in zip(shared, lens)]
+    k_cache, v_cache, tables, dense, q = shared_prefix_pool(lens, shared, block_size, heads, kv_heads, dim, dtype,
+                                                            seed=case + dim)
+    out = run_kernel(k_cache, v_cache, tables, lens, q, heads, kv_heads, dim, block_size)
+    for i, (keys, values) in enumerate(dense):
+        torch.testing.assert_close(out[i].double(), dense_reference(q[i], keys, values, dim ** -0.5),
+                                   **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_attention_is_batch_invariant(dtype):
+    """Bit for bit: a sequence's output is the same alone, in a group that shares its prefix, and in any order."""
+    if decode_kernel(torch.empty(1, dtype=dtype)) is None:
+        pytest.skip("engine._C has no paged_decode_attention")
+    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    lens, shared = SHARED_CASES[0]
+    k_cache, v_cache, tables, _, q = shared_prefix_pool(lens, shared, block_size, heads, kv_heads, dim, dtype, seed=5)
+    together = run_kernel(k_cache, v_cache, tables, lens, q, heads, kv_heads, dim, block_size)
+    for i in range(len(lens)):
+        alone = run_kernel(k_cache, v_cache, tables[i:i + 1], lens[i:i + 1], q[i:i + 1], heads, kv_heads, dim,
+                           block_size)
+        assert torch.equal(alone[0], together[i]), f"sequence {i} differs alone and in the batch"
+    perm = torch.randperm(len(lens), generator=torch.Generator().manual_seed(0))
+    shuffled = run_kernel(k_cache, v_cache, tables[perm], [lens[i] for i in perm], q[perm].contiguous(), heads,
+                          kv_heads, dim, block_size)
+    assert torch.equal(shuffled, together[perm])

@@ -1,0 +1,44 @@
+"""`entropy_sample` through the C++ extension (`engine._C.entropy_sample`): CPU float32 logits, no top-k / top-p.
+
+One call does the whole batch in a few passes over each row while it sits in cache, where the torch path runs a
+dozen vocabulary-wide ops (SmolLM2, 64 x 49152: ~1 ms instead of ~10 on 2 cores). Same semantics and noise as
+the torch path, which stays the reference: the statistics agree to float rounding and the tokens are the same
+except where two scores tie within the last bits of their `log`s (as for the Triton kernel).
+"""
+import torch
+
+from kernels.sampling import RowParams
+
+
+def cpp_kernel():
+    """engine._C.entropy_sample, or None where the extension is not built."""
+    try:
+        from engine import _C
+    except ImportError:
+        return None
+    return getattr(_C, "entropy_sample", None)
+
+
+def applies(logits: torch.Tensor, params: RowParams) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and not params.truncated
+            and cpp_kernel() is not None)
+
+
+def entropy_sample_cpu(logits: torch.Tensor, params: RowParams):
+    """(tokens, logprobs, entropies), or None if a row has NaN/+inf logits or no allowed token (the torch path
+    then raises its error for it)."""
+    batch, vocab = logits.shape
+    logits = logits.contiguous()
+    inv_temp = params.inv_temp.contiguous()
+    greedy = params.greedy.to(torch.uint8)
+    keys = params.keys.to(torch.int32).contiguous()
+    exclude = params.exclude.to(torch.int64).contiguous()
+    tokens = torch.empty(batch, dtype=torch.int64)
+    logprobs = torch.empty(batch, dtype=torch.float32)
+    entropies = torch.empty(batch, dtype=torch.float32)
+    cpp_kernel()(logits.data_ptr(), inv_temp.data_ptr(), greedy.data_ptr(), keys.data_ptr(), exclude.data_ptr(),
+                 tokens.data_ptr(), logprobs.data_ptr(), entropies.data_ptr(), batch, vocab,
+                 torch.get_num_threads())
+    if batch and int(tokens.min()) < 0:
+        return None
+    return tokens, logprobs, entropies

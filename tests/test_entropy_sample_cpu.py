@@ -1,0 +1,89 @@
+"""The C++ entropy_sample (CPU float32, no top-k/top-p) against the torch path and brute-force references."""
+import pytest
+import torch
+
+import kernels
+from kernels import sampling_cpu
+from kernels.sampling import row_params
+from kernels.sampling_torch import entropy_sample_torch
+from kernels.noise import row_keys
+from test_entropy_sample import reference_stats, reference_tokens
+
+pytestmark = pytest.mark.skipif(sampling_cpu.cpp_kernel() is None, reason="engine._C has no entropy_sample")
+
+
+def lm_like(batch, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 2 - torch.rand(vocab, generator=g) * 20
+    logits[:, torch.randint(vocab, (5,), generator=g)] += 15
+    return logits
+
+
+CASES = [  # (logits, per-row keyword arguments of entropy_sample)
+    (lambda: lm_like(16, 49152, 0), {"temperature": 0.6}),
+    (lambda: lm_like(8, 1003, 1), {"temperature": torch.tensor([0.0, 0.6, 1.0, 1.7, 0.0, 0.3, 0.9, 2.0])}),
+    (lambda: torch.randn(6, 4099) * 4, {"temperature": 1.0, "exclude": torch.tensor([0, -1, 4098, 7, -1, 31])}),
+    (lambda: torch.randn(4, 31), {"temperature": 0.8}),  # one partial block of 32
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpp_matches_torch_path(case):
+    make, kwargs = CASES[case]
+    logits = make()
+    logits[0, :5] = float("-inf")  # -inf logits add nothing to the sums
+    batch = logits.shape[0]
+    mismatches = 0
+    for position in range(30):
+        params = row_params(logits, kwargs.get("temperature", 1.0), -1, 1.0, 11, torch.arange(batch), position,
+                            kwargs.get("exclude"))
+        assert sampling_cpu.applies(logits, params)
+        want = entropy_sample_torch(logits, params)
+        got = sampling_cpu.entropy_sample_cpu(logits, params)
+        mismatches += int((want[0] != got[0]).sum())
+        torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5)
+    assert mismatches == 0  # ties within the last bits of the two `log`s are possible in principle, not here
+
+
+def test_cpp_tokens_and_stats_match_brute_force():
+    logits = lm_like(12, 3000, 3)
+    temps = torch.tensor([0.7] * 6 + [0.0] * 2 + [1.3] * 4)
+    for position in range(10):
+        keys = row_keys(torch.full((12,), 5), torch.arange(12), torch.full((12,), position))
+        tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temps, seeds=5,
+                                                             seq_ids=torch.arange(12), positions=position)
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        sampled = reference_tokens(logits, torch.where(temps == 0, 1.0, temps)[:, None], allowed, keys)
+        expected = torch.where(temps == 0, logits.argmax(-1), sampled)
+        assert torch.equal(tokens, expected)
+        logp, entropy = reference_stats(logits, temps)
+        torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(entropies.double(), entropy, atol=1e-4, rtol=0)
+
+
+def test_auto_backend_uses_cpp_where_it_applies(monkeypatch):
+    calls = []
+    real = sampling_cpu.entropy_sample_cpu
+    monkeypatch.setattr(sampling_cpu, "entropy_sample_cpu", lambda *a: calls.append(1) or real(*a))
+    logits = torch.randn(3, 100)
+    kernels.entropy_sample(logits, temperature=0.7)
+    assert calls == [1]
+    kernels.entropy_sample(logits, temperature=0.7, top_p=0.9)       # truncation: the torch path
+    kernels.entropy_sample(logits.bfloat16(), temperature=0.7)       # bfloat16 logits: the torch path
+    kernels.entropy_sample(logits, temperature=0.7, backend="torch")  # asked for by name
+    assert calls == [1]
+
+
+def test_cpp_bad_rows_raise_the_torch_paths_errors():
+    logits = torch.randn(3, 40)
+    logits[2, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.entropy_sample(logits)
+    logits[2, 4] = float("inf")
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        kernels.entropy_sample(logits)
+    one_hot = torch.full((2, 40), float("-inf"))
+    one_hot[:, 3] = 0.0
+    with pytest.raises(ValueError, match="nonzero probability"):
+        kernels.entropy_sample(one_hot, exclude=torch.tensor([-1, 3]))
