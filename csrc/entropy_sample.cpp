@@ -6,18 +6,10 @@
 
 #include "fast_exp.h"
 #include "parallel_ranges.h"
-
-// Each pass is compiled for AVX-512, AVX2 and the baseline; the loader picks the widest the CPU has (ifunc).
-#if defined(__x86_64__) && defined(__linux__)
-#define ETTRL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ETTRL_CLONES
-#endif
+#include "target_clones.h"
 
 namespace ettrl {
 namespace {
-
-constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
 
 // noise.py: bits = lowbias32(key ^ token), u = ((bits >> 8) | 1) * 2^-24, and the score is x - log(-log(u)).
 inline uint32_t mix32(uint32_t h) {
@@ -133,8 +125,7 @@ void sample_row(const EntropySampleArgs& a, int64_t r, float* x, float* block_ma
 }  // namespace
 
 void entropy_sample_rows(const EntropySampleArgs& a) {
-  const int64_t workers = a.batch * a.vocab >= kParallelElements ? a.num_threads : 1;
-  parallel_ranges(a.batch, workers, [&](int64_t begin, int64_t end) {
+  parallel_rows(a.batch, a.batch * a.vocab, a.num_threads, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> x, block_max;
     if (static_cast<int64_t>(x.size()) < a.vocab) x.resize(a.vocab), block_max.resize(a.vocab / kBlock + 1);
     for (int64_t r = begin; r < end; ++r) sample_row(a, r, x.data(), block_max.data());

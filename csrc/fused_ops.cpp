@@ -8,24 +8,10 @@
 #include "bf16.h"
 #include "fast_exp.h"
 #include "parallel_ranges.h"
-
-// Each kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the widest the CPU has (ifunc).
-#if defined(__x86_64__) && defined(__linux__)
-#define ETTRL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ETTRL_CLONES
-#endif
+#include "target_clones.h"
 
 namespace ettrl {
 namespace {
-
-constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
-
-// f(begin, end) over row ranges on all threads, or inline when the work is too small to share out.
-template <typename F>
-void parallel_rows(int64_t rows, int64_t elements, int num_threads, F&& f) {
-  parallel_ranges(rows, elements >= kParallelElements ? num_threads : 1, f);
-}
 
 // rms_norm of one row, rounded like RMSNorm.forward: h = float(x) * rsqrt(mean(x^2) + eps); out = w * T(h).
 template <typename T>

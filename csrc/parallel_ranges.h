@@ -22,4 +22,12 @@ void parallel_ranges(int64_t tasks, int64_t workers, F&& f) {
   }
 }
 
+constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
+
+// parallel_ranges over rows on all threads, or inline when the work (elements in all) is too small to share out.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t elements, int num_threads, F&& f) {
+  parallel_ranges(rows, elements >= kParallelElements ? num_threads : 1, f);
+}
+
 }  // namespace ettrl
