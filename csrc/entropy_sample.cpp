@@ -27,6 +27,7 @@ inline float log_neg_log_u(int32_t key, int64_t token) {
 }
 
 constexpr int64_t kBlock = 32;  // the draw skips whole blocks of tokens by their maximum
+const double kGumbelMax = -std::log(-std::log1p(-0x1p-24));  // the largest noise: u <= 1 - 2^-24 (noise.py)
 
 // x = logits * inv_temp into x and the maximum of each block of x into block_max; returns the maximum of x, or NaN
 // if any x is NaN.
@@ -97,12 +98,11 @@ void sample_row(const EntropySampleArgs& a, int64_t r, float* x, float* block_ma
   }
   int64_t token = first_argmax(x, block_max, v);
   if (token >= 0 && !a.greedy[r]) {
-    // Gumbel-max over the tokens that can still win: noise never exceeds -log(-log(1 - 2^-24)), so a token
-    // below the top token's score by more than that (and a rounding margin) never beats it.
+    // Gumbel-max over the tokens that can still win: noise never exceeds kGumbelMax, so a token below the top
+    // token's score by more than that (and a rounding margin) never beats it.
     const int32_t key = a.keys[r];
-    const double gumbel_max = -std::log(-std::log1p(-0x1p-24));
     const float floor = x[token] - log_neg_log_u(key, token);
-    const double cut = floor - gumbel_max - (1e-3 + std::fabs(floor) * 0x1p-20);
+    const double cut = floor - kGumbelMax - (1e-3 + std::fabs(floor) * 0x1p-20);
     float best = -INFINITY;
     for (int64_t b = 0; b * kBlock < v; ++b) {
       if (block_max[b] < cut) continue;

@@ -121,9 +121,9 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
 
     backend: "auto" (Triton for CUDA tensors; on the CPU the C++ op for float32 logits without top-k/top-p,
     kernels/sampling_cpu.py, else torch), "torch" or "triton". Every parameter is a python scalar or a per-row
-    tensor [B]. seq_ids defaults to the row index, which makes
-    the noise depend on row order: pass real sequence ids for batch-invariant sampling. The noise is a pure
-    function of (seed, seq_id, position, token), so vary `positions` (or seeds) between calls.
+    tensor [B]. seq_ids defaults to the row index, which makes the noise depend on row order: pass real sequence
+    ids for batch-invariant sampling. The noise is a pure function of (seed, seq_id, position, token), so vary
+    `positions` (or seeds) between calls.
     Returns (tokens int64 [B], logprobs float32 [B], entropies float32 [B]).
     """
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
