@@ -6,6 +6,7 @@
 #include "entropy_sample.h"
 #include "fused_ops.h"
 #include "paged_attention.h"
+#include "skinny_linear.h"
 
 namespace py = pybind11;
 using ettrl::BlockAllocator;
@@ -64,6 +65,12 @@ static void entropy_sample(uintptr_t logits, uintptr_t inv_temp, uintptr_t greed
   ettrl::entropy_sample_rows(a);
 }
 
+static bool skinny_linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t rows, int64_t in,
+                          int64_t out, bool bf16, int num_threads) {
+  py::gil_scoped_release release;
+  return ettrl::skinny_linear(ptr(x), ptr(w), ptr(bias), ptr(y), rows, in, out, bf16, num_threads);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention, fused layer ops and entropy_sample (CPU)";
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -93,6 +100,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("entropy_sample", &entropy_sample, py::arg("logits"), py::arg("inv_temp"), py::arg("greedy"), py::arg("keys"),
         py::arg("exclude"), py::arg("tokens"), py::arg("logprobs"), py::arg("entropies"), py::arg("batch"),
         py::arg("vocab"), py::arg("num_threads"));
+  m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("rows"),
+        py::arg("in_features"), py::arg("out_features"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("skinny_max_rows", [] { return ettrl::kSkinnyMaxRows; });
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
 }

@@ -130,13 +130,24 @@ RangeFn pick_range_fn() {
   return range_default;
 }
 
+bool env_flag(const char* name) {  // set and not "0": tests of the other kernels on an AVX-512 machine
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' && *value != '0';
+}
+
 bool avx512_allowed() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  const char* no_avx512 = std::getenv("ETTRL_NO_AVX512");  // tests of the portable kernel on an AVX-512 machine
-  const bool allowed = no_avx512 == nullptr || *no_avx512 == '\0' || *no_avx512 == '0';
-  return allowed && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return !env_flag("ETTRL_NO_AVX512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool avx512_bf16_allowed() {
+#if defined(__x86_64__)
+  return avx512_allowed() && !env_flag("ETTRL_NO_AVX512_BF16") && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
@@ -155,7 +166,8 @@ void paged_decode_attention(const DecodeAttentionArgs& a) {
   // waking a second thread costs microseconds: only worth it with enough keys to share out
   const int64_t useful = 1 + keys * a.num_kv_heads * a.head_dim / kElementsPerThread;
   const int workers = static_cast<int>(std::min<int64_t>(a.num_threads, useful));
-  static const bool avx512 = avx512_allowed();
+  static const bool avx512 = avx512_allowed(), avx512_bf16 = avx512_bf16_allowed();
+  if (avx512_bf16 && paged_decode_attention_avx512_bf16(a, workers)) return;
   if (avx512 && paged_decode_attention_avx512(a, workers)) return;
   static const RangeFn range = pick_range_fn();
   parallel_ranges(a.batch, workers, [&](int64_t b, int64_t e) { range(a, b, e); });

@@ -26,4 +26,8 @@ void paged_decode_attention(const DecodeAttentionArgs& args);
 // to `workers` threads; false, having done nothing, where it does not apply (head size, block size, no x86-64).
 bool paged_decode_attention_avx512(const DecodeAttentionArgs& args, int workers);
 
+// The same with q.k from vdpbf16ps for bf16 caches (paged_attention_avx512_bf16.cpp); false for fp32 caches, other
+// shapes, or a build without AVX512_BF16 support. Call it only where the CPU has AVX512_BF16.
+bool paged_decode_attention_avx512_bf16(const DecodeAttentionArgs& args, int workers);
+
 }  // namespace ettrl

@@ -22,7 +22,7 @@ void parallel_ranges(int64_t tasks, int64_t workers, F&& f) {
   }
 }
 
-constexpr int64_t kParallelElements = 1 << 16;  // below this, waking a second thread costs more than it saves
+constexpr int64_t kParallelElements = 1 << 13;  // below this, waking a second thread costs more than it saves
 
 // parallel_ranges over rows on all threads, or inline when the work (elements in all) is too small to share out.
 template <typename F>

@@ -7,6 +7,7 @@ block (copy-on-write); the copies are queued and the model runner performs them 
 """
 import torch
 
+from engine import memory
 from engine.radix_cache import RadixCache
 from engine.sequence import Sequence
 
@@ -19,8 +20,8 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, prefix_caching: bool = True):
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = memory.zeros(shape, dtype, device)
+        self.v = memory.zeros(shape, dtype, device)
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.cache = RadixCache(num_blocks, block_size)

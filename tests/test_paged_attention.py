@@ -82,18 +82,27 @@ def test_decode_kernel_equals_torch_path_in_the_engine(tmp_path):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
 
 
-def test_portable_kernel_matches_dense():
-    """The kernel without AVX-512 (ETTRL_NO_AVX512=1, read once per process), as CPUs without it run it."""
+KERNEL_SWITCHES = {  # environment -> the kernel a CPU without that instruction set runs (read once per process)
+    "ETTRL_NO_AVX512": "the portable two-pass kernel",
+    "ETTRL_NO_AVX512_BF16": "the AVX-512 tiles with fp32 q.k for bf16 caches (no vdpbf16ps)",
+}
+
+
+@pytest.mark.parametrize("switch", sorted(KERNEL_SWITCHES))
+def test_kernel_variants_match_dense(switch):
+    """Each kernel a CPU may run, on this one: dense agreement and bit-exact batch invariance."""
     import os
     import subprocess
     import sys
 
     code = ("import sys; sys.path.insert(0, 'tests'); import test_paged_attention as t, torch; "
             "[t.test_decode_attention_matches_dense(d, True, *shape, bs) for d in (torch.float32, torch.bfloat16) "
-            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]")
+            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]; "
+            "[t.test_shared_prefix_attention_matches_dense(d, 9, 3, 64, 16, c) for d in (torch.float32, torch.bfloat16) "
+            "for c in range(len(t.SHARED_CASES))]; "
+            "[t.test_shared_prefix_attention_is_batch_invariant(d) for d in (torch.float32, torch.bfloat16)]")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "ETTRL_NO_AVX512": "1"}
-    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, switch: "1"}, check=True, timeout=300)
 
 
 def shared_prefix_pool(lens, shared_blocks, block_size, heads, kv_heads, dim, dtype, seed):

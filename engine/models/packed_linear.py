@@ -8,12 +8,30 @@ fp32: 37 ms -> 18 ms). The plain weights stay the source of truth (the loader an
 
 This uses the op torch's own CPU compiler (inductor) emits for frozen linears; where it is missing or gives a
 different answer, `pack` returns None and `linear` falls back to F.linear.
+
+With very few rows (decode of a handful of sequences) a linear layer only streams its weight once, and oneDNN does
+that at well under the memory bandwidth; there `linear` calls `engine._C.skinny_linear` (csrc/skinny_linear.cpp,
+CPUs with AVX-512 BF16) on the plain weight instead.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
+SKINNY_MAX_ROWS = int(os.environ.get("ETTRL_SKINNY_ROWS", 2))  # up to this many rows: skinny_linear (0: never)
+
+
+def _skinny_op():
+    try:
+        from engine import _C
+    except ImportError:
+        return None
+    return getattr(_C, "skinny_linear", None)
+
+
+_SKINNY = _skinny_op()
 
 
 def packing_supported(weight: torch.Tensor) -> bool:
@@ -47,4 +65,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """x @ weight.T + bias, through the packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
+    if x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and _SKINNY is not None:
+        y = _skinny_linear(x, weight, bias)
+        if y is not None:
+            return y
     return _packed_linear(x, packed, bias)
+
+
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """skinny_linear for contiguous CPU tensors of one dtype (the packed path's cases); None where it declines."""
+    x = x.contiguous()
+    if x.dtype != weight.dtype or not weight.is_contiguous() or (bias is not None and bias.dtype != x.dtype):
+        return None
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    done = _SKINNY(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+                   x.shape[0], x.shape[1], weight.shape[0], x.dtype == torch.bfloat16, torch.get_num_threads())
+    return y if done else None

@@ -1,0 +1,330 @@
+// The tile fold of the AVX-512 decode attention (the design: paged_attention_avx512.cpp), compiled twice:
+// paged_attention_avx512.cpp (AVX-512 F/BW/VL/DQ) and paged_attention_avx512_bf16.cpp (plus AVX512_BF16, which
+// computes bf16 q.k with vdpbf16ps straight from the cache rows instead of converting every key to fp32 first).
+// The including file defines ETTRL_TILE_TARGET (a target attribute) and ETTRL_TILE_DOT_BF16 (0 or 1) before it.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "bf16.h"
+#include "fast_exp.h"
+#include "paged_attention.h"
+#include "parallel_ranges.h"
+#include "sum_lanes.h"
+
+namespace ettrl {
+namespace {
+
+constexpr int64_t kTile = 16;            // keys per tile: one sum_lanes_16
+constexpr int64_t kMembersPerTask = 8;   // phase 1 splits a large group into tasks of this many sequences
+constexpr int64_t kPrefetchTiles = 2;    // phase 2 asks for a sequence's keys this many tiles ahead
+
+// bf16 queries and keys meet in vdpbf16ps (this build has AVX512_BF16); fp32 caches always take the FMA path.
+template <typename T>
+constexpr bool kDotBf16 = ETTRL_TILE_DOT_BF16 && std::is_same_v<T, uint16_t>;
+
+ETTRL_TILE_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+ETTRL_TILE_TARGET inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+struct Shape {
+  int64_t shift, row, kv_heads, group;  // log2(block_size), elements of one slot, KV heads, query heads per KV head
+};
+
+inline int64_t slot_of(const int64_t* table, const Shape& sh, int64_t key) {
+  return (table[key >> sh.shift] << sh.shift) | (key & ((int64_t{1} << sh.shift) - 1));
+}
+
+// Keys (or values) [k0, k0 + 16) of all KV heads as fp32 tiles [kv_heads][16][D], one slot row after the other
+// (sequential reads); rows at or past len are zero (their slots may belong to other sequences or hold garbage).
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET inline void load_tile(const T* cache, const int64_t* table, const Shape& sh, int64_t k0,
+                                        int64_t len, float* tiles) {
+  const int64_t valid = std::min(kTile, len - k0);
+  for (int64_t l = 0; l < valid; ++l) {
+    const T* src = cache + slot_of(table, sh, k0 + l) * sh.row;
+    for (int64_t g = 0; g < sh.kv_heads; ++g)
+      for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(tiles + (g * kTile + l) * D + c, load16(src + g * D + c));
+  }
+  for (int64_t g = 0; g < sh.kv_heads; ++g)
+    for (int64_t l = valid; l < kTile; ++l)
+      for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(tiles + (g * kTile + l) * D + c, _mm512_setzero_ps());
+}
+
+// The cache rows of keys [k0, k0 + 16), read in place by the vdpbf16ps path; rows past len repeat the first
+// (their scores are masked out, and the address stays inside the pool).
+template <typename T>
+inline void key_rows(const T* cache, const int64_t* table, const Shape& sh, int64_t k0, int64_t len,
+                     const T** rows) {
+  const int64_t valid = std::min(kTile, len - k0);
+  for (int64_t l = 0; l < valid; ++l) rows[l] = cache + slot_of(table, sh, k0 + l) * sh.row;
+  for (int64_t l = valid; l < kTile; ++l) rows[l] = rows[0];
+}
+
+// Asks for the slots of keys [k0, k0 + 16) ahead of use: a sequence's own blocks come cold from memory, and
+// the loads of load_tile otherwise wait on them one row at a time.
+template <typename T>
+ETTRL_TILE_TARGET inline void prefetch_tile(const DecodeAttentionArgs& a, const int64_t* table, const Shape& sh,
+                                            int64_t k0, int64_t len) {
+  const int64_t bytes = sh.row * static_cast<int64_t>(sizeof(T));
+  for (int64_t key = k0; key < std::min(len, k0 + kTile); ++key) {
+    const int64_t offset = slot_of(table, sh, key) * bytes;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(static_cast<const char*>(a.k_cache) + offset + b, _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(a.v_cache) + offset + b, _MM_HINT_T0);
+    }
+  }
+}
+
+inline __mmask16 live_keys(int64_t valid) {
+  return static_cast<__mmask16>(valid >= kTile ? 0xFFFF : (1u << valid) - 1);
+}
+
+// Scores of one query head (fp32, already scaled) over a tile of fp32 keys [16][D]; -inf where not live.
+template <int64_t D>
+ETTRL_TILE_TARGET inline __m512 tile_scores(const float* q, const float* keys, __mmask16 live) {
+  constexpr int64_t C = D / 16;
+  __m512 qv[C], acc[kTile];
+  for (int64_t c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int64_t l = 0; l < kTile; ++l) {
+    acc[l] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + l * D));
+    for (int64_t c = 1; c < C; ++c) acc[l] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(keys + l * D + 16 * c), acc[l]);
+  }
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sum_lanes_16(acc));
+}
+
+#if ETTRL_TILE_DOT_BF16
+// The same from the bf16 query (unscaled) and the bf16 key rows in place: pairs of products summed in fp32 by
+// vdpbf16ps, then the scale. No fp32 copy of the keys is made.
+template <int64_t D>
+ETTRL_TILE_TARGET inline __m512 tile_scores(const uint16_t* q, const uint16_t* const* rows, int64_t offset,
+                                            float scale, __mmask16 live) {
+  constexpr int64_t C = D / 32;
+  __m512bh qv[C];
+  __m512 acc[kTile];
+  for (int64_t c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+  for (int64_t l = 0; l < kTile; ++l) {
+    acc[l] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c)
+      acc[l] = _mm512_dpbf16_ps(acc[l], qv[c], (__m512bh)_mm512_loadu_si512(rows[l] + offset + 32 * c));
+  }
+  const __m512 scores = _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale));
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, scores);
+}
+#endif
+
+// The online-softmax state of one query head, D + 2 floats: o[D] = sum of exp(score - m) * value, then m (the
+// running maximum score) and s (the sum of exp(score - m)).
+template <int64_t D>
+constexpr int64_t kState = D + 2;
+
+template <int64_t D>
+inline void reset_state(float* st) {
+  std::fill(st, st + D, 0.f);
+  st[D] = -INFINITY;
+  st[D + 1] = 0.f;
+}
+
+// One query head over one tile of `valid` keys, given its scores: the step of the fold.
+template <int64_t D>
+ETTRL_TILE_TARGET inline void tile_update(__m512 scores, const float* values, int64_t valid, float* st) {
+  constexpr int64_t C = D / 16;
+  const float m_old = st[D], m_new = std::max(m_old, _mm512_reduce_max_ps(scores));
+  const float corr = exp_fast(m_old - m_new);  // ~1e-38 from an empty state, whose o and s are 0
+  alignas(64) float p[kTile];
+  _mm512_store_ps(p, _mm512_sub_ps(scores, _mm512_set1_ps(m_new)));
+#pragma omp simd
+  for (int64_t l = 0; l < kTile; ++l) p[l] = exp_fast(p[l]);
+  const __m512 pv = _mm512_maskz_mov_ps(live_keys(valid), _mm512_load_ps(p));
+  st[D + 1] = st[D + 1] * corr + _mm512_reduce_add_ps(pv);
+  __m512 o[C];
+  for (int64_t c = 0; c < C; ++c) o[c] = _mm512_mul_ps(_mm512_loadu_ps(st + 16 * c), _mm512_set1_ps(corr));
+  for (int64_t l = 0; l < valid; ++l) {
+    const __m512 pl = _mm512_set1_ps(p[l]);
+    for (int64_t c = 0; c < C; ++c) o[c] = _mm512_fmadd_ps(pl, _mm512_loadu_ps(values + l * D + 16 * c), o[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(st + 16 * c, o[c]);
+  st[D] = m_new;
+}
+
+template <typename T, int64_t D>
+inline void scaled_query(const DecodeAttentionArgs& a, int64_t b, int64_t head, float* q) {
+  const T* src = static_cast<const T*>(a.q) + (b * a.num_heads + head) * D;
+  for (int64_t j = 0; j < D; ++j) q[j] = load(src, j) * a.scale;
+}
+
+// The keys of one tile as tile_scores reads them: fp32 copies, or (vdpbf16ps) the bf16 rows in place.
+template <typename T, int64_t D>
+struct KeyTile {
+  float* f32;
+  const T* rows[kTile];
+
+  ETTRL_TILE_TARGET void load(const T* cache, const int64_t* table, const Shape& sh, int64_t k0, int64_t len) {
+    if constexpr (kDotBf16<T>)
+      key_rows(cache, table, sh, k0, len, rows);
+    else
+      load_tile<T, D>(cache, table, sh, k0, len, f32);
+  }
+};
+
+// The query of head `head` of sequence b as tile_scores takes it: the bf16 row in place (vdpbf16ps) or fp32 scaled.
+template <typename T, int64_t D>
+struct Queries {
+  const DecodeAttentionArgs& a;
+  float* f32;  // [rows][num_heads][D] scaled, fp32 path only
+
+  void fill(int64_t row, int64_t b) {
+    if constexpr (!kDotBf16<T>)
+      for (int64_t i = 0; i < a.num_heads; ++i) scaled_query<T, D>(a, b, i, f32 + (row * a.num_heads + i) * D);
+  }
+  ETTRL_TILE_TARGET __m512 scores(int64_t row, int64_t b, int64_t head, const KeyTile<T, D>& keys, int64_t g,
+                                  __mmask16 live) const {
+#if ETTRL_TILE_DOT_BF16
+    if constexpr (kDotBf16<T>)
+      return tile_scores<D>(static_cast<const uint16_t*>(a.q) + (b * a.num_heads + head) * D, keys.rows, g * D,
+                            a.scale, live);
+#endif
+    return tile_scores<D>(f32 + (row * a.num_heads + head) * D, keys.f32 + g * kTile * D, live);
+  }
+};
+
+// Sequences that share leading KV blocks: members (indices into the batch) and the keys [0, shared) they share.
+struct PrefixGroup {
+  std::vector<int64_t> members;
+  int64_t shared;
+};
+
+// Groups of at least two sequences whose tables agree on the first blocks; shared is a whole number of tiles
+// that every member holds (a table's padding past its own blocks never counts as shared).
+inline std::vector<PrefixGroup> prefix_groups(const DecodeAttentionArgs& a) {
+  std::vector<int64_t> order(a.batch);
+  std::iota(order.begin(), order.end(), 0);
+  const auto table = [&](int64_t b) { return a.block_tables + b * a.table_width; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return table(x)[0] < table(y)[0]; });
+  std::vector<PrefixGroup> groups;
+  for (int64_t i = 0, j; i < a.batch; i = j) {
+    const int64_t* first = table(order[i]);
+    int64_t blocks = a.table_width, keys = a.kv_lens[order[i]];
+    for (j = i; j < a.batch && table(order[j])[0] == first[0]; ++j) {
+      const int64_t b = order[j];
+      blocks = std::min(blocks, (a.kv_lens[b] + a.block_size - 1) / a.block_size);
+      int64_t same = 0;
+      while (same < blocks && table(b)[same] == first[same]) ++same;
+      blocks = same;
+      keys = std::min(keys, a.kv_lens[b]);
+    }
+    const int64_t shared = std::min(blocks * a.block_size, keys) / kTile * kTile;
+    if (j - i >= 2 && shared > 0) groups.push_back({std::vector<int64_t>(order.begin() + i, order.begin() + j), shared});
+  }
+  return groups;
+}
+
+// Thread-local scratch, reused across calls: decode runs once per layer and step.
+inline std::vector<float>& scratch(int which, size_t size) {
+  thread_local std::vector<float> buffers[4];
+  if (buffers[which].size() < size) buffers[which].resize(size);
+  return buffers[which];
+}
+
+// Phase 1: the shared tiles of one group for its members [begin, end).
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void fold_shared(const DecodeAttentionArgs& a, const Shape& sh, const PrefixGroup& grp,
+                                   int64_t begin, int64_t end, float* states) {
+  const int64_t n = end - begin, tile = sh.kv_heads * kTile * D;
+  Queries<T, D> queries{a, kDotBf16<T> ? nullptr : scratch(0, n * a.num_heads * D).data()};
+  KeyTile<T, D> keys{kDotBf16<T> ? nullptr : scratch(1, tile).data(), {}};
+  float* values = scratch(2, tile).data();
+  for (int64_t m = 0; m < n; ++m) queries.fill(m, grp.members[begin + m]);
+  const int64_t* table = a.block_tables + grp.members[begin] * a.table_width;
+  for (int64_t k0 = 0; k0 < grp.shared; k0 += kTile) {
+    keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, grp.shared);
+    load_tile<T, D>(static_cast<const T*>(a.v_cache), table, sh, k0, grp.shared, values);
+    for (int64_t m = 0; m < n; ++m) {
+      const int64_t b = grp.members[begin + m];
+      float* st = states + b * a.num_heads * kState<D>;
+      for (int64_t i = 0; i < a.num_heads; ++i) {
+        const int64_t g = i / sh.group;
+        tile_update<D>(queries.scores(m, b, i, keys, g, 0xFFFF), values + g * kTile * D, kTile, st + i * kState<D>);
+      }
+    }
+  }
+}
+
+// Phase 2: sequence b's tiles from key `from` on, then its output.
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void fold_own(const DecodeAttentionArgs& a, const Shape& sh, int64_t b, int64_t from,
+                                float* states) {
+  const int64_t len = a.kv_lens[b], tile = sh.kv_heads * kTile * D;
+  const int64_t* table = a.block_tables + b * a.table_width;
+  Queries<T, D> queries{a, kDotBf16<T> ? nullptr : scratch(0, a.num_heads * D).data()};
+  KeyTile<T, D> keys{kDotBf16<T> ? nullptr : scratch(1, tile).data(), {}};
+  float* values = scratch(2, tile).data();
+  float* st = states + b * a.num_heads * kState<D>;
+  queries.fill(0, b);
+  for (int64_t k0 = from; k0 < len; k0 += kTile) {
+    prefetch_tile<T>(a, table, sh, k0 + kPrefetchTiles * kTile, len);
+    keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, len);
+    load_tile<T, D>(static_cast<const T*>(a.v_cache), table, sh, k0, len, values);
+    const int64_t valid = std::min(kTile, len - k0);
+    for (int64_t i = 0; i < a.num_heads; ++i) {
+      const int64_t g = i / sh.group;
+      tile_update<D>(queries.scores(0, b, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
+                     st + i * kState<D>);
+    }
+  }
+  T* out = static_cast<T*>(a.out) + b * a.num_heads * D;
+  for (int64_t i = 0; i < a.num_heads; ++i) {
+    const float* h = st + i * kState<D>;
+    const float inv = 1.f / h[D + 1];
+    for (int64_t j = 0; j < D; ++j) store(out + i * D, j, h[j] * inv);
+  }
+}
+
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void decode(const DecodeAttentionArgs& a, int workers) {
+  const Shape sh{__builtin_ctzll(static_cast<uint64_t>(a.block_size)), a.num_kv_heads * D, a.num_kv_heads,
+                 a.num_heads / a.num_kv_heads};
+  float* states = scratch(3, a.batch * a.num_heads * kState<D>).data();
+  for (int64_t s = 0; s < a.batch * a.num_heads; ++s) reset_state<D>(states + s * kState<D>);
+  std::vector<int64_t> from(a.batch, 0);
+  const std::vector<PrefixGroup> groups = prefix_groups(a);
+  struct Task {
+    const PrefixGroup* group;
+    int64_t begin, end;
+  };
+  std::vector<Task> tasks;
+  for (const PrefixGroup& grp : groups) {
+    const int64_t n = static_cast<int64_t>(grp.members.size());
+    for (int64_t m : grp.members) from[m] = grp.shared;
+    for (int64_t c = 0; c < n; c += kMembersPerTask) tasks.push_back({&grp, c, std::min(n, c + kMembersPerTask)});
+  }
+  parallel_ranges(static_cast<int64_t>(tasks.size()), workers, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fold_shared<T, D>(a, sh, *tasks[t].group, tasks[t].begin, tasks[t].end, states);
+  });
+  parallel_ranges(a.batch, workers, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fold_own<T, D>(a, sh, b, from[b], states);
+  });
+}
+
+// decode<> for the shapes the tiles handle (head size 64 or 128, power-of-two blocks); false otherwise.
+template <bool Bf16Only>
+ETTRL_TILE_TARGET bool decode_tiles(const DecodeAttentionArgs& a, int workers) {
+  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
+  if (!pow2_blocks || (a.head_dim != 64 && a.head_dim != 128) || (Bf16Only && !a.bf16)) return false;
+  if (a.head_dim == 64)
+    a.bf16 ? decode<uint16_t, 64>(a, workers) : decode<float, 64>(a, workers);
+  else
+    a.bf16 ? decode<uint16_t, 128>(a, workers) : decode<float, 128>(a, workers);
+  return true;
+}
+
+}  // namespace
+}  // namespace ettrl
