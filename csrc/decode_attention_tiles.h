@@ -22,7 +22,7 @@ namespace ettrl {
 namespace {
 
 constexpr int64_t kTile = 16;            // keys per tile: one sum_lanes_16
-constexpr int64_t kMembersPerTask = 8;   // phase 1 splits a large group into tasks of this many sequences
+constexpr int64_t kMembersPerTask = 8;   // phase 1 splits a group into tasks of at most this many sequences
 constexpr int64_t kPrefetchTiles = 2;    // phase 2 asks for a sequence's keys this many tiles ahead
 
 // bf16 queries and keys meet in vdpbf16ps (this build has AVX512_BF16); fp32 caches always take the FMA path.
@@ -304,7 +304,8 @@ ETTRL_TILE_TARGET void decode(const DecodeAttentionArgs& a, int workers) {
   for (const PrefixGroup& grp : groups) {
     const int64_t n = static_cast<int64_t>(grp.members.size());
     for (int64_t m : grp.members) from[m] = grp.shared;
-    for (int64_t c = 0; c < n; c += kMembersPerTask) tasks.push_back({&grp, c, std::min(n, c + kMembersPerTask)});
+    const int64_t per_task = std::clamp<int64_t>((n + workers - 1) / workers, 1, kMembersPerTask);  // all threads busy
+    for (int64_t c = 0; c < n; c += per_task) tasks.push_back({&grp, c, std::min(n, c + per_task)});
   }
   parallel_ranges(static_cast<int64_t>(tasks.size()), workers, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fold_shared<T, D>(a, sh, *tasks[t].group, tasks[t].begin, tasks[t].end, states);
