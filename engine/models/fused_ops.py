@@ -8,11 +8,14 @@ The extension takes raw pointers: the checks on dtype, device, shape and contigu
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+@functools.cache
 def _ops():
     try:
         from engine import _C
