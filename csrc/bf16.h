@@ -25,6 +25,14 @@ inline uint32_t round_bits(float x) {  // the bf16 nearest to x (ties to even) i
 
 inline void store(uint16_t* p, int64_t i, float x) { p[i] = static_cast<uint16_t>(round_bits(x) >> 16); }
 
+// store() of a value that is already one of T's (the result of round_to): no second rounding.
+inline void store_exact(float* p, int64_t i, float x) { p[i] = x; }
+inline void store_exact(uint16_t* p, int64_t i, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
 // The value a torch op of dtype T returns for the fp32 result x: x itself for float, x rounded for bfloat16.
 inline float round_to(const float*, float x) { return x; }
 inline float round_to(const uint16_t*, float x) {

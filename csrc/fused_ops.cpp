@@ -35,7 +35,7 @@ __attribute__((always_inline)) inline void norm_rows(const T* x, T* residual, co
 #pragma omp simd
       for (int64_t j = 0; j < dim; ++j) {
         h[j] = round_to(res, load(xr, j) + load(res, j));
-        store(res, j, h[j]);
+        store_exact(res, j, h[j]);
       }
     } else {
 #pragma omp simd
@@ -55,17 +55,16 @@ ETTRL_CLONES void norm_range(const void* x, void* residual, const void* w, void*
               static_cast<float*>(out), dim, eps, begin, end);
 }
 
-// Rotate-half rope on one head, rounded like apply_rope: T(T(x * cos) + T(roll(x) * signed_sin)), cos and sin
-// rounded to T first (RotaryEmbedding.lookup casts them to the activation dtype).
+// Rotate-half rope on one head, rounded like apply_rope: T(T(x * cos) + T(roll(x) * signed_sin)); cos and sin
+// come already rounded to T (RotaryEmbedding.lookup casts them to the activation dtype), once per token.
 template <typename T>
 __attribute__((always_inline)) inline void rope_head(const float* x, const float* cos, const float* sin, T* out,
                                                      int64_t d) {
   const int64_t half = d / 2;
 #pragma omp simd
   for (int64_t j = 0; j < half; ++j) {
-    const float c = round_to(out, cos[j]), s = round_to(out, sin[j]);
-    store(out, j, round_to(out, x[j] * c) + round_to(out, x[j + half] * -s));
-    store(out, j + half, round_to(out, x[j + half] * c) + round_to(out, x[j] * s));
+    store(out, j, round_to(out, x[j] * cos[j]) + round_to(out, x[j + half] * -sin[j]));
+    store(out, j + half, round_to(out, x[j + half] * cos[j]) + round_to(out, x[j] * sin[j]));
   }
 }
 
@@ -74,12 +73,17 @@ __attribute__((always_inline)) inline void rope_rows(const RopeCacheArgs& a, int
   const int64_t d = a.head_dim, hq = a.num_heads, hkv = a.num_kv_heads, width = (hq + 2 * hkv) * d;
   const T* q_norm = static_cast<const T*>(a.q_norm);
   const T* k_norm = static_cast<const T*>(a.k_norm);
-  float h[d];
+  float h[d], cos[d / 2], sin[d / 2];
   T normed[d];
   for (int64_t t = begin; t < end; ++t) {
     const T* row = static_cast<const T*>(a.qkv) + t * width;
-    const float* cos = a.cos + a.positions[t] * (d / 2);
-    const float* sin = a.sin + a.positions[t] * (d / 2);
+    const float* cos_row = a.cos + a.positions[t] * (d / 2);
+    const float* sin_row = a.sin + a.positions[t] * (d / 2);
+#pragma omp simd
+    for (int64_t j = 0; j < d / 2; ++j) {
+      cos[j] = round_to(normed, cos_row[j]);  // normed: a T*, which picks the rounding
+      sin[j] = round_to(normed, sin_row[j]);
+    }
     T* q_out = static_cast<T*>(a.q_out) + t * hq * d;
     T* k_out = static_cast<T*>(a.k_cache) + a.slots[t] * hkv * d;
     T* v_out = static_cast<T*>(a.v_cache) + a.slots[t] * hkv * d;
