@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.extension import extension_op
 from engine.models import fused_ops
 
 
@@ -40,11 +41,7 @@ def decode_kernel(cache: torch.Tensor):
     """engine._C.paged_decode_attention where it applies to this cache (CPU, fp32 or bf16), else None."""
     if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
         return None
-    try:
-        from engine import _C
-    except ImportError:
-        return None
-    return getattr(_C, "paged_decode_attention", None)
+    return extension_op("paged_decode_attention")
 
 
 class TorchPagedAttention:

@@ -7,16 +7,13 @@ except where two scores tie within the last bits of their `log`s (as for the Tri
 """
 import torch
 
+from engine.extension import extension_op
 from kernels.sampling import RowParams
 
 
 def cpp_kernel():
     """engine._C.entropy_sample, or None where the extension is not built."""
-    try:
-        from engine import _C
-    except ImportError:
-        return None
-    return getattr(_C, "entropy_sample", None)
+    return extension_op("entropy_sample")
 
 
 def applies(logits: torch.Tensor, params: RowParams) -> bool:

@@ -8,20 +8,15 @@ The extension takes raw pointers: the checks on dtype, device, shape and contigu
 """
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from engine.extension import extension, extension_op
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
 def _ops():
-    try:
-        from engine import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "rope_and_cache") else None
+    return extension() if extension_op("rope_and_cache") is not None else None
 
 
 def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:

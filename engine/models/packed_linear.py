@@ -18,20 +18,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from engine.extension import extension_op
+
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
 SKINNY_MAX_ROWS = int(os.environ.get("ETTRL_SKINNY_ROWS", 2))  # up to this many rows: skinny_linear (0: never)
-
-
-def _skinny_op():
-    try:
-        from engine import _C
-    except ImportError:
-        return None
-    return getattr(_C, "skinny_linear", None)
-
-
-_SKINNY = _skinny_op()
+_SKINNY = extension_op("skinny_linear")
 
 
 def packing_supported(weight: torch.Tensor) -> bool:
