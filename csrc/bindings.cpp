@@ -102,7 +102,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vocab"), py::arg("num_threads"));
   m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("rows"),
         py::arg("in_features"), py::arg("out_features"), py::arg("bf16"), py::arg("num_threads"));
-  m.def("skinny_max_rows", [] { return ettrl::kSkinnyMaxRows; });
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
 }

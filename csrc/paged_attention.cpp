@@ -1,12 +1,12 @@
 #include "paged_attention.h"
 
 #include "bf16.h"
+#include "cpu_features.h"
 #include "fast_exp.h"
 #include "parallel_ranges.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -130,28 +130,9 @@ RangeFn pick_range_fn() {
   return range_default;
 }
 
-bool env_flag(const char* name) {  // set and not "0": tests of the other kernels on an AVX-512 machine
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' && *value != '0';
-}
+bool avx512_allowed() { return !env_flag("ETTRL_NO_AVX512") && has_avx512(); }
 
-bool avx512_allowed() {
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  return !env_flag("ETTRL_NO_AVX512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
-
-bool avx512_bf16_allowed() {
-#if defined(__x86_64__)
-  return avx512_allowed() && !env_flag("ETTRL_NO_AVX512_BF16") && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+bool avx512_bf16_allowed() { return avx512_allowed() && !env_flag("ETTRL_NO_AVX512_BF16") && has_avx512_bf16(); }
 
 }  // namespace
 

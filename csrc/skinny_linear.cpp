@@ -4,8 +4,6 @@
 // or L1, so the weight is streamed from memory exactly once per call; the output columns are split over threads.
 #include "skinny_linear.h"
 
-#include <cstdlib>
-
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
 #include <immintrin.h>
 
@@ -15,6 +13,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "cpu_features.h"
 #include "parallel_ranges.h"
 #include "sum_lanes.h"
 
@@ -27,7 +26,9 @@ namespace {
 struct Bf16Chunk {
   using T = uint16_t;
   static constexpr int64_t kWidth = 32;
-  ETTRL_SKINNY __attribute__((always_inline)) static __m512i load(const T* p, __mmask32 live) { return _mm512_maskz_loadu_epi16(live, p); }
+  ETTRL_SKINNY __attribute__((always_inline)) static __m512i load(const T* p, __mmask32 live) {
+    return _mm512_maskz_loadu_epi16(live, p);
+  }
   ETTRL_SKINNY __attribute__((always_inline)) static __m512 madd(__m512 acc, __m512i x, __m512i w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
   }
@@ -125,20 +126,11 @@ ETTRL_SKINNY void run(const void* x, const void* w, const void* bias, void* y, i
   });
 }
 
-bool supported() {
-  __builtin_cpu_init();
-  const char* off = std::getenv("ETTRL_NO_SKINNY");
-  const bool allowed = off == nullptr || *off == '\0' || *off == '0';
-  return allowed && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16");
-}
-
 }  // namespace
 
 bool skinny_linear(const void* x, const void* w, const void* bias, void* y, int64_t rows, int64_t in, int64_t out,
                    bool bf16, int num_threads) {
-  static const bool ok = supported();
+  static const bool ok = !env_flag("ETTRL_NO_SKINNY") && has_avx512_bf16();
   if (!ok || rows < 1 || rows > kSkinnyMaxRows || in < 1 || out < 1) return false;
   if (bf16)
     run<Bf16Chunk>(x, w, bias, y, rows, in, out, num_threads);
