@@ -24,7 +24,9 @@
 #include "decode_attention_tiles.h"
 
 namespace ettrl {
-bool paged_decode_attention_avx512(const DecodeAttentionArgs& a, int workers) { return decode_tiles<false>(a, workers); }
+bool paged_decode_attention_avx512(const DecodeAttentionArgs& a, int workers) {
+  return decode_tiles<false>(a, workers);
+}
 }  // namespace ettrl
 
 #else
