@@ -6,7 +6,7 @@
 #include "entropy_sample.h"
 #include "fused_ops.h"
 #include "paged_attention.h"
-#include "skinny_linear.h"
+#include "panel_linear.h"
 
 namespace py = pybind11;
 using ettrl::BlockAllocator;
@@ -65,10 +65,15 @@ static void entropy_sample(uintptr_t logits, uintptr_t inv_temp, uintptr_t greed
   ettrl::entropy_sample_rows(a);
 }
 
-static bool skinny_linear(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t y, int64_t rows, int64_t in,
-                          int64_t out, bool bf16, int num_threads) {
+static void pack_panels(uintptr_t w, uintptr_t dst, int64_t out, int64_t in, bool bf16) {
   py::gil_scoped_release release;
-  return ettrl::skinny_linear(ptr(x), ptr(w), ptr(bias), ptr(y), rows, in, out, bf16, num_threads);
+  ettrl::pack_panels(ptr(w), ptr(dst), out, in, bf16);
+}
+
+static bool panel_linear(uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t in,
+                         int64_t out, bool bf16, int num_threads) {
+  py::gil_scoped_release release;
+  return ettrl::panel_linear(ptr(x), ptr(packed), ptr(bias), ptr(y), rows, in, out, bf16, num_threads);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -100,8 +105,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("entropy_sample", &entropy_sample, py::arg("logits"), py::arg("inv_temp"), py::arg("greedy"), py::arg("keys"),
         py::arg("exclude"), py::arg("tokens"), py::arg("logprobs"), py::arg("entropies"), py::arg("batch"),
         py::arg("vocab"), py::arg("num_threads"));
-  m.def("skinny_linear", &skinny_linear, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("rows"),
+  m.def("panel_packed_elements", &ettrl::panel_packed_elements, py::arg("out_features"), py::arg("in_features"),
+        py::arg("bf16"));
+  m.def("pack_panels", &pack_panels, py::arg("w"), py::arg("dst"), py::arg("out_features"), py::arg("in_features"),
+        py::arg("bf16"));
+  m.def("panel_linear", &panel_linear, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"),
         py::arg("in_features"), py::arg("out_features"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("panel_linear_available", &ettrl::panel_linear_available);
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
 }

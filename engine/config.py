@@ -20,8 +20,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192       # prefill budget: tokens per prefill step
     max_model_len: int | None = None         # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    pack_weights: bool = True                # CPU: keep a oneDNN-blocked copy of each matmul weight (1.5-3x
-                                             # faster decode matmuls, twice the weight memory)
+    pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
+                                             # panel_linear, or oneDNN's; faster decode matmuls, twice the memory)
     fused_ops: bool = True                   # CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up
 
     def __post_init__(self):
