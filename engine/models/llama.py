@@ -198,7 +198,7 @@ class CausalLM(nn.Module):
         self.lm_head_packed = None
 
     def pack_weights(self, enabled: bool = True):
-        """(Re)builds the oneDNN copies of every matmul weight (packed_linear.py); call after writing weights."""
+        """(Re)builds the packed copies of every matmul weight (packed_linear.py); call after writing weights."""
         for layer in self.layers:
             layer.self_attn.pack_weights(enabled)
             layer.mlp.pack_weights(enabled)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.extension import extension, extension_op
+from engine.memory import zeros
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
@@ -42,7 +43,7 @@ def panels_supported(weight: torch.Tensor) -> bool:
 def pack_panels(weight: torch.Tensor) -> Panels:
     out_features, in_features = weight.shape
     bf16 = weight.dtype == torch.bfloat16
-    data = torch.empty(extension().panel_packed_elements(out_features, in_features, bf16), dtype=weight.dtype)
+    data = zeros((extension().panel_packed_elements(out_features, in_features, bf16),), weight.dtype, "cpu")
     extension().pack_panels(weight.contiguous().data_ptr(), data.data_ptr(), out_features, in_features, bf16)
     return Panels(data, out_features, in_features)
 
