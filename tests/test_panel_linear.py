@@ -102,3 +102,15 @@ def test_off_switch_falls_back_to_onednn():
             "torch.testing.assert_close(p.linear(x, w, None, packed), F.linear(x, w), atol=1e-5, rtol=1e-5)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "ETTRL_NO_PANEL_LINEAR": "1"},
                    check=True, timeout=120)
+
+
+@needs_panels
+def test_non_contiguous_weight_and_bias():
+    """Views (a slice of a fused weight, a strided bias) are packed and read through contiguous copies."""
+    g = torch.Generator().manual_seed(1)
+    fused, bias_pairs = torch.randn(100, 200, generator=g), torch.randn(100, 2, generator=g)
+    w, b = fused[:, 50:146], bias_pairs[:, 1]
+    assert not w.is_contiguous() and not b.is_contiguous()
+    packed = packed_linear.pack(w, b)
+    x = torch.randn(7, 96, generator=g)
+    torch.testing.assert_close(packed_linear.linear(x, w, b, packed), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
