@@ -114,3 +114,13 @@ def test_non_contiguous_weight_and_bias():
     packed = packed_linear.pack(w, b)
     x = torch.randn(7, 96, generator=g)
     torch.testing.assert_close(packed_linear.linear(x, w, b, packed), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_panels
+def test_a_weight_the_kernel_declines_is_not_packed():
+    """panel_linear declines an empty inner dimension; pack then keeps the plain weight (F.linear) instead of
+    trusting an output the kernel never wrote."""
+    w = torch.randn(8, 0)
+    assert packed_linear.pack(w) is None
+    x = torch.randn(3, 0)
+    assert torch.equal(packed_linear.linear(x, w, None, None), torch.zeros(3, 8))

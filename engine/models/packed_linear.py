@@ -54,6 +54,10 @@ def packing_supported(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -63,14 +67,13 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Panels | tor
     """The weight in panels (AVX-512 BF16 CPUs) or oneDNN's layout, or None where packing is unsupported or the
     packed product disagrees with F.linear."""
     if panels_supported(weight):
-        packed, product = pack_panels(weight), _panel_linear
+        make, product = pack_panels, _panel_linear
     elif packing_supported(weight):
-        packed, product = None, _packed_linear
+        make, product = _pack_onednn, _packed_linear
     else:
         return None
     try:
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
+        packed = make(weight)
         probe = torch.randn(3, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
         expected = F.linear(probe, weight, bias).float()
         got = product(probe, packed, bias).float()
@@ -98,9 +101,10 @@ def _panel_linear(x: torch.Tensor, packed: Panels, bias: torch.Tensor | None) ->
     rows = x.reshape(-1, packed.in_features).contiguous()
     bias = None if bias is None else bias.contiguous()  # held by names: the extension reads raw pointers
     y = rows.new_empty(rows.shape[0], packed.out_features)
-    if rows.shape[0]:
-        _PANEL(rows.data_ptr(), packed.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
-               y.data_ptr(), rows.shape[0], packed.in_features, packed.out_features, x.dtype == torch.bfloat16,
-               torch.get_num_threads())
+    if rows.shape[0] and not _PANEL(rows.data_ptr(), packed.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                    y.data_ptr(), rows.shape[0], packed.in_features, packed.out_features,
+                                    x.dtype == torch.bfloat16, torch.get_num_threads()):
+        raise RuntimeError(f"panel_linear declined {tuple(rows.shape)} x {packed.in_features} -> "
+                           f"{packed.out_features} (no AVX-512 BF16, or an empty dimension)")
     return y.view(*x.shape[:-1], packed.out_features)
 
