@@ -38,7 +38,9 @@ def random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (12, 1, 64)])
+# kv heads of 3, 1, 4, 12 and 7 query heads: the AVX-512 kernel updates them in runs of up to 256 / dim (3; 1; 2 + 2;
+# 4 + 4 + 4; 4 + 3)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (12, 1, 64), (14, 2, 64)])
 @pytest.mark.parametrize("block_size", [16, 4, 12])  # 12: not a power of two, the AVX-512 path hands it on
 def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim, block_size):
     lens, scale = [1, 5, 16, 17, 70, 33], dim ** -0.5
@@ -97,10 +99,11 @@ def test_kernel_variants_match_dense(switch):
 
     code = ("import sys; sys.path.insert(0, 'tests'); import test_paged_attention as t, torch; "
             "[t.test_decode_attention_matches_dense(d, True, *shape, bs) for d in (torch.float32, torch.bfloat16) "
-            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]; "
+            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128), (14, 2, 64)) for bs in (16, 4)]; "
             "[t.test_shared_prefix_attention_matches_dense(d, 9, 3, 64, 16, c) for d in (torch.float32, torch.bfloat16) "
             "for c in range(len(t.SHARED_CASES))]; "
-            "[t.test_shared_prefix_attention_is_batch_invariant(d) for d in (torch.float32, torch.bfloat16)]")
+            "[t.test_shared_prefix_attention_is_batch_invariant(d, *shape) for d in (torch.float32, torch.bfloat16) "
+            "for shape in ((9, 3, 64), (14, 2, 64))]")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, switch: "1"}, check=True, timeout=300)
 
@@ -166,11 +169,12 @@ def test_shared_prefix_attention_matches_dense(dtype, heads, kv_heads, dim, bloc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_prefix_attention_is_batch_invariant(dtype):
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (14, 2, 64), (8, 2, 128)])
+def test_shared_prefix_attention_is_batch_invariant(dtype, heads, kv_heads, dim):
     """Bit for bit: a sequence's output is the same alone, in a group that shares its prefix, and in any order."""
     if decode_kernel(torch.empty(1, dtype=dtype)) is None:
         pytest.skip("engine._C has no paged_decode_attention")
-    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    block_size = 16
     lens, shared = SHARED_CASES[0]
     k_cache, v_cache, tables, _, q = shared_prefix_pool(lens, shared, block_size, heads, kv_heads, dim, dtype, seed=5)
     together = run_kernel(k_cache, v_cache, tables, lens, q, heads, kv_heads, dim, block_size)
