@@ -82,6 +82,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     prompts_per_step: int = 4
     micro_batch_size: int = 8  # sequences per forward/backward
+    share_prompt: bool = True  # a micro-batch runs each prompt once for all its responses (same loss, less compute)
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * len(train) / prompts_per_step
     eps_low: float = 0.2

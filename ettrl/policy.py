@@ -3,6 +3,9 @@
 `response_stats` runs one padded micro-batch of prompt + response sequences and returns, for every
 response token, its log-probability (differentiable) and the entropy of the sampling distribution
 (detached), both at the rollout temperature; logits exist only for response positions.
+`shared_prompt_stats` returns the same for responses that follow one prompt, running the prompt once: its
+keys and values (with their graph) serve every response, so a step's n_train responses of a prompt cost one
+prompt forward and backward instead of n_train.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "cp
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(device)
     model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # activation_checkpointing_enable: transformers >= 5 (the old name warns there)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -57,3 +60,49 @@ def response_stats(model, batch: dict, temperature: float = 1.0) -> tuple[torch.
     logits = model.get_output_embeddings()(hidden[batch["rows"], batch["cols"]])
     return token_stats(logits, batch["targets"], temperature=temperature)
 
+
+def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pad_id: int,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_stats of prompt + each response, with the prompt's forward run once for all of them.
+
+    The prompt minus its last token runs as a batch of one and leaves its keys and values in a cache (the
+    gradient flows back through them from every response); each response then runs as the prompt's last token
+    followed by the response minus its last token, each position predicting the next response token."""
+    from transformers import DynamicCache
+
+    from kernels import token_stats
+
+    device = _device(model)
+    if len(prompt) < 2 or not responses:  # nothing to share
+        return response_stats(model, pad_batch([prompt] * len(responses), responses, pad_id, device), temperature)
+    decoder = model.get_decoder()
+    cache = DynamicCache()
+    kw = _cache_keyword(decoder)
+    decoder(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **{kw: cache})
+    cache.batch_repeat_interleave(len(responses))
+    width, shared = max(len(r) for r in responses), len(prompt) - 1
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, r in enumerate(responses):
+        ids[i, : len(r)] = torch.tensor([prompt[-1]] + r[:-1])
+        mask[i, shared : shared + len(r)] = 1
+    positions = torch.arange(shared, shared + width, device=device).expand(len(responses), -1)
+    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+                     use_cache=True, **{kw: cache}).last_hidden_state
+    rows = torch.cat([torch.full((len(r),), i) for i, r in enumerate(responses)]).to(device)
+    cols = torch.cat([torch.arange(len(r)) for r in responses]).to(device)
+    targets = torch.tensor([t for r in responses for t in r], device=device)
+    logits = model.get_output_embeddings()(hidden[rows, cols])
+    return token_stats(logits, targets, temperature=temperature)
+
+
+def _cache_keyword(decoder) -> str:
+    """transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated); 4.x `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ettrl.loss import grpo_loss
-from ettrl.policy import pad_batch, response_stats
+from ettrl.policy import pad_batch, response_stats, shared_prompt_stats
 
 
 @dataclass
@@ -46,13 +46,12 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
 
 
 def _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs):
-    batch = pad_batch([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id, device)
-    logp, entropy = response_stats(model, batch, temperature)
+    logp, entropy = _stats(model, chunk, tcfg, temperature, pad_id, device)
     ref = None
     if ref_model is not None:
         with torch.no_grad():
-            ref = response_stats(ref_model, batch, temperature)[0]
-    lengths = batch["lengths"]
+            ref = _stats(ref_model, chunk, tcfg, temperature, pad_id, device)[0]
+    lengths = [len(s.response_ids) for s in chunk]
     mask = _padded([torch.ones(n, device=device) for n in lengths])
     adv = _padded([torch.tensor(s.advantages, dtype=torch.float32, device=device) for s in chunk])
     split = lambda t: _padded(list(torch.split(t, lengths)))  # noqa: E731
@@ -63,6 +62,27 @@ def _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_to
     share = sum(lengths) / n_tokens if tcfg.loss_agg == "token-mean" else len(chunk) / n_seqs
     metrics = {"loss": loss.item(), **{k: v for k, v in metrics.items() if k not in ("ratio_max", "entropy")}}
     return loss, metrics, share
+
+
+def _stats(model, chunk, tcfg, temperature, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, entropies) of the chunk's response tokens in order: each run of samples with one prompt shares
+    that prompt's forward (trainer.share_prompt), or the chunk runs as one padded batch."""
+    if not tcfg.share_prompt or _checkpointing(model):
+        batch = pad_batch([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id, device)
+        return response_stats(model, batch, temperature)
+    runs = []
+    for s in chunk:
+        if runs and runs[-1][0] == s.prompt_ids:
+            runs[-1][1].append(s.response_ids)
+        else:
+            runs.append((s.prompt_ids, [s.response_ids]))
+    stats = [shared_prompt_stats(model, prompt, responses, pad_id, temperature) for prompt, responses in runs]
+    return torch.cat([lp for lp, _ in stats]), torch.cat([h for _, h in stats])
+
+
+def _checkpointing(model) -> bool:
+    """Activation checkpointing recomputes layers without their KV cache, so a shared prompt cannot be used."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _padded(rows: list[torch.Tensor]) -> torch.Tensor:

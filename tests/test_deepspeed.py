@@ -20,10 +20,12 @@ TCFG = dict(lr=1e-3, micro_batch_size=2, warmup_ratio=0.0, grad_clip=0.5, zero_s
 
 
 def make_samples(n: int = 8) -> list[TrainSample]:
+    """Four responses a prompt, so that each micro-batch (of either backend) shares its prompt (trainer.share_prompt)."""
     rng = random.Random(0)
     samples = []
-    for _ in range(n):
-        prompt = [rng.randrange(256) for _ in range(rng.randint(3, 9))]
+    for i in range(n):
+        if i % 4 == 0:
+            prompt = [rng.randrange(256) for _ in range(rng.randint(3, 9))]
         response = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
         samples.append(TrainSample(prompt, response, [rng.uniform(-2, 2)] * len(response)))
     return samples
@@ -71,7 +73,8 @@ def test_zero_matches_plain_torch(tmp_path, stage):
         metrics = policy_update(backend, make_samples(), tcfg, 1.0, 0)
     moved = 0.0
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ds["weights"][name], p.detach(), atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ds["weights"][name], p.detach(), atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         moved = max(moved, (p.detach() - load_policy(model_dir)[0].state_dict()[name]).abs().max().item())
     assert moved > 1e-4, "the update must move the weights for the comparison to mean anything"
     assert abs(ds["metrics"]["grad_norm"] - metrics["grad_norm"]) < 1e-3 * metrics["grad_norm"]
