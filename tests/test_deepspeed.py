@@ -20,7 +20,7 @@ TCFG = dict(lr=1e-3, micro_batch_size=2, warmup_ratio=0.0, grad_clip=0.5, zero_s
 
 
 def make_samples(n: int = 8) -> list[TrainSample]:
-    """Four responses a prompt, so that each micro-batch (of either backend) shares its prompt (trainer.share_prompt)."""
+    """Four responses a prompt: each micro-batch (of either backend) shares its prompt (trainer.share_prompt)."""
     rng = random.Random(0)
     samples = []
     for i in range(n):
