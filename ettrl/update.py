@@ -35,7 +35,8 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
     starts = range(0, len(samples), tcfg.micro_batch_size)
     for start in tqdm(starts, desc="update", unit="micro-batch", leave=False, disable=not progress, file=sys.stdout):
         chunk = samples[start : start + tcfg.micro_batch_size]
-        loss, metrics, weight = _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs)
+        loss, metrics, weight = _micro_step(backend, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens,
+                                            n_seqs)
         backend.backward(loss * weight * backend.world_size)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * weight
@@ -45,8 +46,8 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
     return {**totals, "grad_norm": grad_norm, "lr": lr}
 
 
-def _micro_step(model, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs):
-    logp, entropy = _stats(model, chunk, tcfg, temperature, pad_id, device)
+def _micro_step(backend, chunk, tcfg, temperature, pad_id, device, ref_model, n_tokens, n_seqs):
+    logp, entropy = backend.forward(lambda model: _stats(model, chunk, tcfg, temperature, pad_id, device))
     ref = None
     if ref_model is not None:
         with torch.no_grad():

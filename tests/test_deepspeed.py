@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 on 2 gloo processes (CPU) applies the same update as the plain torch backend."""
+"""DeepSpeed ZeRO-1, 2 and 3 on 2 gloo processes (CPU) apply the same update as the plain torch backend."""
 import os
 import random
 import socket
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, stage: i
     backend.barrier()
 
 
-@pytest.mark.parametrize("stage", [2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_plain_torch(tmp_path, stage):
     from ettrl.backends.torch_backend import TorchBackend
     from ettrl.policy import load_policy

@@ -1,6 +1,7 @@
 """Where gradients are applied: plain torch (one process) or DeepSpeed ZeRO (multi-process).
 
-Both expose the same small interface: `.model`, `.backward(loss)`, `.step() -> (grad_norm, lr)`,
+Both expose the same small interface: `.model`, `.forward(fn)` (fn(model), the micro-batch's forward with
+gradients: DeepSpeed runs it inside its engine), `.backward(loss)`, `.step() -> (grad_norm, lr)`,
 `.full_state_dict()`, `.state_dict()` / `.load_state_dict()`, `.rank`, `.world_size`, `.all_reduce_sum(x)`.
 """
 from __future__ import annotations

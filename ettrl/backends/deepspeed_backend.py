@@ -3,7 +3,9 @@
 The optimizer is torch's AdamW and the schedule the same cosine-with-warm-up as the torch backend, handed to
 DeepSpeed; gradient clipping is set explicitly in the DeepSpeed config. A step's micro-batches are one
 DeepSpeed gradient-accumulation cycle (their number per rank is fixed by the config), and the trainer scales
-each micro-batch loss itself, so backward runs with `scale_wrt_gas=False`.
+each micro-batch loss itself, so backward runs with `scale_wrt_gas=False`. Every micro-batch's forward runs
+through the engine's forward (`forward(fn)`): ZeRO-3 counts its micro-steps there, and without that count it
+overwrote each micro-batch's gradient with the next one's instead of summing them.
 """
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if use_nccl else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+class _Forward(torch.nn.Module):
+    """The module the engine wraps: engine(fn) runs fn(model) inside the engine's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
 
 
 class DeepSpeedBackend(OptimizerState):
@@ -47,11 +60,14 @@ class DeepSpeedBackend(OptimizerState):
             "wall_clock_breakdown": False,
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.model = self.engine.module
+            model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = self.engine.module.model
         self.stage = tcfg.zero_stage
         self._micro = 0
         self._lr = optimizer.param_groups[0]["lr"]
+
+    def forward(self, fn):
+        return self.engine(fn)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._micro == 0:

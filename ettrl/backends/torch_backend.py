@@ -15,6 +15,9 @@ class TorchBackend(OptimizerState):
         self.optimizer = make_optimizer(model, tcfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, tcfg.warmup_ratio))
 
+    def forward(self, fn):
+        return fn(self.model)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
