@@ -73,7 +73,7 @@ def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pa
     from kernels import token_stats
 
     device = _device(model)
-    if len(prompt) < 2 or not responses:  # nothing to share
+    if len(prompt) < 2 or not any(responses):  # nothing to share
         return response_stats(model, pad_batch([prompt] * len(responses), responses, pad_id, device), temperature)
     decoder = model.get_decoder()
     cache = DynamicCache()
@@ -85,8 +85,9 @@ def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pa
     mask = torch.zeros((len(responses), shared + width), dtype=torch.long)
     mask[:, :shared] = 1
     for i, r in enumerate(responses):
-        ids[i, : len(r)] = torch.tensor([prompt[-1]] + r[:-1])
-        mask[i, shared : shared + len(r)] = 1
+        if r:
+            ids[i, : len(r)] = torch.tensor([prompt[-1]] + r[:-1])
+            mask[i, shared : shared + len(r)] = 1
     positions = torch.arange(shared, shared + width, device=device).expand(len(responses), -1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
                      use_cache=True, **{kw: cache}).last_hidden_state

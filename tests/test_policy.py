@@ -41,8 +41,8 @@ def test_shared_prompt_equals_padded_batch(tmp_path, kind, prompt_len):
     model, _ = load_policy(tmp_path)
     g = torch.Generator().manual_seed(prompt_len)
     prompt = random_ids(g, prompt_len)
-    responses = [random_ids(g, n) for n in (7, 1, 12, 5)]
-    padded = stats_and_grads(model, lambda: response_stats(model, pad_batch([prompt] * 4, responses, 0, "cpu"), 0.7))
+    responses = [random_ids(g, n) for n in (7, 1, 12, 0, 5)]  # an empty response has no token to score
+    padded = stats_and_grads(model, lambda: response_stats(model, pad_batch([prompt] * 5, responses, 0, "cpu"), 0.7))
     shared = stats_and_grads(model, lambda: shared_prompt_stats(model, prompt, responses, 0, 0.7))
     assert padded[0].shape == (25,)
     assert_same(padded, shared)
