@@ -72,7 +72,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        "transformers>=4.45",
+        # transformers 5.25 requires Hugging Face's `kernels` distribution, whose import name is this project's
+        # `kernels` package: `import transformers` then imports ours in its place and fails.
+        "transformers>=4.45,<5.25",
         "accelerate",
         "safetensors",
         "gguf",
