@@ -52,11 +52,14 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
             "targets": torch.tensor(targets, device=device), "lengths": [len(r) for r in responses]}
 
 
-def response_stats(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs, entropies) of all response tokens of the batch, concatenated in row order."""
+def response_stats(model, batch: dict, temperature: float = 1.0,
+                   **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, entropies) of all response tokens of the batch, concatenated in row order; decoder_kwargs go to
+    the decoder (shared_prompt_stats passes its cache and positions)."""
     from kernels import token_stats
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **decoder_kwargs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[batch["rows"], batch["cols"]])
     return token_stats(logits, batch["targets"], temperature=temperature)
 
@@ -66,36 +69,23 @@ def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pa
     """response_stats of prompt + each response, with the prompt's forward run once for all of them.
 
     The prompt minus its last token runs as a batch of one and leaves its keys and values in a cache (the
-    gradient flows back through them from every response); each response then runs as the prompt's last token
-    followed by the response minus its last token, each position predicting the next response token."""
+    gradient flows back through them from every response); then the responses run as a padded batch whose
+    prompt is that last token, attending to the cache."""
     from transformers import DynamicCache
-
-    from kernels import token_stats
 
     device = _device(model)
     if len(prompt) < 2 or not any(responses):  # nothing to share
         return response_stats(model, pad_batch([prompt] * len(responses), responses, pad_id, device), temperature)
-    decoder = model.get_decoder()
-    cache = DynamicCache()
+    decoder, cache, shared = model.get_decoder(), DynamicCache(), len(prompt) - 1
     kw = _cache_keyword(decoder)
     decoder(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **{kw: cache})
     cache.batch_repeat_interleave(len(responses))
-    width, shared = max(len(r) for r in responses), len(prompt) - 1
-    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), shared + width), dtype=torch.long)
-    mask[:, :shared] = 1
-    for i, r in enumerate(responses):
-        if r:
-            ids[i, : len(r)] = torch.tensor([prompt[-1]] + r[:-1])
-            mask[i, shared : shared + len(r)] = 1
-    positions = torch.arange(shared, shared + width, device=device).expand(len(responses), -1)
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions,
-                     use_cache=True, **{kw: cache}).last_hidden_state
-    rows = torch.cat([torch.full((len(r),), i) for i, r in enumerate(responses)]).to(device)
-    cols = torch.cat([torch.arange(len(r)) for r in responses]).to(device)
-    targets = torch.tensor([t for r in responses for t in r], device=device)
-    logits = model.get_output_embeddings()(hidden[rows, cols])
-    return token_stats(logits, targets, temperature=temperature)
+    batch = pad_batch([prompt[-1:]] * len(responses), responses, pad_id, device)
+    # The last column holds only the longest responses' last tokens, which predict nothing: drop it.
+    ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+    batch["input_ids"], batch["attention_mask"] = ids, torch.cat([mask.new_ones(len(responses), shared), mask], 1)
+    positions = torch.arange(shared, shared + ids.shape[1], device=device).expand(len(responses), -1)
+    return response_stats(model, batch, temperature, position_ids=positions, use_cache=True, **{kw: cache})
 
 
 def _cache_keyword(decoder) -> str:

@@ -107,4 +107,3 @@ def _panel_linear(x: torch.Tensor, packed: Panels, bias: torch.Tensor | None) ->
         raise RuntimeError(f"panel_linear declined {tuple(rows.shape)} x {packed.in_features} -> "
                            f"{packed.out_features} (no AVX-512 BF16, or an empty dimension)")
     return y.view(*x.shape[:-1], packed.out_features)
-
