@@ -113,8 +113,9 @@ struct NextPanel {
 // R rows of x (row stride in) times one panel -> y's R rows, columns [0, columns) of this panel. Kept a function of its
 // own: inlined into panel_rows, the 8-row tile measured a few percent slower (alternating runs).
 template <typename Step, int64_t R>
-ETTRL_PANEL __attribute__((noinline)) void tile(const typename Step::T* x, const typename Step::T* panel, const typename Step::T* bias,
-                      typename Step::T* y, int64_t in, int64_t out, int64_t columns, NextPanel& next, bool last) {
+ETTRL_PANEL __attribute__((noinline)) void tile(const typename Step::T* x, const typename Step::T* panel,
+                                                const typename Step::T* bias, typename Step::T* y, int64_t in,
+                                                int64_t out, int64_t columns, NextPanel& next, bool last) {
   using Acc = std::make_index_sequence<R * kVectors>;
   constexpr int64_t kPer = Step::kPerStep, kStepElements = kPanelColumns * kPer;
   __m512 acc[R * kVectors];
