@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "decode_layers.h"
 #include "entropy_sample.h"
 #include "fused_ops.h"
 #include "paged_attention.h"
@@ -76,6 +77,21 @@ static bool panel_linear(uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_
   return ettrl::panel_linear(ptr(x), ptr(packed), ptr(bias), ptr(y), rows, in, out, bf16, num_threads);
 }
 
+static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uintptr_t residual, uintptr_t h,
+                          uintptr_t qkv, uintptr_t q, uintptr_t attn, uintptr_t gate_up, uintptr_t act, int64_t tokens,
+                          int64_t hidden, int64_t inter, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                          float eps, float qk_norm_eps, uintptr_t slots, uintptr_t positions, uintptr_t cos,
+                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, int64_t table_width,
+                          int64_t block_size, float scale, bool bf16, int num_threads) {
+  ettrl::DecodeLayersArgs a{ptr<const uint64_t>(layers), num_layers, ptr(x), ptr(residual), ptr(h), ptr(qkv), ptr(q),
+                            ptr(attn), ptr(gate_up), ptr(act), tokens, hidden, inter, num_heads, num_kv_heads,
+                            head_dim, eps, qk_norm_eps, ptr<const int64_t>(slots), ptr<const int64_t>(positions),
+                            ptr<const float>(cos), ptr<const float>(sin), ptr<const int64_t>(block_tables),
+                            ptr<const int64_t>(kv_lens), table_width, block_size, scale, bf16, num_threads};
+  py::gil_scoped_release release;
+  ettrl::decode_layers(a);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention, fused layer ops and entropy_sample (CPU)";
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -114,4 +130,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("panel_linear_available", &ettrl::panel_linear_available);
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
+  m.def("decode_layers", &decode_layers, py::arg("layers"), py::arg("num_layers"), py::arg("x"), py::arg("residual"),
+        py::arg("h"), py::arg("qkv"), py::arg("q"), py::arg("attn"), py::arg("gate_up"), py::arg("act"),
+        py::arg("tokens"), py::arg("hidden"), py::arg("inter"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("head_dim"), py::arg("eps"), py::arg("qk_norm_eps"), py::arg("slots"), py::arg("positions"),
+        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("table_width"),
+        py::arg("block_size"), py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("decode_layer_pointers", [] { return static_cast<int64_t>(ettrl::kDecodeLayerPointers); });
 }

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import fused_ops
+from engine.models import decode_layers, fused_ops
 from engine.models.packed_linear import linear, pack
 from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
 
@@ -196,6 +196,8 @@ class CausalLM(nn.Module):
                                                                              dtype=dtype, device=device)
         self.rope = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, device)
         self.lm_head_packed = None
+        self.fused_decode = True  # decode steps run the layer stack in one C++ call where it applies
+        self._decode_table = None  # decode_layers.pointer_table, built on the first decode step
 
     def pack_weights(self, enabled: bool = True):
         """(Re)builds the packed copies of every matmul weight (packed_linear.py); call after writing weights."""
@@ -203,6 +205,7 @@ class CausalLM(nn.Module):
             layer.self_attn.pack_weights(enabled)
             layer.mlp.pack_weights(enabled)
         self.lm_head_packed = pack(self.lm_head) if enabled else None
+        self._decode_table = None
 
     def use_fused_ops(self, enabled: bool = True):
         """C++ RMSNorm + residual add and SiLU * up (fused_ops.py) where they apply: CPU, fp32 or bf16."""
@@ -210,19 +213,34 @@ class CausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP)):
                 m.fused = on
+        self._decode_table = None
         return on
 
     def set_attention(self, attn):
         for layer in self.layers:
             layer.self_attn.attn = attn
+        self._decode_table = None
 
     def forward(self, input_ids, positions, logits_indices):
         x = F.embedding(input_ids, self.embed_tokens)
         rope, residual = StepRope(self.rope, positions, x.dtype), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope)
+        fused = self._fused_decode(x, rope)
+        if fused is not None:
+            x, residual = fused
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, rope)
         x, _ = self.norm.add_and_norm(x[logits_indices], residual[logits_indices])
         return linear(x, self.lm_head, None, self.lm_head_packed).float()
+
+    def _fused_decode(self, x, rope):
+        if not self.fused_decode:
+            return None
+        if self._decode_table is None:
+            self._decode_table = decode_layers.pointer_table(self)
+            if self._decode_table is None:
+                self._decode_table = False  # does not apply to this model; rebuilt when weights or ops change
+        return None if self._decode_table is False else decode_layers.run(self, self._decode_table, x, rope)
 
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""
