@@ -72,9 +72,9 @@ static void pack_panels(uintptr_t w, uintptr_t dst, int64_t out, int64_t in, boo
 }
 
 static bool panel_linear(uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t in,
-                         int64_t out, bool bf16, int num_threads) {
+                         int64_t out, bool bf16, int num_threads, bool fp32_out) {
   py::gil_scoped_release release;
-  return ettrl::panel_linear(ptr(x), ptr(packed), ptr(bias), ptr(y), rows, in, out, bf16, num_threads);
+  return ettrl::panel_linear(ptr(x), ptr(packed), ptr(bias), ptr(y), rows, in, out, bf16, num_threads, fp32_out);
 }
 
 static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uintptr_t residual, uintptr_t h,
@@ -126,7 +126,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_panels", &pack_panels, py::arg("w"), py::arg("dst"), py::arg("out_features"), py::arg("in_features"),
         py::arg("bf16"));
   m.def("panel_linear", &panel_linear, py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"),
-        py::arg("in_features"), py::arg("out_features"), py::arg("bf16"), py::arg("num_threads"));
+        py::arg("in_features"), py::arg("out_features"), py::arg("bf16"), py::arg("num_threads"),
+        py::arg("fp32_out") = false);
   m.def("panel_linear_available", &ettrl::panel_linear_available);
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));

@@ -31,6 +31,7 @@ constexpr int64_t kChunkRows = 256;  // rows of x one task reads, so that they s
 // step's 48 columns in 3 consecutive vectors; x gives one 32-bit broadcast per row.
 struct Bf16Step {
   using T = uint16_t;
+  using Out = uint16_t;
   static constexpr int64_t kPerStep = 2;
   ETTRL_PANEL __attribute__((always_inline)) static __m512i broadcast(const T* x, int64_t k, int64_t in) {
     int32_t pair = x[k];
@@ -52,6 +53,7 @@ struct Bf16Step {
 
 struct Fp32Step {
   using T = float;
+  using Out = float;
   static constexpr int64_t kPerStep = 1;
   ETTRL_PANEL __attribute__((always_inline)) static __m512i broadcast(const T* x, int64_t k, int64_t) {
     return _mm512_castps_si512(_mm512_set1_ps(x[k]));
@@ -64,6 +66,15 @@ struct Fp32Step {
   }
   ETTRL_PANEL __attribute__((always_inline)) static void store(T* y, __m512 v, __mmask16 live) {
     _mm512_mask_storeu_ps(y, live, v);
+  }
+};
+
+// bf16 in, the bf16-rounded results out as fp32: what .float() of Bf16Step's output holds, without that pass.
+struct Bf16ToFp32Step : Bf16Step {
+  using Out = float;
+  ETTRL_PANEL __attribute__((always_inline)) static void store(float* y, __m512 v, __mmask16 live) {
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, (__m256i)_mm512_cvtneps_pbh(v));
+    _mm512_mask_storeu_ps(y, live, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, wide, 16)));
   }
 };
 
@@ -86,7 +97,7 @@ inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << std::cl
 
 template <typename Step, size_t... I>
 ETTRL_PANEL __attribute__((always_inline)) inline void finish(const __m512* acc, const typename Step::T* bias,
-                                                              typename Step::T* y, int64_t out, int64_t columns,
+                                                              typename Step::Out* y, int64_t out, int64_t columns,
                                                               std::index_sequence<I...>) {
   const __mmask16 live[] = {lanes(columns), lanes(columns - 16), lanes(columns - 32)};
   alignas(64) float bias_values[kPanelColumns] = {};
@@ -114,7 +125,7 @@ struct NextPanel {
 // own: inlined into panel_rows, the 8-row tile measured a few percent slower (alternating runs).
 template <typename Step, int64_t R>
 ETTRL_PANEL __attribute__((noinline)) void tile(const typename Step::T* x, const typename Step::T* panel,
-                                                const typename Step::T* bias, typename Step::T* y, int64_t in,
+                                                const typename Step::T* bias, typename Step::Out* y, int64_t in,
                                                 int64_t out, int64_t columns, NextPanel& next, bool last) {
   using Acc = std::make_index_sequence<R * kVectors>;
   constexpr int64_t kPer = Step::kPerStep, kStepElements = kPanelColumns * kPer;
@@ -134,7 +145,7 @@ ETTRL_PANEL __attribute__((noinline)) void tile(const typename Step::T* x, const
 
 template <typename Step>
 ETTRL_PANEL void panel_rows(const typename Step::T* x, const typename Step::T* panel, const typename Step::T* bias,
-                            typename Step::T* y, int64_t rows, int64_t in, int64_t out, int64_t columns,
+                            typename Step::Out* y, int64_t rows, int64_t in, int64_t out, int64_t columns,
                             const void* next_panel, int64_t panel_bytes) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows, lines = next_panel ? panel_bytes / 64 : 0;
   NextPanel next{static_cast<const char*>(next_panel), lines, lines / tiles};
@@ -159,7 +170,7 @@ ETTRL_PANEL void run(const void* xv, const void* packed, const void* biasv, void
                      int64_t out, int num_threads) {
   using T = typename Step::T;
   const T *x = static_cast<const T*>(xv), *w = static_cast<const T*>(packed), *bias = static_cast<const T*>(biasv);
-  T* y = static_cast<T*>(yv);
+  typename Step::Out* y = static_cast<typename Step::Out*>(yv);
   const int64_t panels = (out + kPanelColumns - 1) / kPanelColumns;
   const int64_t panel_elements = panel_packed_elements(kPanelColumns, in, std::is_same_v<T, uint16_t>);
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
@@ -183,9 +194,11 @@ bool panel_linear_available() {
 }
 
 bool panel_linear(const void* x, const void* packed, const void* bias, void* y, int64_t rows, int64_t in, int64_t out,
-                  bool bf16, int num_threads) {
+                  bool bf16, int num_threads, bool fp32_out) {
   if (!panel_linear_available() || rows < 1 || in < 1 || out < 1) return false;
-  if (bf16)
+  if (bf16 && fp32_out)
+    run<Bf16ToFp32Step>(x, packed, bias, y, rows, in, out, num_threads);
+  else if (bf16)
     run<Bf16Step>(x, packed, bias, y, rows, in, out, num_threads);
   else
     run<Fp32Step>(x, packed, bias, y, rows, in, out, num_threads);
@@ -198,7 +211,9 @@ bool panel_linear(const void* x, const void* packed, const void* bias, void* y, 
 
 namespace ettrl {
 bool panel_linear_available() { return false; }
-bool panel_linear(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, bool, int) { return false; }
+bool panel_linear(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, bool, int, bool) {
+  return false;
+}
 }  // namespace ettrl
 
 #endif

@@ -21,9 +21,10 @@ void pack_panels(const void* w, void* dst, int64_t out, int64_t in, bool bf16);
 
 // x: [rows, in], packed: pack_panels of the [out, in] weight, bias: [out] or null, y: [rows, out]; all bf16 or all
 // fp32. Sums in fp32, adds the bias, rounds once (bf16: to nearest even). Returns false, doing nothing, on a CPU
-// without AVX-512 F/BW/VL/DQ and BF16 or with ETTRL_NO_PANEL_LINEAR set (not "0").
+// without AVX-512 F/BW/VL/DQ and BF16 or with ETTRL_NO_PANEL_LINEAR set (not "0"). fp32_out (bf16 only): y is fp32
+// and holds the bf16-rounded results widened, bit for bit what converting the bf16 output would give.
 bool panel_linear(const void* x, const void* packed, const void* bias, void* y, int64_t rows, int64_t in, int64_t out,
-                  bool bf16, int num_threads);
+                  bool bf16, int num_threads, bool fp32_out = false);
 
 // Whether panel_linear runs on this CPU (false: it would return false).
 bool panel_linear_available();

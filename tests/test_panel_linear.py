@@ -124,3 +124,18 @@ def test_a_weight_the_kernel_declines_is_not_packed():
     assert packed_linear.pack(w) is None
     x = torch.randn(3, 0)
     assert torch.equal(packed_linear.linear(x, w, None, None), torch.zeros(3, 8))
+
+
+@needs_panels
+@pytest.mark.parametrize("rows", [1, 5, 8, 64, 257])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_out_is_the_bf16_output_widened(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 70, generator=g).bfloat16()
+    w, bias = torch.randn(99, 70, generator=g).bfloat16(), torch.randn(99, generator=g).bfloat16()
+    packed = packed_linear.pack_panels(w)
+    bias = bias if with_bias else None
+    got = packed_linear.linear_fp32_out(x, w, bias, packed)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, packed_linear.linear(x, w, bias, packed).float())
+    assert torch.equal(packed_linear.linear_fp32_out(x.float(), w.float(), None, None), F.linear(x.float(), w.float()))

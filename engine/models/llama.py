@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models import decode_layers, fused_ops
-from engine.models.packed_linear import linear, pack
+from engine.models.packed_linear import linear, linear_fp32_out, pack
 from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
@@ -231,7 +231,7 @@ class CausalLM(nn.Module):
             for layer in self.layers:
                 x, residual = layer(x, residual, rope)
         x, _ = self.norm.add_and_norm(x[logits_indices], residual[logits_indices])
-        return linear(x, self.lm_head, None, self.lm_head_packed).float()
+        return linear_fp32_out(x, self.lm_head, None, self.lm_head_packed)
 
     def _fused_decode(self, x, rope):
         if not self.fused_decode:

@@ -94,16 +94,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _packed_linear(x, packed, bias)
 
 
-def _panel_linear(x: torch.Tensor, packed: Panels, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    packed: Panels | torch.Tensor | None) -> torch.Tensor:
+    """linear(...).float(); bf16 panels write the rounded results as fp32 directly (no bf16 tensor, no second pass)."""
+    if isinstance(packed, Panels) and x.dtype == torch.bfloat16:
+        return _panel_linear(x, packed, bias, fp32_out=True)
+    return linear(x, weight, bias, packed).float()
+
+
+def _panel_linear(x: torch.Tensor, packed: Panels, bias: torch.Tensor | None, fp32_out: bool = False) -> torch.Tensor:
     if x.dtype != packed.data.dtype or (bias is not None and bias.dtype != x.dtype):
         raise RuntimeError(f"panel_linear takes one dtype, got x {x.dtype}, weight {packed.data.dtype}"
                            f"{'' if bias is None else f', bias {bias.dtype}'}")
     rows = x.reshape(-1, packed.in_features).contiguous()
     bias = None if bias is None else bias.contiguous()  # held by names: the extension reads raw pointers
-    y = rows.new_empty(rows.shape[0], packed.out_features)
+    y = rows.new_empty(rows.shape[0], packed.out_features, dtype=torch.float32 if fp32_out else x.dtype)
     if rows.shape[0] and not _PANEL(rows.data_ptr(), packed.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                     y.data_ptr(), rows.shape[0], packed.in_features, packed.out_features,
-                                    x.dtype == torch.bfloat16, torch.get_num_threads()):
+                                    x.dtype == torch.bfloat16, torch.get_num_threads(), fp32_out):
         raise RuntimeError(f"panel_linear declined {tuple(rows.shape)} x {packed.in_features} -> "
                            f"{packed.out_features} (no AVX-512 BF16, or an empty dimension)")
     return y.view(*x.shape[:-1], packed.out_features)
