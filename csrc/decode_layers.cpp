@@ -10,6 +10,9 @@
 namespace ettrl {
 namespace {
 
+// linear() finds each matmul's bias in the slot after its weight.
+static_assert(kQkvBias == kQkv + 1 && kOBias == kO + 1 && kGateUpBias == kGateUp + 1 && kDownBias == kDown + 1);
+
 void linear(const DecodeLayersArgs& a, const uint64_t* w, int64_t weight, const void* x, void* y, int64_t in,
             int64_t out) {
   const void* packed = reinterpret_cast<const void*>(w[weight]);

@@ -8,7 +8,7 @@ other CPUs, CUDA) takes the Python loop.
 """
 import torch
 
-from engine.extension import extension_op
+from engine.extension import extension, extension_op
 from engine.models import fused_ops
 from engine.models.packed_linear import Panels
 
@@ -29,19 +29,28 @@ def pointer_table(model) -> torch.Tensor | None:
     for i, layer in enumerate(model.layers):
         att, mlp = layer.self_attn, layer.mlp
         packed = (att.qkv_packed, att.o_packed, mlp.gate_up_packed, mlp.down_packed)
+        q_norm, k_norm = _qk_norms(att)
         vectors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, att.qkv_bias, att.o_bias,
-                   mlp.gate_up_bias, mlp.down_bias, *(n.weight for n in (att.q_norm, att.k_norm) if n is not None)]
+                   mlp.gate_up_bias, mlp.down_bias, q_norm, k_norm]
         if (not all(isinstance(p, Panels) for p in packed) or not (mlp.fused and layer.input_layernorm.fused)
                 or att.attn is not attn or att.layer_idx != i
                 or not all(v is None or v.is_contiguous() for v in vectors)):
             return None
-        q_norm, k_norm = (None, None) if att.q_norm is None else (att.q_norm.weight, att.k_norm.weight)
         rows.append([_address(layer.input_layernorm.weight), att.qkv_packed.data.data_ptr(), _address(att.qkv_bias),
                      _address(q_norm), _address(k_norm), att.o_packed.data.data_ptr(), _address(att.o_bias),
                      _address(layer.post_attention_layernorm.weight), mlp.gate_up_packed.data.data_ptr(),
                      _address(mlp.gate_up_bias), mlp.down_packed.data.data_ptr(), _address(mlp.down_bias),
                      attn.k_slots[i].data_ptr(), attn.v_slots[i].data_ptr()])
-    return torch.tensor(rows, dtype=torch.int64)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if table.shape[1] != extension().decode_layer_pointers():
+        raise RuntimeError(f"decode_layers: {table.shape[1]} pointers a layer here, "
+                           f"{extension().decode_layer_pointers()} in engine._C: rebuild the extension")
+    return table
+
+
+def _qk_norms(att) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The per-head q and k RMSNorm weights (Qwen3), or (None, None)."""
+    return (None, None) if att.q_norm is None else (att.q_norm.weight, att.k_norm.weight)
 
 
 def run(model, table: torch.Tensor, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -53,7 +62,7 @@ def run(model, table: torch.Tensor, x: torch.Tensor, rope) -> tuple[torch.Tensor
     if plan is None or plan.block_tables is None or plan.batch != t or not x.is_contiguous():
         return None
     first = model.layers[0].self_attn
-    q_norm, k_norm = (None, None) if first.q_norm is None else (first.q_norm.weight, first.k_norm.weight)
+    q_norm, k_norm = _qk_norms(first)
     fused_ops._check_rope_step(t, x.dtype, attn.k_slots[0], attn.v_slots[0], plan.slot_mapping, rope.positions,
                                rope.table.cos, rope.table.sin, a.num_kv_heads, a.head_dim, q_norm, k_norm)
     q_width, kv_width = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
