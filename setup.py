@@ -1,4 +1,5 @@
-"""Builds the `engine._C` C++ extension (pybind11) and installs the `engine`, `kernels`, `ettrl` packages.
+"""Builds the C++ extensions (pybind11) `engine._C` (block allocator, radix tree) and `ettrl_kernels._C` (CPU kernels),
+and installs the `engine`, `ettrl_kernels` (from the folder kernels/) and `ettrl` packages.
 
 The extension is compiled with ninja when it is on PATH (parallel, incremental), else with setuptools.
 """
@@ -15,7 +16,9 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+ENGINE_SOURCES = ["csrc/bindings_engine.cpp", "csrc/block_allocator.cpp", "csrc/radix_tree.cpp"]
+KERNEL_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")
+                        if str(p.relative_to(ROOT)) not in ENGINE_SOURCES)
 CXXFLAGS = ["-O3", "-Wall", "-fopenmp"]
 
 
@@ -56,7 +59,8 @@ class NinjaBuildExt(build_ext):
         return "\n".join(lines) + "\n"
 
 
-ext = Pybind11Extension("engine._C", SOURCES, extra_compile_args=CXXFLAGS, extra_link_args=["-fopenmp"], cxx_std=17)
+extensions = [Pybind11Extension(name, sources, extra_compile_args=CXXFLAGS, extra_link_args=["-fopenmp"], cxx_std=17)
+              for name, sources in (("engine._C", ENGINE_SOURCES), ("ettrl_kernels._C", KERNEL_SOURCES))]
 
 setup(
     name="ettrl",
@@ -66,15 +70,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "ettrl", "ettrl.*"]),
-    ext_modules=[ext],
+    # kernels/ has no __init__.py: from the repository root `import kernels` still finds Hugging Face's package.
+    packages=[*find_packages(include=["engine", "engine.*", "ettrl", "ettrl.*"]),
+              *find_packages("kernels", include=["ettrl_kernels", "ettrl_kernels.*"])],
+    package_dir={"ettrl_kernels": "kernels/ettrl_kernels"},
+    ext_modules=extensions,
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        # transformers 5.25 requires Hugging Face's `kernels` distribution, whose import name is this project's
-        # `kernels` package: `import transformers` then imports ours in its place and fails.
-        "transformers>=4.45,<5.25",
+        "transformers>=4.45",
         "accelerate",
         "safetensors",
         "gguf",

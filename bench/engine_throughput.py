@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py
 from engine import LLM, SamplingParams  # noqa: E402
 
 PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

@@ -1,4 +1,4 @@
-"""Benchmark kernels.entropy_sample against the naive torch sequence (softmax, entropy, multinomial).
+"""Benchmark ettrl_kernels.entropy_sample against the naive torch sequence (softmax, entropy, multinomial).
 
     python bench/sampling_kernels.py                      # CPU: torch path; CUDA (if available): Triton kernel
     python bench/sampling_kernels.py --batch 64 --vocab 151936 --logits lm --repeats 7
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # this file's name would shadow the kernels package
-import kernels  # noqa: E402
+import ettrl_kernels  # noqa: E402
 
 
 def naive(logits, temperature):
@@ -65,7 +64,7 @@ def main():
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, args.dtype)
-    backend = kernels.resolve_backend("auto", torch.empty(0, device=device))
+    backend = ettrl_kernels.resolve_backend("auto", torch.empty(0, device=device))
     print(f"device={device} backend={backend} dtype={args.dtype} T={args.temperature} top_k={args.top_k} "
           f"top_p={args.top_p} threads={torch.get_num_threads()} repeats={args.repeats} (median ms)")
     print(f"{'logits':>6} {'B':>4} {'V':>7} {'naive':>9} {'fused':>9} {'speedup':>7} {'fused GB/s':>10} "
@@ -78,7 +77,7 @@ def main():
                 step = iter(range(1 << 30))
 
                 def fused():
-                    return kernels.entropy_sample(logits, temperature=args.temperature, top_k=args.top_k,
+                    return ettrl_kernels.entropy_sample(logits, temperature=args.temperature, top_k=args.top_k,
                                                   top_p=args.top_p, seeds=0, seq_ids=seq_ids,
                                                   positions=next(step))
 

@@ -1,8 +1,7 @@
-// Python bindings of the C++ core: module `engine._C`.
+// Python bindings of the C++ kernels: module `ettrl_kernels._C` (the engine's bookkeeping is in bindings_engine.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "block_allocator.h"
 #include "decode_layers.h"
 #include "entropy_sample.h"
 #include "fused_ops.h"
@@ -10,10 +9,6 @@
 #include "panel_linear.h"
 
 namespace py = pybind11;
-using ettrl::BlockAllocator;
-
-void bind_radix_tree(py::module_& m);
-
 // Raw data pointers (tensor.data_ptr()): the extension does not link against torch. kernels/attention_torch.py
 // checks dtypes, devices, shapes and contiguity before calling.
 static void paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
@@ -93,21 +88,7 @@ static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uin
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ETTRL C++ core: KV block allocator, radix tree of token prefixes, paged decode attention, fused layer ops and entropy_sample (CPU)";
-  py::class_<BlockAllocator>(m, "BlockAllocator")
-      .def(py::init<int64_t>(), py::arg("num_blocks"))
-      .def("allocate", &BlockAllocator::allocate, py::arg("n"))
-      .def("retain", &BlockAllocator::retain, py::arg("block"))
-      .def("retain_many", &BlockAllocator::retain_many, py::arg("blocks"))
-      .def("release", &BlockAllocator::release, py::arg("block"))
-      .def("release_many", &BlockAllocator::release_many, py::arg("blocks"))
-      .def("reset", &BlockAllocator::reset)
-      .def("ref_count", &BlockAllocator::ref_count, py::arg("block"))
-      .def("check_integrity", &BlockAllocator::check_integrity)
-      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
-      .def_property_readonly("num_free", &BlockAllocator::num_free)
-      .def_property_readonly("num_used", &BlockAllocator::num_used);
-  bind_radix_tree(m);
+  m.doc() = "ETTRL C++ kernels (CPU): paged decode attention, fused layer ops, panel matmuls, decode layer stack, entropy_sample";
   m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("out"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("batch"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("table_width"), py::arg("block_size"),

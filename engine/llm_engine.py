@@ -19,7 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from kernels import entropy_sample
+from ettrl_kernels import entropy_sample
 
 STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
 

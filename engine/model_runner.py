@@ -16,9 +16,9 @@ CUDA_KV_CACHE_FRACTION = 0.9
 def attention_backend(device: torch.device):
     """Chosen once by device: flashinfer on CUDA, torch elsewhere."""
     if device.type == "cuda":
-        from kernels.attention_flashinfer import FlashInferPagedAttention
+        from engine.attention.flashinfer import FlashInferPagedAttention
         return FlashInferPagedAttention
-    from kernels.attention_torch import TorchPagedAttention
+    from engine.attention.torch_paged import TorchPagedAttention
     return TorchPagedAttention
 
 

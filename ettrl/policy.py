@@ -56,7 +56,7 @@ def response_stats(model, batch: dict, temperature: float = 1.0,
                    **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs, entropies) of all response tokens of the batch, concatenated in row order; decoder_kwargs go to
     the decoder (shared_prompt_stats passes its cache and positions)."""
-    from kernels import token_stats
+    from ettrl_kernels import token_stats
 
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  **decoder_kwargs).last_hidden_state

@@ -1,10 +1,10 @@
-"""kernels.entropy_sample: torch path against brute-force references, Triton (interpreter) against torch."""
+"""ettrl_kernels.entropy_sample: torch path against brute-force references, Triton (interpreter) against torch."""
 import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels.noise import gumbel, mix32_, row_keys
+import ettrl_kernels
+from ettrl_kernels.noise import gumbel, mix32_, row_keys
 
 
 def reference_stats(logits, temperature):
@@ -72,7 +72,7 @@ def test_stats_match_log_softmax(dtype):
     torch.manual_seed(0)
     logits = (torch.randn(37, 3001) * 4).to(dtype)
     temperature = torch.rand(37) + 0.3
-    tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temperature, seeds=3, positions=7)
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=temperature, seeds=3, positions=7)
     logp, entropy = reference_stats(logits.float(), temperature)
     assert tokens.dtype == torch.int64 and logprobs.dtype == entropies.dtype == torch.float32
     torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5,
@@ -93,7 +93,7 @@ def test_tokens_match_brute_force_gumbel_max(kind):
     torch.manual_seed(1)
     logits = torch.randn(16, 5000) * 3 if kind == "flat" else lm_like_logits(16, 4096, 1)
     keys = row_keys(torch.full((16,), 9), torch.arange(16) + 100, torch.full((16,), 4))
-    tokens, _, _ = kernels.entropy_sample(logits, temperature=0.7, seeds=9, seq_ids=torch.arange(16) + 100,
+    tokens, _, _ = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=9, seq_ids=torch.arange(16) + 100,
                                           positions=4)
     allowed = torch.ones_like(logits, dtype=torch.bool)
     assert torch.equal(tokens, reference_tokens(logits, 0.7, allowed, keys))
@@ -110,7 +110,7 @@ def test_truncation_matches_brute_force(top_k, top_p, exclude):
     excl = logits.argmax(-1) if exclude == "argmax" else None
     seq_ids = torch.arange(batch)
     for position in range(5):
-        tokens, logprobs, entropies = kernels.entropy_sample(
+        tokens, logprobs, entropies = ettrl_kernels.entropy_sample(
             logits, temperature=0.9, top_k=ks, top_p=ps, seeds=1, seq_ids=seq_ids, positions=position,
             exclude=excl)
         allowed = reference_allowed(logits, ks, ps, excl, temperature=0.9)
@@ -123,10 +123,10 @@ def test_truncation_matches_brute_force(top_k, top_p, exclude):
 
 
 def test_pruned_path_equals_dense_path(monkeypatch):
-    from kernels import sampling_torch
-    from kernels.sampling import row_params, truncation_thresholds
+    from ettrl_kernels import sampling_torch
+    from ettrl_kernels.sampling import row_params, truncation_thresholds
     monkeypatch.setattr(sampling_torch, "PRUNE_MAX_FRACTION", 1)  # never fall back to the dense path
-    from kernels.sampling_torch import _block_max, _dense_winners, _pruned_winners, _workspace
+    from ettrl_kernels.sampling_torch import _block_max, _dense_winners, _pruned_winners, _workspace
     batch, vocab = 8, 2048
     logits = lm_like_logits(batch, vocab, 3)
     params = row_params(logits, torch.tensor([0.7, 0.0, 1.0, 0.5, 1.2, 0.0, 0.9, 1.0]),
@@ -145,7 +145,7 @@ def test_pruned_path_equals_dense_path(monkeypatch):
 
 
 def test_first_argmax_picks_first_of_ties():
-    from kernels.sampling_torch import _first_argmax
+    from ettrl_kernels.sampling_torch import _first_argmax
     scores = torch.randint(0, 4, (50, 256)).float()  # many ties
     scores[7] = float("-inf")
     best, index = _first_argmax(scores)
@@ -155,7 +155,7 @@ def test_first_argmax_picks_first_of_ties():
 
 def sample_frequencies(row, draws, **kwargs):
     logits = row.expand(draws, -1).contiguous()
-    tokens, _, _ = kernels.entropy_sample(logits, seq_ids=torch.arange(draws), **kwargs)
+    tokens, _, _ = ettrl_kernels.entropy_sample(logits, seq_ids=torch.arange(draws), **kwargs)
     return torch.bincount(tokens, minlength=row.numel()).double() / draws
 
 
@@ -177,11 +177,11 @@ def test_batch_invariance():
     torch.manual_seed(4)
     logits = torch.randn(12, 900)
     seq_ids, positions = torch.arange(12) * 7, torch.arange(12) + 30
-    tokens, logprobs, entropies = kernels.entropy_sample(logits, seeds=5, seq_ids=seq_ids, positions=positions)
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, seeds=5, seq_ids=seq_ids, positions=positions)
     order = torch.randperm(12)
-    shuffled = kernels.entropy_sample(logits[order], seeds=5, seq_ids=seq_ids[order], positions=positions[order])
+    shuffled = ettrl_kernels.entropy_sample(logits[order], seeds=5, seq_ids=seq_ids[order], positions=positions[order])
     assert torch.equal(shuffled[0], tokens[order])
-    single = kernels.entropy_sample(logits[3:4], seeds=5, seq_ids=seq_ids[3:4], positions=positions[3:4])
+    single = ettrl_kernels.entropy_sample(logits[3:4], seeds=5, seq_ids=seq_ids[3:4], positions=positions[3:4])
     assert single[0].item() == tokens[3].item()
 
 
@@ -189,7 +189,7 @@ def test_greedy_rows_use_argmax_and_unit_temperature():
     torch.manual_seed(5)
     logits = torch.randn(6, 300)
     temperature = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 2.0])
-    tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temperature, exclude=torch.tensor(
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=temperature, exclude=torch.tensor(
         [-1, -1, int(logits[2].argmax()), -1, -1, -1]))
     logp, entropy = reference_stats(logits, temperature)
     assert tokens[0] == logits[0].argmax() and tokens[4] == logits[4].argmax()
@@ -205,32 +205,32 @@ def test_edge_cases():
     logits[1] = float("-inf")
     logits[1, 7] = 3.0
     for position in range(20):
-        tokens, logprobs, entropies = kernels.entropy_sample(logits, positions=position)
+        tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, positions=position)
         assert tokens[0] < 10 and tokens[1] == 7
         assert entropies[1] == 0 and logprobs[1] == 0
         assert entropies.isfinite().all() and logprobs.isfinite().all()
-    default = kernels.entropy_sample(logits, seeds=2)
+    default = ettrl_kernels.entropy_sample(logits, seeds=2)
     for no_op in ({"top_p": 1.0, "top_k": -1}, {"top_k": 0}, {"top_k": 50}, {"top_k": 10_000}):
-        assert all(torch.equal(a, b) for a, b in zip(default, kernels.entropy_sample(logits, seeds=2, **no_op)))
+        assert all(torch.equal(a, b) for a, b in zip(default, ettrl_kernels.entropy_sample(logits, seeds=2, **no_op)))
 
 
 def test_bad_input_raises():
     logits = torch.randn(3, 20)
     logits[1, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        kernels.entropy_sample(logits)
+        ettrl_kernels.entropy_sample(logits)
     with pytest.raises(ValueError, match="nonzero probability"):
-        kernels.entropy_sample(torch.full((2, 20), float("-inf")))
+        ettrl_kernels.entropy_sample(torch.full((2, 20), float("-inf")))
     one_hot = torch.full((1, 20), float("-inf"))
     one_hot[0, 3] = 0.0
     with pytest.raises(ValueError, match="nonzero probability"):
-        kernels.entropy_sample(one_hot, exclude=3)
+        ettrl_kernels.entropy_sample(one_hot, exclude=3)
     with pytest.raises(ValueError, match="temperature"):
-        kernels.entropy_sample(torch.randn(2, 5), temperature=-1.0)
+        ettrl_kernels.entropy_sample(torch.randn(2, 5), temperature=-1.0)
     with pytest.raises(ValueError, match="shape"):
-        kernels.entropy_sample(torch.randn(2, 5), top_k=torch.tensor([1, 2, 3]))
+        ettrl_kernels.entropy_sample(torch.randn(2, 5), top_k=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="backend"):
-        kernels.entropy_sample(torch.randn(2, 5), backend="cuda")
+        ettrl_kernels.entropy_sample(torch.randn(2, 5), backend="cuda")
 
 
 TRITON_CASES = [
@@ -253,8 +253,8 @@ def test_triton_matches_torch(shape, kwargs, dtype):
     logits = logits.to(dtype)
     logits[0, :5] = float("-inf")
     keys = {"seeds": 4, "seq_ids": torch.arange(shape[0]) + 50, "positions": 12}
-    tokens, logprobs, entropies = kernels.entropy_sample(logits, backend="triton", **keys, **kwargs)
-    ref_tokens, ref_logprobs, ref_entropies = kernels.entropy_sample(logits, backend="torch", **keys, **kwargs)
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, backend="triton", **keys, **kwargs)
+    ref_tokens, ref_logprobs, ref_entropies = ettrl_kernels.entropy_sample(logits, backend="torch", **keys, **kwargs)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logprobs, ref_logprobs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropies, ref_entropies, rtol=1e-5, atol=1e-6)
@@ -266,8 +266,8 @@ def test_triton_truncated_samples_stay_allowed_and_match_torch():
     draws = 48
     logits = row.expand(draws, -1).contiguous()
     kwargs = {"top_k": 5, "top_p": 0.9, "exclude": 0, "seq_ids": torch.arange(draws)}
-    tokens, _, _ = kernels.entropy_sample(logits, backend="triton", **kwargs)
-    assert torch.equal(tokens, kernels.entropy_sample(logits, backend="torch", **kwargs)[0])
+    tokens, _, _ = ettrl_kernels.entropy_sample(logits, backend="triton", **kwargs)
+    assert torch.equal(tokens, ettrl_kernels.entropy_sample(logits, backend="torch", **kwargs)[0])
     allowed = reference_allowed(row[None], torch.tensor([5]), torch.tensor([0.9]), torch.tensor([0]))[0]
     assert allowed[tokens].all() and tokens.unique().numel() > 1
 
@@ -275,26 +275,26 @@ def test_triton_truncated_samples_stay_allowed_and_match_torch():
 def test_triton_edge_cases():
     one_hot = torch.full((2, 100), float("-inf"))
     one_hot[:, 42] = 1.0
-    tokens, logprobs, entropies = kernels.entropy_sample(one_hot, backend="triton")
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(one_hot, backend="triton")
     assert tokens.tolist() == [42, 42] and entropies.tolist() == [0, 0] and logprobs.tolist() == [0, 0]
     bad = torch.randn(2, 100)
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        kernels.entropy_sample(bad, backend="triton")
+        ettrl_kernels.entropy_sample(bad, backend="triton")
 
 
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
-        kernels.entropy_sample(torch.randn(2, 5), backend="triton")
+        ettrl_kernels.entropy_sample(torch.randn(2, 5), backend="triton")
 
 
 COMPILE_FOR_CUDA = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.sampling_triton import _entropy_sample_kernel
-from kernels.token_stats_triton import _token_stats_backward, _token_stats_forward
+from ettrl_kernels.sampling_triton import _entropy_sample_kernel
+from ettrl_kernels.token_stats_triton import _token_stats_backward, _token_stats_forward
 
 def compile(fn, signature, constexprs):
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-import kernels
-from kernels import sampling_cpu
-from kernels.sampling import row_params
-from kernels.sampling_torch import entropy_sample_torch
-from kernels.noise import row_keys
+import ettrl_kernels
+from ettrl_kernels import sampling_cpu
+from ettrl_kernels.sampling import row_params
+from ettrl_kernels.sampling_torch import entropy_sample_torch
+from ettrl_kernels.noise import row_keys
 from test_entropy_sample import reference_stats, reference_tokens
 
-pytestmark = pytest.mark.skipif(sampling_cpu.cpp_kernel() is None, reason="engine._C has no entropy_sample")
+pytestmark = pytest.mark.skipif(sampling_cpu.cpp_kernel() is None, reason="ettrl_kernels._C has no entropy_sample")
 
 
 def lm_like(batch, vocab, seed):
@@ -51,7 +51,7 @@ def test_cpp_tokens_and_stats_match_brute_force():
     temps = torch.tensor([0.7] * 6 + [0.0] * 2 + [1.3] * 4)
     for position in range(10):
         keys = row_keys(torch.full((12,), 5), torch.arange(12), torch.full((12,), position))
-        tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=temps, seeds=5,
+        tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=temps, seeds=5,
                                                              seq_ids=torch.arange(12), positions=position)
         allowed = torch.ones_like(logits, dtype=torch.bool)
         sampled = reference_tokens(logits, torch.where(temps == 0, 1.0, temps)[:, None], allowed, keys)
@@ -67,11 +67,11 @@ def test_auto_backend_uses_cpp_where_it_applies(monkeypatch):
     real = sampling_cpu.entropy_sample_cpu
     monkeypatch.setattr(sampling_cpu, "entropy_sample_cpu", lambda *a: calls.append(1) or real(*a))
     logits = torch.randn(3, 100)
-    kernels.entropy_sample(logits, temperature=0.7)
+    ettrl_kernels.entropy_sample(logits, temperature=0.7)
     assert calls == [1]
-    kernels.entropy_sample(logits, temperature=0.7, top_p=0.9)       # truncation: the torch path
-    kernels.entropy_sample(logits.bfloat16(), temperature=0.7)       # bfloat16 logits: the torch path
-    kernels.entropy_sample(logits, temperature=0.7, backend="torch")  # asked for by name
+    ettrl_kernels.entropy_sample(logits, temperature=0.7, top_p=0.9)       # truncation: the torch path
+    ettrl_kernels.entropy_sample(logits.bfloat16(), temperature=0.7)       # bfloat16 logits: the torch path
+    ettrl_kernels.entropy_sample(logits, temperature=0.7, backend="torch")  # asked for by name
     assert calls == [1]
 
 
@@ -79,11 +79,11 @@ def test_cpp_bad_rows_raise_the_torch_paths_errors():
     logits = torch.randn(3, 40)
     logits[2, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        kernels.entropy_sample(logits)
+        ettrl_kernels.entropy_sample(logits)
     logits[2, 4] = float("inf")
     with pytest.raises(ValueError, match="NaN or \\+inf"):
-        kernels.entropy_sample(logits)
+        ettrl_kernels.entropy_sample(logits)
     one_hot = torch.full((2, 40), float("-inf"))
     one_hot[:, 3] = 0.0
     with pytest.raises(ValueError, match="nonzero probability"):
-        kernels.entropy_sample(one_hot, exclude=torch.tensor([-1, 3]))
+        ettrl_kernels.entropy_sample(one_hot, exclude=torch.tensor([-1, 3]))

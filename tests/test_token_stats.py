@@ -1,9 +1,9 @@
-"""kernels.token_stats against log_softmax + gather (values and gradients), torch path and Triton interpreter."""
+"""ettrl_kernels.token_stats against log_softmax + gather (values and gradients), torch path and Triton interpreter."""
 import pytest
 import torch
 
-import kernels
-from kernels import token_stats_torch
+import ettrl_kernels
+from ettrl_kernels import token_stats_torch
 
 BACKENDS = ["torch", "triton"]
 
@@ -26,7 +26,7 @@ def test_values_and_gradients_match_log_softmax(backend, temperature, monkeypatc
     logits.data[0, 100:] = float("-inf")
     targets = torch.randint(0, 100, (rows,))
     weights = torch.randn(rows)
-    logprobs, entropies = kernels.token_stats(logits, targets, temperature, backend=backend)
+    logprobs, entropies = ettrl_kernels.token_stats(logits, targets, temperature, backend=backend)
     assert not entropies.requires_grad
     (grad,) = torch.autograd.grad((logprobs * weights).sum(), logits)
     ref_logprobs, ref_entropies = reference(logits, targets, temperature)
@@ -41,7 +41,7 @@ def test_bfloat16_gradients(backend):
     torch.manual_seed(1)
     logits = (torch.randn(4, 2500) * 2).bfloat16().requires_grad_()
     targets = torch.randint(0, 2500, (4,))
-    logprobs, entropies = kernels.token_stats(logits, targets, backend=backend)
+    logprobs, entropies = ettrl_kernels.token_stats(logits, targets, backend=backend)
     logprobs.sum().backward()
     reference_logits = logits.detach().float().requires_grad_()
     ref_logprobs, ref_entropies = reference(reference_logits, targets, 1.0)
@@ -58,7 +58,7 @@ def test_triton_large_vocab_matches_torch():
     targets = torch.tensor([5, 39_999])
     results = []
     for backend in BACKENDS:
-        logprobs, entropies = kernels.token_stats(logits, targets, 0.8, backend=backend)
+        logprobs, entropies = ettrl_kernels.token_stats(logits, targets, 0.8, backend=backend)
         (grad,) = torch.autograd.grad(logprobs.sum(), logits)
         results.append((logprobs, entropies, grad))
     for ours, ref in zip(*results):
@@ -68,16 +68,16 @@ def test_triton_large_vocab_matches_torch():
 def test_one_hot_rows_have_zero_entropy():
     logits = torch.full((2, 64), float("-inf"))
     logits[:, 7] = 2.0
-    logprobs, entropies = kernels.token_stats(logits, torch.tensor([7, 7]))
+    logprobs, entropies = ettrl_kernels.token_stats(logits, torch.tensor([7, 7]))
     assert logprobs.tolist() == [0.0, 0.0] and entropies.tolist() == [0.0, 0.0]
 
 
 def test_bad_input_raises():
     logits = torch.randn(3, 10)
     with pytest.raises(ValueError, match="targets"):
-        kernels.token_stats(logits, torch.tensor([0, 1, 10]))
+        ettrl_kernels.token_stats(logits, torch.tensor([0, 1, 10]))
     with pytest.raises(ValueError, match="shape"):
-        kernels.token_stats(logits, torch.tensor([0, 1]))
+        ettrl_kernels.token_stats(logits, torch.tensor([0, 1]))
     logits[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        kernels.token_stats(logits, torch.tensor([0, 1, 2]))
+        ettrl_kernels.token_stats(logits, torch.tensor([0, 1, 2]))

@@ -1,4 +1,4 @@
-"""A decode step's whole stack of decoder layers in one C++ call (`engine._C.decode_layers`, csrc/decode_layers.cpp).
+"""A decode step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`, csrc/decode_layers.cpp).
 
 The Python layer loop (llama.py) calls eight C++ ops a layer; at batch 64 on the 2-core machine the Python around
 them costs ~3 ms of a ~65 ms step. This calls the same ops with the same arguments in the same order, so it gives
@@ -44,7 +44,7 @@ def pointer_table(model) -> torch.Tensor | None:
     table = torch.tensor(rows, dtype=torch.int64)
     if table.shape[1] != extension().decode_layer_pointers():
         raise RuntimeError(f"decode_layers: {table.shape[1]} pointers a layer here, "
-                           f"{extension().decode_layer_pointers()} in engine._C: rebuild the extension")
+                           f"{extension().decode_layer_pointers()} in ettrl_kernels._C: rebuild the extension")
     return table
 
 

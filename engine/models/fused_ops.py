@@ -1,4 +1,4 @@
-"""The C++ fused layer ops of `engine._C` (csrc/fused_ops.cpp) for CPU tensors in fp32 or bf16.
+"""The C++ fused layer ops of `ettrl_kernels._C` (csrc/fused_ops.cpp) for CPU tensors in fp32 or bf16.
 
 At decode shapes a layer's RMSNorms, residual adds, rotary embedding, KV-cache write and SiLU are ~20 torch ops
 that each cost more to dispatch than to compute; these three calls replace them (SmolLM2-135M, batch 64, bf16,

@@ -10,7 +10,7 @@ This uses the op torch's own CPU compiler (inductor) emits for frozen linears; w
 different answer, `pack` returns None and `linear` falls back to F.linear.
 
 On CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) the weights are packed into 48-column panels for
-`engine._C.panel_linear` (csrc/panel_linear.cpp) instead: 8 rows x 48 columns a tile at the vdpbf16ps (or FMA)
+`ettrl_kernels._C.panel_linear` (csrc/panel_linear.cpp) instead: 8 rows x 48 columns a tile at the vdpbf16ps (or FMA)
 rate, 1.1-2x oneDNN on the shapes of SmolLM2 from 1 to 1024 rows (the README has the numbers). Its sums do not
 depend on the number of rows, so a sequence's logits do not depend on the batch it runs in.
 """
@@ -29,7 +29,7 @@ _PANEL = extension_op("panel_linear")
 
 @dataclass(frozen=True)
 class Panels:
-    """A weight packed by engine._C.pack_panels for panel_linear."""
+    """A weight packed by ettrl_kernels._C.pack_panels for panel_linear."""
     data: torch.Tensor
     out_features: int
     in_features: int

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_online import online_entropy_update
+from ettrl_kernels.triton_online import online_entropy_update
 
 
 @triton.jit

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import resolve_backend
-from kernels.noise import row_keys
+from ettrl_kernels.backend import resolve_backend
+from ettrl_kernels.noise import row_keys
 
 
 @dataclass
@@ -134,13 +134,13 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
         logits = logits.contiguous()
     params = row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exclude)
     if resolve_backend(backend, logits) == "triton":
-        from kernels.sampling_triton import entropy_sample_triton
+        from ettrl_kernels.sampling_triton import entropy_sample_triton
         return entropy_sample_triton(logits, params)
     if backend == "auto":
-        from kernels import sampling_cpu
+        from ettrl_kernels import sampling_cpu
         if sampling_cpu.applies(logits, params):
             result = sampling_cpu.entropy_sample_cpu(logits, params)
             if result is not None:
                 return result
-    from kernels.sampling_torch import entropy_sample_torch
+    from ettrl_kernels.sampling_torch import entropy_sample_torch
     return entropy_sample_torch(logits, params)

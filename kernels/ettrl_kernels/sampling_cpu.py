@@ -1,4 +1,4 @@
-"""`entropy_sample` through the C++ extension (`engine._C.entropy_sample`): CPU float32 logits, no top-k / top-p.
+"""`entropy_sample` through the C++ extension (`ettrl_kernels._C.entropy_sample`): CPU float32 logits, no top-k / top-p.
 
 One call does the whole batch in a few passes over each row while it sits in cache, where the torch path runs a
 dozen vocabulary-wide ops (SmolLM2, 64 x 49152: ~1 ms instead of ~10 on 2 cores). Same semantics and noise as
@@ -7,12 +7,12 @@ except where two scores tie within the last bits of their `log`s (as for the Tri
 """
 import torch
 
-from engine.extension import extension_op
-from kernels.sampling import RowParams
+from ettrl_kernels.extension import extension_op
+from ettrl_kernels.sampling import RowParams
 
 
 def cpp_kernel():
-    """engine._C.entropy_sample, or None where the extension is not built."""
+    """ettrl_kernels._C.entropy_sample, or None where the extension is not built."""
     return extension_op("entropy_sample")
 
 

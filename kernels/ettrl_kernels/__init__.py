@@ -8,8 +8,8 @@
 Both report the policy's own full-vocabulary distribution softmax(logits / T) (ALGORITHMS.md section 3);
 sampling noise is a pure function of (seed, seq_id, position, token) (noise.py), identical on both backends.
 """
-from kernels.backend import resolve_backend
-from kernels.sampling import entropy_sample
-from kernels.token_stats import token_stats
+from ettrl_kernels.backend import resolve_backend
+from ettrl_kernels.sampling import entropy_sample
+from ettrl_kernels.token_stats import token_stats
 
 __all__ = ["entropy_sample", "token_stats", "resolve_backend"]

@@ -6,7 +6,7 @@ padded to the longest sequence. Each layer then writes its new K/V with one inde
 keys and values with one index_select each, and runs one scaled_dot_product_attention over the padded batch.
 Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
 
-Decode steps of fp32/bf16 caches go to the C++ kernel `engine._C.paged_decode_attention` instead, which reads
+Decode steps of fp32/bf16 caches go to the C++ kernel `ettrl_kernels._C.paged_decode_attention` instead, which reads
 keys and values in place through the block tables: no gather, no padding, no mask (batch 64, 140-400 keys, 2 cores:
 1.4-1.8x faster than gather + SDPA in bf16, 2.3-4.9x in fp32). With AVX-512 it works in 16-key tiles with an online
 softmax and reads a prefix that several sequences share (same leading blocks: the n samples of a prompt, a tree's
@@ -38,7 +38,7 @@ class StepPlan:
 
 
 def decode_kernel(cache: torch.Tensor):
-    """engine._C.paged_decode_attention where it applies to this cache (CPU, fp32 or bf16), else None."""
+    """ettrl_kernels._C.paged_decode_attention where it applies to this cache (CPU, fp32 or bf16), else None."""
     if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
         return None
     return extension_op("paged_decode_attention")

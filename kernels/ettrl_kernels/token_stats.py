@@ -7,7 +7,7 @@ full softmax: memory is O(T x tile) besides the gradient itself.
 """
 import torch
 
-from kernels.backend import resolve_backend
+from ettrl_kernels.backend import resolve_backend
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature=1.0, backend: str = "auto"):
@@ -27,9 +27,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature=1.0, ba
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if resolve_backend(backend, logits) == "triton":
-        from kernels.token_stats_triton import TokenStatsTriton as function
+        from ettrl_kernels.token_stats_triton import TokenStatsTriton as function
     else:
-        from kernels.token_stats_torch import TokenStatsTorch as function
+        from ettrl_kernels.token_stats_torch import TokenStatsTorch as function
     logprobs, entropies = function.apply(logits, targets, inv_temp)
     if rows and bool(entropies.isnan().any()):
         raise ValueError("token_stats: logits contain NaN or +inf (or a row is all -inf)")

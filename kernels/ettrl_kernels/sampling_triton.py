@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_online import online_entropy_update
+from ettrl_kernels.triton_online import online_entropy_update
 
-from kernels import noise
-from kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
+from ettrl_kernels import noise
+from ettrl_kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
 
 MIX_MUL1 = tl.constexpr(noise.MIX_MUL1)
 MIX_MUL2 = tl.constexpr(noise.MIX_MUL2)
