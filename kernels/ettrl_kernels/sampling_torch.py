@@ -122,6 +122,13 @@ def _pruned_winners(x, chunk, keys, greedy, threshold, block_max):
     return best, torch.full((n,), vocab, device=x.device).scatter_reduce_(0, rows, winner, "amin")
 
 
+def _scaled(chunk: torch.Tensor, inv_temp, out: torch.Tensor) -> torch.Tensor:
+    """out = chunk.float() * inv_temp, in float32: torch.mul(bf16, python float) rounds the product to bf16."""
+    if chunk.dtype == torch.float32:
+        return torch.mul(chunk, inv_temp, out=out)
+    return out.copy_(chunk).mul_(inv_temp)
+
+
 def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
     batch, vocab = logits.shape
     chunk_elements = CHUNK_ELEMENTS if torch.get_num_threads() == 1 else CHUNK_ELEMENTS_THREADED
@@ -135,8 +142,8 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
         rows = slice(start, min(batch, start + rows_per_chunk))
         n = rows.stop - start
         chunk = logits[rows]
-        x = torch.mul(chunk, params.inv_temp[rows, None] if same_temp is None else same_temp,
-                      out=ws["x"][: n * vocab].view(n, vocab))
+        x = _scaled(chunk, params.inv_temp[rows, None] if same_temp is None else same_temp,
+                    ws["x"][: n * vocab].view(n, vocab))
         block_max = _block_max(x)
         max_x = x.amax(dim=1) if block_max is None else block_max.amax(dim=1)
         lse, entropies[rows] = _entropy_stats(x, max_x, ws["f"][: n * vocab].view(n, vocab),
