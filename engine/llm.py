@@ -8,7 +8,7 @@ from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus, per_prompt
 
 
 @dataclass
@@ -46,17 +46,6 @@ def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def per_prompt(prompts, sampling_params: SamplingParams | list[SamplingParams]):
-    """(list of prompts, one SamplingParams per prompt): one str or id list becomes a list of one, and one
-    SamplingParams serves every prompt."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-    if len(params) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-    return prompts, params
 
 
 class LLM:

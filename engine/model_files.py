@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.errors import ModelNotFoundError, ModelPathNotFoundError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".ettrl-complete"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -16,14 +18,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(ValueError):
-    """A model spec could not be turned into a usable local directory; the message says what to do."""
-
-
-class ModelPathNotFoundError(ModelNotFoundError, FileNotFoundError):
-    """A path-like model spec names a path that does not exist."""
 
 
 def default_cache_dir() -> Path:

@@ -60,3 +60,14 @@ class Sequence:
         self.token_ids.append(token)
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
+
+
+def per_prompt(prompts, sampling_params: SamplingParams | list[SamplingParams]):
+    """(list of prompts, one SamplingParams per prompt): one str or id list becomes a list of one, and one
+    SamplingParams serves every prompt."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    return prompts, params

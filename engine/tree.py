@@ -15,10 +15,9 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.llm import per_prompt
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import Sequence, per_prompt
 from engine.tree_select import fork_positions
 
 METRICS = ("entropy", "surprisal")

@@ -9,110 +9,14 @@ Semantics (both backends):
   Truncation is a threshold on the logit, so tokens tied with the last kept one are kept too.
 - token = argmax over the allowed set of x + g(seed, seq_id, position, token) (Gumbel-max; see noise.py).
 """
-from dataclasses import dataclass
-
 import torch
 
+from ettrl_kernels import sampling_cpu
 from ettrl_kernels.backend import resolve_backend
-from ettrl_kernels.noise import row_keys
+from ettrl_kernels.sampling_common import RowParams, check_finite_rows, row_params, truncation_thresholds
+from ettrl_kernels.sampling_torch import entropy_sample_torch
 
-
-@dataclass
-class RowParams:
-    """Per-row sampling parameters as device tensors of shape [B]."""
-    inv_temp: torch.Tensor    # float32, 1 / T (1 for greedy rows)
-    greedy: torch.Tensor      # bool, T == 0
-    top_k: torch.Tensor       # int64, 0 = off
-    top_p: torch.Tensor       # float32, 1 = off
-    keys: torch.Tensor        # int32 noise keys
-    exclude: torch.Tensor     # int64, -1 = nothing excluded
-    truncated: bool           # any row with top-k or top-p on
-    any_exclude: bool
-
-
-def _per_row(value, batch: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            return value.to(device=device, dtype=dtype).expand(batch).contiguous()
-        if value.shape != (batch,):
-            raise ValueError(f"{name} must be a scalar or a tensor of shape [{batch}], got {tuple(value.shape)}")
-        return value.to(device=device, dtype=dtype)
-    return torch.full((batch,), value, dtype=dtype, device=device)
-
-
-def row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exclude) -> RowParams:
-    batch, vocab = logits.shape
-    device = logits.device
-    temp = _per_row(temperature, batch, torch.float32, device, "temperature")
-    if bool((temp < 0).any()) or bool(temp.isnan().any()):
-        raise ValueError("temperature must be >= 0 (0 means greedy)")
-    greedy = temp == 0
-    inv_temp = torch.where(greedy, torch.ones_like(temp), 1.0 / temp)
-    k = _per_row(top_k, batch, torch.int64, device, "top_k")
-    k = torch.where((k <= 0) | (k >= vocab), torch.zeros_like(k), k)
-    p = _per_row(top_p, batch, torch.float32, device, "top_p")
-    if bool((p <= 0).any()):
-        raise ValueError("top_p must be in (0, 1]; use top_p=1 to turn it off")
-    p = torch.where(p >= 1, torch.ones_like(p), p)
-    if seq_ids is None:
-        seq_ids = torch.arange(batch, device=device)
-    keys = row_keys(_per_row(seeds, batch, torch.int64, device, "seeds"),
-                    _per_row(seq_ids, batch, torch.int64, device, "seq_ids"),
-                    _per_row(positions, batch, torch.int64, device, "positions"))
-    excl = _per_row(-1 if exclude is None else exclude, batch, torch.int64, device, "exclude")
-    if bool(((excl < -1) | (excl >= vocab)).any()):
-        raise ValueError(f"exclude must be -1 (nothing) or a token id in [0, {vocab})")
-    sampled = ~greedy
-    truncated = bool((sampled & ((k > 0) | (p < 1))).any())
-    return RowParams(inv_temp, greedy, k, p, keys, excl, truncated, bool((excl >= 0).any()))
-
-
-def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """Per-row logit threshold of the top-k / top-p set (float32 [B], -inf where nothing is cut).
-
-    Works on the few highest logits of each truncated row (torch.topk), widening the window until the top-p
-    mass is covered, so no row is fully sorted unless it has to be (flat distributions with top-p).
-    """
-    batch, vocab = logits.shape
-    thresholds = torch.full((batch,), float("-inf"), device=logits.device)
-    rows = torch.nonzero(~params.greedy & ((params.top_k > 0) | (params.top_p < 1))).flatten()
-    if rows.numel() == 0:
-        return thresholds
-    k, p, excl = params.top_k[rows], params.top_p[rows], params.exclude[rows]
-    inv_temp, row_lse = params.inv_temp[rows, None], lse[rows, None]
-    sub = logits if rows.numel() == batch else logits[rows]
-    excluded_logit = sub.gather(1, excl.clamp(min=0)[:, None]).float() * inv_temp - row_lse
-    excluded_mass = torch.where(excl[:, None] >= 0, excluded_logit.exp(), 0.0).squeeze(1)
-    window = min(vocab, max(int(k.max()) + 1, 64))
-    while True:
-        values, ids = sub.sort(dim=1, descending=True) if window == vocab else sub.topk(window, dim=1)
-        values = values.float()
-        if bool((excl >= 0).any()):
-            values = values.masked_fill(ids == excl[:, None], float("-inf")).sort(dim=1, descending=True).values
-        rank = torch.arange(window, device=logits.device)
-        in_top_k = (k[:, None] == 0) | (rank[None, :] < k[:, None])
-        probs = torch.exp(values * inv_temp - row_lse) * in_top_k
-        mass = torch.where(k > 0, probs.sum(1), 1 - excluded_mass)
-        kept = ((probs.cumsum(1) < p[:, None] * mass[:, None]) & in_top_k).sum(1)
-        covered = (kept < window) | (window == vocab)
-        if bool(covered.all()):
-            break
-        window = vocab if 8 * window > vocab else 4 * window
-    last = kept.clamp(max=window - 1)
-    last = torch.where(k > 0, torch.minimum(last, k - 1), last)
-    thresholds[rows] = values.gather(1, last[:, None]).squeeze(1)
-    return thresholds
-
-
-def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor) -> None:
-    """Raise a clear error for NaN/+inf logits or rows where no allowed token has nonzero probability."""
-    if bool(max_x.isnan().any()) or bool((max_x == float("inf")).any()):
-        rows = torch.nonzero(max_x.isnan() | (max_x == float("inf"))).flatten().tolist()
-        raise ValueError(f"entropy_sample: logits contain NaN or +inf in rows {rows[:8]}")
-    if bool((best == float("-inf")).any()):
-        rows = torch.nonzero(best == float("-inf")).flatten().tolist()
-        raise ValueError(f"entropy_sample: no allowed token with nonzero probability in rows {rows[:8]} "
-                         "(all logits -inf, or `exclude` removed the only one)")
+__all__ = ["entropy_sample", "RowParams", "row_params", "truncation_thresholds", "check_finite_rows"]
 
 
 def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0, seeds=0, seq_ids=None,
@@ -120,7 +24,7 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
     """Sample one token per row of logits [B, V] (float32 or bfloat16).
 
     backend: "auto" (Triton for CUDA tensors; on the CPU the C++ op for float32 logits without top-k/top-p,
-    kernels/sampling_cpu.py, else torch), "torch" or "triton". Every parameter is a python scalar or a per-row
+    ettrl_kernels/sampling_cpu.py, else torch), "torch" or "triton". Every parameter is a python scalar or a per-row
     tensor [B]. seq_ids defaults to the row index, which makes the noise depend on row order: pass real sequence
     ids for batch-invariant sampling. The noise is a pure function of (seed, seq_id, position, token), so vary
     `positions` (or seeds) between calls.
@@ -137,10 +41,8 @@ def entropy_sample(logits: torch.Tensor, *, temperature=1.0, top_k=-1, top_p=1.0
         from ettrl_kernels.sampling_triton import entropy_sample_triton
         return entropy_sample_triton(logits, params)
     if backend == "auto":
-        from ettrl_kernels import sampling_cpu
         if sampling_cpu.applies(logits, params):
             result = sampling_cpu.entropy_sample_cpu(logits, params)
             if result is not None:
                 return result
-    from ettrl_kernels.sampling_torch import entropy_sample_torch
     return entropy_sample_torch(logits, params)

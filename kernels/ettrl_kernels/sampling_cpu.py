@@ -8,7 +8,7 @@ except where two scores tie within the last bits of their `log`s (as for the Tri
 import torch
 
 from ettrl_kernels.extension import extension_op
-from ettrl_kernels.sampling import RowParams
+from ettrl_kernels.sampling_common import RowParams
 
 
 def cpp_kernel():

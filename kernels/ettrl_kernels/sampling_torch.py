@@ -8,7 +8,7 @@ blocks that can still win (exact; see `_pruned_winners`), or for every token whe
 import torch
 
 from ettrl_kernels.noise import GUMBEL_MAX, U_SCALE, mix32_, uniform_bits_
-from ettrl_kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
+from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncation_thresholds
 
 CHUNK_ELEMENTS = 1 << 20  # single-threaded: the chunk's buffers stay in cache
 # With several threads every op is an OpenMP fork/join, which costs milliseconds on busy shared cores: use

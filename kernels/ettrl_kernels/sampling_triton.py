@@ -11,7 +11,7 @@ import triton.language as tl
 from ettrl_kernels.triton_online import online_entropy_update
 
 from ettrl_kernels import noise
-from ettrl_kernels.sampling import RowParams, check_finite_rows, truncation_thresholds
+from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncation_thresholds
 
 MIX_MUL1 = tl.constexpr(noise.MIX_MUL1)
 MIX_MUL2 = tl.constexpr(noise.MIX_MUL2)
