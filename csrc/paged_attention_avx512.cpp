@@ -9,10 +9,9 @@
 // output does not depend on what else is in the batch, bit for bit.
 //
 // A tile's keys and values (16 slots of all KV heads, read front to back) stay in L1 while every query head uses
-// them; a sequence's own blocks come cold from memory, so they are prefetched two tiles ahead. Against the
-// two-pass kernel before it (each head's keys converted whole, then softmax, then values; paged_attention.cpp
-// keeps that form for CPUs without AVX-512): SmolLM2-135M bf16, 64 samples x 128 tokens of one 78-token prompt,
-// attention 24.8 -> 18.1 ms a decode step (2 cores, medians of 3 alternating runs).
+// them; a sequence's own blocks come cold from memory, so they are prefetched two tiles ahead. It replaced a
+// two-pass kernel (each head's keys converted whole, then softmax, then values; paged_attention.cpp keeps that
+// form for CPUs without AVX-512) and is faster (docs/benchmarks.md).
 //
 // The tile code lives in decode_attention_tiles.h, compiled here for AVX-512 F/BW/VL/DQ and again in
 // paged_attention_avx512_bf16.cpp, where bf16 keys are not converted at all: q.k comes from vdpbf16ps on the rows.

@@ -1,9 +1,9 @@
 // y = x w^T (+ bias) on CPUs with AVX-512 BF16 (decode and prefill), on a weight packed once into column panels.
 // A panel holds 48 output columns laid out so that one 64-byte load is 16 columns of one k (fp32) or of one pair of
 // k (bf16, the operand order of vdpbf16ps); a tile of 8 rows x 48 columns keeps 24 accumulators in registers and
-// every weight load feeds 8 rows. Single-threaded this runs at the core's vdpbf16ps rate (64 FLOP a cycle); at the
-// 64-row decode shapes of SmolLM2 oneDNN on its own packed weights reaches 65-95% of two cores' rate with the weight
-// in cache and 60-75% when it streams from memory (measured on the development machine, see the README).
+// every weight load feeds 8 rows. Single-threaded this runs at the core's vdpbf16ps rate (64 FLOP a cycle),
+// where oneDNN on its own packed weights falls short of it at the 64-row decode shapes of SmolLM2
+// (docs/benchmarks.md).
 // Each output element is summed in the same order whatever the number of rows or threads (batch-invariant).
 #pragma once
 

@@ -352,7 +352,7 @@ void RadixTree::check_integrity() const {
 namespace py = pybind11;
 
 namespace {
-// Token lists are long: read them straight from the list's items, ~10x faster than pybind's generic caster.
+// Token lists are long: read them straight from the list's items, much faster than pybind's generic caster.
 std::vector<int64_t> int_list(py::handle obj, const char* name) {
   const std::string message = std::string(name) + " must be a list of ints";
   PyObject* seq = PySequence_Fast(obj.ptr(), message.c_str());

@@ -1,8 +1,8 @@
 """Large CPU tensors backed by transparent huge pages where the OS offers them (Linux, THP in `madvise` mode).
 
 The KV pool is hundreds of MB read in 6-12 KB blocks scattered over it; with 4 KB pages nearly every block costs
-TLB misses. 2 MB pages made the CPU decode attention ~10% faster (SmolLM2-135M bf16, 64 sequences, 2 cores), and
-the lm_head's panel-packed weight (56 MB streamed every step) a few percent.
+TLB misses. 2 MB pages make the CPU decode attention faster, and the streaming of the lm_head's panel-packed
+weight (56 MB every step) too (docs/benchmarks.md).
 Elsewhere (other OS, THP off, CUDA) this is a plain torch.zeros.
 """
 import ctypes

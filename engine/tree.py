@@ -1,4 +1,4 @@
-"""ETMR tree sampling (ALGORITHMS.md section 4) on the engine's radix-tree fork.
+"""ETMR tree sampling (docs/algorithms.md section 4) on the engine's radix-tree fork.
 
 All roots of all prompts enter the continuous batch together. The moment a root finishes, its top-N fork
 positions are chosen and its B*N branches are forked from its KV cache (full blocks shared, the partial

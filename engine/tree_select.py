@@ -1,6 +1,6 @@
 """Where an ETMR root forks: the top-N positions of a per-token metric over the allowed response positions.
 
-Allowed positions (ALGORITHMS.md section 4): every response index except the first token and every token
+Allowed positions (docs/algorithms.md section 4): every response index except the first token and every token
 from the one that starts the final `\\boxed{` onward (the answer is already being written there).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Advantages: GRPO group normalisation and the entropy-based reshaping variants (ALGORITHMS.md 2, 5, 6).
+"""Advantages: GRPO group normalisation and the entropy-based reshaping variants (docs/algorithms.md 2, 5, 6).
 
     grpo_advantages(rewards, group_size=None, groups=None) -> [N]
     adv_res(advantages, response_entropies, ...)           EAR Adv-Res, [N]
@@ -83,7 +83,7 @@ def adv_res(advantages, response_entropies, group_size: int | None = None, group
             beta: float = 0.2, direction: str = "equations") -> torch.Tensor:
     """EAR Adv-Res: A_i * clip(Y_i, 1 - alpha, 1 + beta), Y_i = 1 + (Hbar - H_i) / Hbar, Hbar = group mean.
 
-    Direction (ALGORITHMS.md section 5, Decision): the default, "equations", implements the paper's Eqs. 12-14,
+    Direction (docs/algorithms.md section 5, Decision): the default, "equations", implements the paper's Eqs. 12-14,
     so a response more uncertain than its group (H_i > Hbar) gets a smaller |A| and a more confident one a larger
     |A|. The prose after Eq. 14 describes the opposite ("the advantage is amplified when response entropy exceeds
     the average"); direction="prose" gives that: Y_i = 1 + (H_i - Hbar) / Hbar. A group with Hbar == 0 is left

@@ -61,7 +61,7 @@ class AlgoConfig:
     reshape: str = "auto"  # auto (from method) | none | res | clip
     res_alpha: float = 0.2
     res_beta: float = 0.2
-    res_direction: str = "equations"  # Adv-Res: equations (Eqs. 12-14, ALGORITHMS.md 5) | prose (the paper's text)
+    res_direction: str = "equations"  # Adv-Res: equations (Eqs. 12-14, docs/algorithms.md 5) | prose (the paper's text)
     clip_beta: float = 2.0
     entropy_adv: bool = False  # Cheng et al. entropy-advantage term
     entropy_alpha: float = 0.4

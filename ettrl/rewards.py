@@ -1,4 +1,4 @@
-"""Pseudo-labels and rewards for test-time RL (ALGORITHMS.md sections 1 and 6).
+"""Pseudo-labels and rewards for test-time RL (docs/algorithms.md sections 1 and 6).
 
     majority_vote(answers) -> Vote(label, ratio, rewards, class_ids, label_class)   unpacks as the 3-tuple
     vote_then_sample(n_votes, n_train, seed) -> indices of the responses that train
@@ -99,7 +99,7 @@ def _prune_and_renormalise(probs: list[float], tau: float) -> list[float]:
 
 def dare_rewards(answers: Sequence[str | None], response_entropies: Sequence[float], alpha: float = 0.5,
                  tau: float = 0.05, eps: float = 1e-6) -> list[float]:
-    """DARE reward r_i = p(y_i) + alpha * b(y_i) (ALGORITHMS.md section 6).
+    """DARE reward r_i = p(y_i) + alpha * b(y_i) (docs/algorithms.md section 6).
 
     p(y) ∝ n(y) / (u(y) + eps) over answer classes (n: count, u: mean response entropy), classes with
     p < tau are pruned (reward 0) and p renormalised; b(y) = (1 - n(y)/M)(1 - min(u(y), 1)), M = number of

@@ -7,8 +7,8 @@ keys and values with one index_select each, and runs one scaled_dot_product_atte
 Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
 
 Decode steps of fp32/bf16 caches go to the C++ kernel `ettrl_kernels._C.paged_decode_attention` instead, which reads
-keys and values in place through the block tables: no gather, no padding, no mask (batch 64, 140-400 keys, 2 cores:
-1.4-1.8x faster than gather + SDPA in bf16, 2.3-4.9x in fp32). With AVX-512 it works in 16-key tiles with an online
+keys and values in place through the block tables: no gather, no padding, no mask (faster than gather + SDPA at
+decode shapes: docs/benchmarks.md). With AVX-512 it works in 16-key tiles with an online
 softmax and reads a prefix that several sequences share (same leading blocks: the n samples of a prompt, a tree's
 branches) once for all of them, bit-identical to reading it per sequence (csrc/paged_attention_avx512.cpp). The
 torch path stays the reference for it.

@@ -1,7 +1,7 @@
 """A decode step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`, csrc/decode_layers.cpp).
 
-The Python layer loop (llama.py) calls eight C++ ops a layer; at batch 64 on the 2-core machine the Python around
-them costs ~3 ms of a ~65 ms step. This calls the same ops with the same arguments in the same order, so it gives
+The Python layer loop (llama.py) calls eight C++ ops a layer, and the Python around them is a measurable share of a
+decode step (docs/benchmarks.md). This calls the same ops with the same arguments in the same order, so it gives
 the same bits (tests/test_decode_layers.py). It applies where every matmul weight is in panels (AVX-512 BF16
 CPUs), the fused ops are on and the step is a decode step of the paged decode kernel; everything else (prefill,
 other CPUs, CUDA) takes the Python loop.

@@ -1,8 +1,8 @@
 """The C++ fused layer ops of `ettrl_kernels._C` (csrc/fused_ops.cpp) for CPU tensors in fp32 or bf16.
 
 At decode shapes a layer's RMSNorms, residual adds, rotary embedding, KV-cache write and SiLU are ~20 torch ops
-that each cost more to dispatch than to compute; these three calls replace them (SmolLM2-135M, batch 64, bf16,
-2 cores: see the README's engine table). They round where the torch modules round, so the torch code in
+that each cost more to dispatch than to compute; these three calls replace them (docs/benchmarks.md has the
+engine's history). They round where the torch modules round, so the torch code in
 llama.py / rope.py / attention_torch.py is their reference (tests/test_fused_ops.py) and their fallback.
 The extension takes raw pointers: the checks on dtype, device, shape and contiguity are here.
 """

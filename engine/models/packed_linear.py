@@ -1,17 +1,16 @@
 """Linear layers on the CPU with weights reordered once into a blocked layout: panels for our own kernel, or oneDNN's.
 
 `F.linear` hands oneDNN/MKL a plain [out, in] weight and pays for re-blocking it inside every call. For the
-decode shapes of a small model (a few to a few hundred rows) that is most of the cost: on the 2-core
-development machine a pre-packed weight is 1.5-3x faster in both fp32 and bf16 (lm_head of SmolLM2 at 64 rows,
-fp32: 37 ms -> 18 ms). The plain weights stay the source of truth (the loader and update_weights write them);
-`pack` is called again after every write.
+decode shapes of a small model (a few to a few hundred rows) that is most of the cost, so a pre-packed
+weight is much faster in both fp32 and bf16 (docs/benchmarks.md). The plain weights stay the source of truth
+(the loader and update_weights write them); `pack` is called again after every write.
 
 This uses the op torch's own CPU compiler (inductor) emits for frozen linears; where it is missing or gives a
 different answer, `pack` returns None and `linear` falls back to F.linear.
 
 On CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) the weights are packed into 48-column panels for
 `ettrl_kernels._C.panel_linear` (csrc/panel_linear.cpp) instead: 8 rows x 48 columns a tile at the vdpbf16ps (or FMA)
-rate, 1.1-2x oneDNN on the shapes of SmolLM2 from 1 to 1024 rows (the README has the numbers). Its sums do not
+rate, faster than oneDNN on the shapes of SmolLM2 from 1 to 1024 rows (docs/benchmarks.md). Its sums do not
 depend on the number of rows, so a sequence's logits do not depend on the batch it runs in.
 """
 from dataclasses import dataclass

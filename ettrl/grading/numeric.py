@@ -1,6 +1,6 @@
 """Cheap numeric decisions on parsed (sympy) answers, taken before math-verify's simplify and set algebra.
 
-math-verify's verify costs 1-300 ms a pair (simplify, set symmetric differences); grouping 64 answers may
+math-verify's verify is slow (simplify, set symmetric differences; docs/benchmarks.md); grouping 64 answers may
 need hundreds of pairs. Evaluating each parsed answer once (cached) settles most of them.
 """
 import cmath
@@ -18,7 +18,7 @@ def numeric_verdict(a, b) -> bool | None:
     as f); two numeric intervals/unions/sets/tuples whose values differ; an expression and an interval or a
     collection of several values; an interval and a finite set or tuple other than its two endpoints.
     True: two numeric intervals/unions/sets/tuples whose values agree to 1e-12 (their set algebra in sympy
-    costs ~0.1 s a pair). Equations, matrices, symbolic sets and mixed kinds are left to math-verify."""
+    is slow). Equations, matrices, symbolic sets and mixed kinds are left to math-verify."""
     from sympy import Expr, FiniteSet, Interval, Tuple, Union
     from sympy.core.relational import Relational
 

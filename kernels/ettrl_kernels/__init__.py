@@ -5,7 +5,7 @@
                                                          exclude=None, backend="auto")
     logprobs, entropies = kernels.token_stats(logits, targets, temperature=1.0, backend="auto")
 
-Both report the policy's own full-vocabulary distribution softmax(logits / T) (ALGORITHMS.md section 3);
+Both report the policy's own full-vocabulary distribution softmax(logits / T) (docs/algorithms.md section 3);
 sampling noise is a pure function of (seed, seq_id, position, token) (noise.py), identical on both backends.
 """
 from ettrl_kernels.backend import resolve_backend

@@ -12,7 +12,7 @@ from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncati
 
 CHUNK_ELEMENTS = 1 << 20  # single-threaded: the chunk's buffers stay in cache
 # With several threads every op is an OpenMP fork/join, which costs milliseconds on busy shared cores: use
-# fewer, larger ops (measured 2-3x faster under load, ~20% slower on idle cores).
+# fewer, larger ops (faster on busy cores, a little slower on idle ones: docs/benchmarks.md).
 CHUNK_ELEMENTS_THREADED = 1 << 22
 PRUNE_BLOCK = 32
 PRUNE_MAX_FRACTION = 2  # use the pruned path while at most half of the blocks can win
