@@ -16,6 +16,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _batchable(copies: list[tuple[int, int]]) -> bool:
+    """True when reading every source before writing any target equals copying in order: no target is written
+    twice and none is the source of a later copy. (A source freed and reused as a later target is fine.)"""
+    written = set()
+    for src, dst in copies:
+        if src in written or dst in written:
+            return False
+        written.add(dst)
+    return True
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, prefix_caching: bool = True):
@@ -102,9 +113,20 @@ class KVCache:
         return copies
 
     def copy_blocks(self, copies: list[tuple[int, int]]):
-        for src, dst in copies:  # in order: a block freed after one copy may be the target of a later one
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
+        """Performs the queued copies as if in order, with one gather and one index_copy_ per pool (K, V) when
+        that is the same: every source is read before any target is written, which is what the sequential order
+        gives unless a target is written twice or read by a later copy (then they run one by one)."""
+        if not copies:
+            return
+        if not _batchable(copies):
+            for src, dst in copies:
+                self.k[:, dst] = self.k[:, src]
+                self.v[:, dst] = self.v[:, src]
+            return
+        src, dst = (torch.tensor(ids, dtype=torch.int64).to(self.k.device, non_blocking=True)
+                    for ids in zip(*copies))
+        for pool in (self.k, self.v):
+            pool.index_copy_(1, dst, pool.index_select(1, src))
 
     def reset_prefix_cache(self):
         self.tree.reset()

@@ -1,4 +1,5 @@
 """Backend choice shared by the kernels: Triton on CUDA tensors, torch elsewhere."""
+import contextlib
 import os
 
 import torch
@@ -20,3 +21,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
                          "triton, as the tests do); use backend='torch' on the CPU")
     return backend
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context in which a Triton launch runs on the tensor's GPU: Triton launches on the *current* device, which
+    for tensors on cuda:1 (or any non-current GPU) is the wrong one. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

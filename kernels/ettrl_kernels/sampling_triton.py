@@ -11,6 +11,7 @@ import triton.language as tl
 from ettrl_kernels.triton_online import online_entropy_update
 
 from ettrl_kernels import noise
+from ettrl_kernels.backend import device_guard
 from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncation_thresholds
 
 MIX_MUL1 = tl.constexpr(noise.MIX_MUL1)
@@ -90,9 +91,10 @@ def entropy_sample_triton(logits: torch.Tensor, params: RowParams, block: int = 
     block = min(block, triton.next_power_of_2(vocab))
 
     def launch(stats: bool, sample: bool):
-        _entropy_sample_kernel[(batch,)](
-            logits, logits.stride(0), vocab, params.inv_temp, greedy, params.keys, params.exclude, threshold,
-            lse, entropies, max_x, tokens, best, STATS=stats, SAMPLE=sample, BLOCK=block)
+        with device_guard(logits):
+            _entropy_sample_kernel[(batch,)](
+                logits, logits.stride(0), vocab, params.inv_temp, greedy, params.keys, params.exclude, threshold,
+                lse, entropies, max_x, tokens, best, STATS=stats, SAMPLE=sample, BLOCK=block)
 
     launch(True, not params.truncated)
     if params.truncated:

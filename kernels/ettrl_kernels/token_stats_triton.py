@@ -3,6 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ettrl_kernels.backend import device_guard
 from ettrl_kernels.triton_online import online_entropy_update
 
 
@@ -57,8 +58,9 @@ class TokenStatsTriton(torch.autograd.Function):
         lse = torch.empty_like(logprobs)
         block = min(TokenStatsTriton.BLOCK, triton.next_power_of_2(vocab))
         if rows:
-            _token_stats_forward[(rows,)](logits, logits.stride(0), vocab, targets, inv_temp, logprobs, entropies,
-                                          lse, BLOCK=block)
+            with device_guard(logits):
+                _token_stats_forward[(rows,)](logits, logits.stride(0), vocab, targets, inv_temp, logprobs, entropies,
+                                              lse, BLOCK=block)
         ctx.save_for_backward(logits, targets, inv_temp, lse)
         ctx.mark_non_differentiable(entropies)
         return logprobs, entropies
@@ -70,6 +72,7 @@ class TokenStatsTriton(torch.autograd.Function):
         grad = torch.empty_like(logits)
         block = min(TokenStatsTriton.BLOCK, triton.next_power_of_2(vocab))
         if rows:
-            _token_stats_backward[(rows,)](logits, grad, logits.stride(0), grad.stride(0), vocab, targets, inv_temp,
-                                           lse, grad_logprobs.float().contiguous(), BLOCK=block)
+            with device_guard(logits):
+                _token_stats_backward[(rows,)](logits, grad, logits.stride(0), grad.stride(0), vocab, targets,
+                                               inv_temp, lse, grad_logprobs.float().contiguous(), BLOCK=block)
         return grad, None, None
