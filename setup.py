@@ -91,8 +91,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25"],
         "deepspeed": ["deepspeed"],
         "cuda": ["flashinfer-python"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "trl": ["trl>=0.25", "httpx"],
     },
+    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"]},
 )

@@ -55,6 +55,8 @@ class LLMEngine:
         self.scheduler.add_waiting(seq)
 
     def _check_fits(self, seq: Sequence):
+        if self.kv is None:
+            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
         if seq.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
@@ -129,6 +131,7 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             rows += [(sib, i) for sib in seq.pending_siblings]
         tokens, logprobs, entropies = self._sample(logits, rows)
+        self._record_top_logprobs(logits, rows, tokens)
         finished = []
         for (seq, i), token, logprob, entropy in zip(rows, tokens, logprobs, entropies):
             if seq is not seqs[i]:  # an n>1 sibling: it starts from the first sample's prompt KV
@@ -162,6 +165,21 @@ class LLMEngine:
             exclude=col([s.exclude_token for s in seqs], torch.int64))
         return tokens.tolist(), logprobs.tolist(), entropies.tolist()
 
+    @staticmethod
+    def _record_top_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[int]):
+        """Rows whose params ask for logprobs (alternatives, or another distribution than the sampler's)."""
+        for (seq, i), token in zip(rows, tokens):
+            p = seq.params
+            if p.logprobs is None:
+                continue
+            x = logits[i].float()
+            if p.logprobs_mode == "processed_logprobs" and not p.greedy:
+                x = x * (1.0 / p.temperature)
+            logp = torch.log_softmax(x, -1)
+            top = logp.topk(min(p.logprobs, logp.numel())) if p.logprobs else None
+            seq.top_logprobs.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist()))
+                                     if top is not None else []))
+
     def _check_finished(self, seq: Sequence) -> bool:
         p, token = seq.params, seq.token_ids[-1]
         if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
@@ -183,7 +201,8 @@ class LLMEngine:
         return [*self.scheduler.running, *self.finished.values()]
 
     def check_integrity(self):
-        self.kv.check_integrity(self.live_sequences())
+        if self.kv is not None:
+            self.kv.check_integrity(self.live_sequences())
 
     def update_weights(self, named_tensors) -> int:
         live = len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
@@ -191,5 +210,29 @@ class LLMEngine:
             raise RuntimeError(f"update_weights with {live} live sequences: their KV was computed with the old "
                                f"weights; finish and free() them first")
         written = self.runner.update_weights(named_tensors)
-        self.kv.reset_prefix_cache()
+        if self.kv is not None:  # asleep: the pool comes back empty
+            self.kv.reset_prefix_cache()
         return written
+
+    # ---- sleep mode ---------------------------------------------------------------------------------------
+    @property
+    def asleep(self) -> bool:
+        return self.runner.asleep
+
+    def sleep(self, level: int = 1):
+        """Frees the KV pool (the prefix cache with it); level 2 also moves the weights to CPU memory (GPU only).
+        Refused while sequences are live: their KV would be lost."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (free the KV pool) or 2 (also offload the weights), got {level}")
+        live = len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
+        if live:
+            raise RuntimeError(f"sleep() with {live} live sequences (waiting, running, or finished and not freed): "
+                               f"their KV cache would be lost; finish and free() them first")
+        if not self.asleep:
+            self.runner.sleep(offload_weights=level == 2)
+            self.kv = self.scheduler.kv = None
+
+    def wake_up(self):
+        """Re-creates the KV pool (same size, empty prefix cache) and brings offloaded weights back."""
+        self.runner.wake_up()
+        self.kv = self.scheduler.kv = self.runner.kv

@@ -1,6 +1,8 @@
 """Per-request sampling settings."""
 from dataclasses import dataclass, field
 
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +20,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None        # also record the top-k alternatives of each sampled token (0: only its own)
+    logprobs_mode: str = "processed_logprobs"  # their distribution, as vLLM's: "raw_logprobs" = softmax(logits),
+                                               # "processed_logprobs" = softmax(logits / T) (T = 1 for greedy)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,6 +40,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"SamplingParams.stop must be non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams.logprobs must be >= 0 (alternatives per token), got {self.logprobs}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"SamplingParams.logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"SamplingParams.seed must be in [0, 2**63), got {self.seed}")
 

@@ -29,6 +29,8 @@ class Sequence:
         self.cache_node = None         # radix-tree node locked while this sequence uses the matched prefix
         self.logprobs: list[float] = []
         self.entropies: list[float] = []
+        self.top_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # params.logprobs set: per token,
+                                       # (its logprob, [(id, logprob)] of the top alternatives), in logprobs_mode
         self.finish_reason: str | None = None
         self.exclude_token = -1        # forbidden at the next sampled token only (distinct forks)
         self.pending_siblings: list["Sequence"] = []  # n>1: siblings that start from this one's prefill logits

@@ -125,6 +125,18 @@ class _TreeRun:
         self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
+        self.begin(prompt_ids, seeds)
+        try:
+            while self.owners:
+                self.on_step(self.engine.step())
+        except BaseException:  # leave the engine clean (e.g. after Ctrl-C): no half-built tree holds KV blocks
+            self.abort()
+            raise
+        return self.sorted_results()
+
+    # The pieces of run() for a caller that owns the step loop (engine/serve's engine loop).
+    def begin(self, prompt_ids: list[list[int]], seeds: list[int]):
+        """Queues every prompt's M roots (validated before any is queued)."""
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
         self.live = [self.tp.trees] * len(prompt_ids)
         requests = [self.engine.make_sequences(ids, replace(p, n=self.tp.trees), seed)  # M siblings, one prefill
@@ -133,15 +145,24 @@ class _TreeRun:
         for i, roots in enumerate(requests):
             self.owners.update((seq.uid, (seq, i, r, None, None)) for r, seq in enumerate(roots))
             self.engine.add_sequence(roots[0])
-        try:
-            while self.owners:
-                for seq in self.engine.step():
-                    if seq.uid in self.owners:
-                        self._on_finished(seq)
-        except BaseException:  # leave the engine clean (e.g. after Ctrl-C): no half-built tree holds KV blocks
-            for seq, *_ in list(self.owners.values()):
-                self.engine.free(seq)
-            raise
+
+    def on_step(self, finished: list[Sequence]):
+        """Takes this run's sequences among a step's finished ones (records them, forks roots' branches)."""
+        for seq in finished:
+            if seq.uid in self.owners:
+                self._on_finished(seq)
+
+    @property
+    def done(self) -> bool:
+        return not self.owners
+
+    def abort(self):
+        """Frees every live sequence of this run."""
+        for seq, *_ in list(self.owners.values()):
+            self.engine.free(seq)
+        self.owners.clear()
+
+    def sorted_results(self) -> list[TreeResult]:
         for result in self.results:
             result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
         return self.results

@@ -1,0 +1,163 @@
+"""Routes that change the server's state: weight updates, prefix-cache resets, pause/resume, sleep/wake_up.
+
+Off unless the server runs with --enable-weight-updates (each answers 403 then). Each runs on the engine loop as
+a barrier, once no request is in flight: `if_busy=wait` (the default, as SGLang's update lock: new requests wait
+behind it) or `if_busy=refuse` (409 while requests are in flight). Weights load only from safetensors files
+under --weights-dir (no '..', no symlink out of it) and are checked against the model's names and shapes before
+any is written; every update empties the prefix cache, so no prefix computed with old weights is reused.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from safetensors import safe_open
+
+from engine.models.loader import IGNORED_SUFFIXES, safetensors_files
+from engine.serve.api_server import ApiError, Server, error_response
+from engine.serve.engine_loop import Busy
+from engine.serve.protocol import UpdateWeightsFromDiskRequest
+
+IF_BUSY = ("wait", "refuse")
+
+
+def confined_safetensors(weights_dir: str | None, model_path: str) -> list[Path]:
+    """The safetensors files of model_path, each resolved (symlinks followed) inside weights_dir."""
+    if weights_dir is None:
+        raise ApiError(403, "update_weights_from_disk reads only under --weights-dir, and the server has none")
+    base = Path(weights_dir).resolve(strict=True)
+    if ".." in Path(model_path).parts:
+        raise ApiError(403, f"model_path {model_path!r} contains '..'; give a directory under --weights-dir")
+    target = (base / model_path).resolve()
+    if not target.is_relative_to(base):
+        raise ApiError(403, f"model_path {model_path!r} resolves to {target}, outside --weights-dir {base}")
+    if not target.is_dir():
+        raise ApiError(400, f"model_path {model_path!r} is not a directory under --weights-dir")
+    try:
+        files = [f.resolve() for f in safetensors_files(target)]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ApiError(400, f"cannot list the weights of {model_path!r}: {e}") from None
+    for f in files:
+        if not f.is_relative_to(base):
+            raise ApiError(403, f"weight file {f} is outside --weights-dir {base} (a symlink or an index entry)")
+        if f.suffix != ".safetensors" or not f.is_file():
+            raise ApiError(400, f"weight file {f} is not a safetensors file")
+    return files
+
+
+def read_safetensors(files: list[Path]) -> dict:
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118 - not a dict
+    return tensors
+
+
+def check_tensors(server: Server, tensors: dict):
+    """Every name known and every shape right, before any weight is written."""
+    if not tensors:
+        raise ApiError(400, "no tensors to load")
+    views = server.engine.runner.model.hf_parameter_views()
+    for name, tensor in tensors.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name not in views:
+            raise ApiError(400, f"unknown parameter name {name!r}; expected Hugging Face names such as "
+                                f"'model.layers.0.self_attn.q_proj.weight'")
+        if tuple(views[name].shape) != tuple(tensor.shape):
+            raise ApiError(400, f"{name}: shape {tuple(tensor.shape)} does not match the model's "
+                                f"{tuple(views[name].shape)}")
+
+
+async def barrier(server: Server, fn, if_busy: str = "wait"):
+    if if_busy not in IF_BUSY:
+        raise ApiError(400, f"if_busy must be one of {IF_BUSY}, got {if_busy!r}")
+    try:
+        return await asyncio.wrap_future(server.loop.barrier(fn, if_busy))
+    except Busy as e:
+        raise ApiError(409, str(e)) from None
+
+
+async def update_weights(server: Server, tensors: dict, if_busy: str, version: str | None) -> dict:
+    check_tensors(server, tensors)
+
+    def apply():
+        written = server.engine.update_weights(tensors)  # also empties the prefix cache
+        server.num_weight_updates += 1
+        server.weight_version = version or str(server.num_weight_updates)
+        return written
+
+    written = await barrier(server, apply, if_busy)
+    return {"success": True, "message": f"updated {written} tensors", "num_tensors": written,
+            "weight_version": server.weight_version}
+
+
+def add_admin_routes(app: FastAPI, server: Server):
+    cfg = server.config
+    server.num_weight_updates = 0
+
+    def require_enabled():
+        if not cfg.enable_weight_updates:
+            raise ApiError(403, "this route changes the server's state; start the server with "
+                                "--enable-weight-updates to allow it")
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        require_enabled()
+        req = await server.parse(request, UpdateWeightsFromDiskRequest)
+        files = confined_safetensors(cfg.weights_dir, req.model_path)
+        tensors = await asyncio.to_thread(read_safetensors, files)
+        return await update_weights(server, tensors, req.if_busy, req.weight_version)
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(request: Request, if_busy: str = "wait", weight_version: str | None = None):
+        """Body: a safetensors file (safetensors.torch.save(state_dict)) of HF-named tensors."""
+        require_enabled()
+        from safetensors.torch import load
+        body = await server.read_body(request, int(cfg.max_weights_body_gb * 2**30))
+        try:
+            tensors = load(body)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            raise ApiError(400, f"the body is not a safetensors file of named tensors: {e}") from None
+        return await update_weights(server, tensors, if_busy, weight_version)
+
+    async def reset_prefix_cache(if_busy: str = "wait"):
+        require_enabled()
+        await barrier(server, server.engine.kv.reset_prefix_cache, if_busy)
+        return {"success": True, "message": "prefix cache emptied"}
+
+    app.post("/reset_prefix_cache")(reset_prefix_cache)
+    app.post("/flush_cache")(reset_prefix_cache)  # SGLang's name
+
+    @app.post("/pause")
+    async def pause(mode: str = "wait"):
+        require_enabled()
+        if mode not in ("wait", "abort"):
+            raise ApiError(400, f"mode must be 'wait' (finish the requests in flight) or 'abort', got {mode!r}")
+        await asyncio.wrap_future(server.loop.pause(mode))
+        return {"success": True, "paused": True}
+
+    @app.post("/resume")
+    async def resume():
+        require_enabled()
+        await asyncio.wrap_future(server.loop.resume())
+        return {"success": True, "paused": False}
+
+    @app.post("/sleep")
+    async def sleep():
+        require_enabled()
+        if not hasattr(server.llm, "sleep"):
+            return error_response(501, "this engine has no LLM.sleep() yet; nothing was changed")
+        await asyncio.wrap_future(server.loop.pause("wait"))
+        await barrier(server, server.llm.sleep)
+        return {"success": True, "sleeping": True}
+
+    @app.post("/wake_up")
+    async def wake_up():
+        require_enabled()
+        if not hasattr(server.llm, "wake_up"):
+            return error_response(501, "this engine has no LLM.wake_up() yet; nothing was changed")
+        await barrier(server, server.llm.wake_up)
+        await asyncio.wrap_future(server.loop.resume())
+        return {"success": True, "sleeping": False}

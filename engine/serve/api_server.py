@@ -1,0 +1,354 @@
+"""The FastAPI app: OpenAI-compatible generation routes, tree sampling, info routes; admin routes in admin.py.
+
+Handlers validate a request (pydantic, then the engine's own checks) before anything is queued, so bad input
+answers 4xx and touches no engine state; then they submit a job to the engine loop and await its events.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from engine.progress import Progress
+from engine.sampling_params import SamplingParams
+from engine.serve.engine_loop import EngineLoop, GenerateJob, TreeJob
+from engine.serve.openai_format import (
+    Formatter,
+    Options,
+    StreamState,
+    new_id,
+    sse,
+    tree_response,
+)
+from engine.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SampleTreeRequest,
+)
+from engine.tree import TreeParams, _TreeRun
+
+log = logging.getLogger("engine.serve")
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    enable_weight_updates: bool = False
+    weights_dir: str | None = None           # update_weights_from_disk reads only under it
+    max_body_mb: float = 64.0                # JSON request bodies
+    max_weights_body_gb: float = 16.0        # the safetensors body of /update_weights_from_tensor
+    logprobs_mode: str = "processed_logprobs"
+    reject_unknown_fields: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+            404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
+            501: "NotImplementedError"}.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+
+
+class Server:
+    """Owns the LLM, its engine loop and the app."""
+
+    def __init__(self, llm, config: ServerConfig):
+        self.llm, self.engine, self.config = llm, llm.engine, config
+        self.loop = EngineLoop(llm)
+        self.fmt = Formatter(llm)
+        self.weight_version = "0"
+        self.app = build_app(self)
+
+    # ---- request bodies ------------------------------------------------------------------------------------
+    async def read_body(self, request: Request, limit_bytes: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit_bytes:
+            raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit_bytes:
+                raise ApiError(413, f"request body exceeds the limit of {limit_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(self, request: Request, model):
+        raw = await self.read_body(request, int(self.config.max_body_mb * 2**20))
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"the request body is not UTF-8 ({e}); send JSON text") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"malformed JSON in the request body: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        try:
+            req = model.model_validate(body)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+            raise ApiError(400, f"invalid request: {problems}") from None
+        unknown = req.unknown_fields()
+        if unknown and self.config.reject_unknown_fields:
+            raise ApiError(400, f"unknown fields {unknown} (the server runs with --reject-unknown-fields)")
+        if unknown:
+            log.warning("ignoring unknown request fields %s", unknown)
+        if getattr(req, "model", None) not in (None, self.config.model_name):
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{self.config.model_name!r}")
+        return req
+
+    # ---- building jobs -------------------------------------------------------------------------------------
+    def sampling_params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                        n: int | None = None) -> SamplingParams:
+        room = self.engine.max_model_len - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens and the model's max length is "
+                                f"{self.engine.max_model_len} (prompt plus at least one new token): shorten the prompt")
+        if max_tokens is None:
+            max_tokens = 16 if isinstance(req, CompletionRequest) else max(1, room)
+        if max_tokens > room:
+            raise ApiError(400, f"this model's maximum context length is {self.engine.max_model_len} tokens; "
+                                f"the prompt has {prompt_len} and max_tokens asks for {max_tokens}: lower max_tokens "
+                                f"to {max(room, 0)} or shorten the prompt")
+        try:
+            return SamplingParams(n=req.n if n is None else n, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=-1 if req.top_k == 0 else req.top_k,  # vLLM: 0 or -1 disables top-k
+                                  max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
+                                  seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                                  logprobs_mode=self.config.logprobs_mode)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            try:
+                ids = self.llm.encode(prompt)
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ApiError(400, "empty prompt: give at least one token (or non-empty text)")
+        return ids
+
+    def sequences(self, ids: list[int], params: SamplingParams, seed: int | None = None):
+        try:
+            return self.engine.make_sequences(ids, params, seed)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    def options(self, kind: str, req, logprobs: int | None) -> Options:
+        return Options(model=self.config.model_name, kind=kind, logprobs=logprobs,
+                       raw_logprobs=self.config.logprobs_mode == "raw_logprobs",
+                       return_token_ids=req.return_token_ids, return_entropies=req.return_entropies,
+                       stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+                       include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                       tokens_as_ids=req.return_tokens_as_token_ids,
+                       id=new_id("chatcmpl" if kind == "chat" else "cmpl"))
+
+    # ---- running jobs --------------------------------------------------------------------------------------
+    async def run(self, request: Request, make_job, on_done):
+        """Submits the job and answers with on_done(result); a client that goes away aborts it."""
+        events, job = self._job(make_job)
+        self.loop.submit(job)
+        try:
+            kind, payload = await self._next_event(request, events)
+        except ConnectionAbortedError:  # the client went away: free its sequences
+            self.loop.abort(job)
+            return Response(status_code=499)
+        except BaseException:
+            self.loop.abort(job)
+            raise
+        if kind == "error":
+            return error_response(*payload)
+        return JSONResponse(on_done(payload))
+
+    def stream(self, make_job, state: StreamState) -> StreamingResponse:
+        events, job = self._job(make_job)
+
+        async def chunks():
+            ended = False
+            self.loop.submit(job)
+            try:
+                while True:
+                    kind, payload = await events.get()
+                    if kind == "delta":
+                        for chunk in state.chunks(payload):
+                            yield chunk
+                        continue
+                    ended = True
+                    if kind == "error":
+                        status, message = payload
+                        yield sse({"error": {"message": message, "type": "ServerError", "code": status}})
+                    elif (usage := state.usage_chunk()) is not None:
+                        yield usage
+                    yield "data: [DONE]\n\n"
+                    return
+            finally:
+                if not ended:  # the client disconnected: free its sequences
+                    self.loop.abort(job)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @staticmethod
+    def _job(make_job):
+        events: asyncio.Queue = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+        return events, make_job(lambda event: aloop.call_soon_threadsafe(events.put_nowait, event))
+
+    @staticmethod
+    async def _next_event(request: Request, events: asyncio.Queue):
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ConnectionAbortedError("client disconnected") from None
+
+
+class ApiKeyMiddleware:
+    """Plain ASGI (not BaseHTTPMiddleware, which would wrap streaming responses): every request needs the key."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
+            response = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _prompt_list(prompt) -> list:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty: give a text, a list of texts, token ids or a list of token-id lists")
+    return list(prompt)
+
+
+def build_app(server: Server) -> FastAPI:
+    app = FastAPI(title="ETTRL engine", lifespan=_lifespan(server))
+    llm, cfg = server.llm, server.config
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.message)
+
+    if cfg.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key)
+
+    @app.get("/health")
+    async def health():
+        if not server.loop.is_alive:
+            return error_response(503, "the engine loop has stopped")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "ettrl", "root": str(llm.model_dir),
+                                            "max_model_len": server.engine.max_model_len}]}
+
+    @app.get("/get_world_size")
+    async def world_size():
+        return {"world_size": 1}
+
+    @app.get("/get_weight_version")
+    async def weight_version():
+        return {"weight_version": server.weight_version}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await server.parse(request, CompletionRequest)
+        if req.echo:
+            raise ApiError(400, "echo=true is not supported; the prompt is in prompt_token_ids (return_token_ids)")
+        prompts = [server.encode(p) for p in _prompt_list(req.prompt)]
+        requests = []
+        for ids in prompts:
+            params = server.sampling_params(req, len(ids), req.max_tokens, req.logprobs)
+            requests.append((ids, server.sequences(ids, params)))
+        return await _generate(server, request, req, requests, server.options("completion", req, req.logprobs))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await server.parse(request, ChatCompletionRequest)
+        try:
+            text = llm.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
+        except Exception as e:  # noqa: BLE001 - no tokenizer, no template, or a template that refuses
+            raise ApiError(400, f"cannot apply the model's chat template: {e}") from None
+        ids = server.encode(text)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = server.sampling_params(req, len(ids), req.max_completion_tokens or req.max_tokens, logprobs)
+        return await _generate(server, request, req, [(ids, server.sequences(ids, params))],
+                               server.options("chat", req, logprobs))
+
+    @app.post("/v1/sample_tree")
+    async def sample_tree(request: Request):
+        req = await server.parse(request, SampleTreeRequest)
+        if req.n != 1:
+            raise ApiError(400, f"sample_tree takes n=1 (the tree's size is trees x (1 + forks x branches)), got {req.n}")
+        try:
+            tree = TreeParams(req.trees, req.forks, req.branches, req.metric, req.distinct)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        prompt_ids = [server.encode(p) for p in req.prompts]
+        params = [server.sampling_params(req, len(ids), req.max_tokens, None) for ids in prompt_ids]
+        # One seed per prompt (seed + i), so that prompts do not share noise; random per prompt without a seed.
+        seeds = [req.seed + i if req.seed is not None else random.getrandbits(63) for i in range(len(prompt_ids))]
+        for ids, p, seed in zip(prompt_ids, params, seeds):
+            server.sequences(ids, replace(p, n=tree.trees), seed)  # validates before anything is queued
+        run = _TreeRun(llm, tree, params, Progress(server.engine, 0, "trees", False))
+        return await server.run(request, lambda emit: TreeJob(run, prompt_ids, seeds, emit),
+                                lambda results: tree_response(results, cfg.model_name, server.fmt))
+
+    from engine.serve.admin import add_admin_routes
+    add_admin_routes(app, server)
+    return app
+
+
+async def _generate(server: Server, request: Request, req, requests, opts: Options):
+    stream = req.stream
+
+    def make_job(emit):
+        return GenerateJob(requests, emit, stream)
+
+    if stream:
+        n = len(requests[0][1])
+        return server.stream(make_job, StreamState(server.fmt, opts, [ids for ids, _ in requests], n))
+    return await server.run(request, make_job, lambda result: server.fmt.response(result, opts))
+
+
+def _lifespan(server: Server):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.loop.start()
+        try:
+            yield
+        finally:
+            server.loop.stop()
+
+    return lifespan
+
+
+def model_name(model: str) -> str:
+    """The served model's name: the name given (a registry name or a path's last part)."""
+    return Path(model).name if Path(model).exists() else model

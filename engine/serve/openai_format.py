@@ -1,0 +1,200 @@
+"""Response JSON in OpenAI's / vLLM's shapes (docs/serving.md shows each one), built from finished sequences or
+streamed deltas. Our extensions: `entropies` (return_entropies) and the token ids (return_token_ids, vLLM's)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.sequence import Sequence
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Options:
+    """What one request asked to see."""
+    model: str
+    kind: str                    # "completion" | "chat"
+    logprobs: int | None         # alternatives per token; None: no logprobs object
+    raw_logprobs: bool           # vLLM's raw_logprobs mode: token logprobs from softmax(logits)
+    return_token_ids: bool
+    return_entropies: bool
+    stop: list[str]
+    include_usage: bool = False
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
+    id: str = field(default_factory=lambda: new_id("cmpl"))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Formatter:
+    def __init__(self, llm):
+        self.llm, self.tokenizer = llm, llm.tokenizer
+
+    # ---- text ------------------------------------------------------------------------------------------------
+    def token_text(self, token: int, as_id: bool = False) -> str:
+        if as_id or self.tokenizer is None:
+            return f"token_id:{token}"
+        return self.tokenizer.decode([token])
+
+    def text(self, token_ids: list[int], stop: list[str], final: bool) -> str:
+        """The completion's text, cut at the first stop string; unfinished, the tail that may still become a
+        stop string or an incomplete character is held back."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop if s in text]
+        if cuts:
+            return text[:min(cuts)]
+        if not final:
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) - 1 for s in stop), default=0)
+            text = text[:len(text) - hold] if hold else text
+        return text
+
+    # ---- logprobs ----------------------------------------------------------------------------------------------
+    def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
+        return [t[0] for t in top] if opts.raw_logprobs else list(logprobs)
+
+    def completion_logprobs(self, token_ids, logprobs, top, opts: Options, offset: int = 0) -> dict | None:
+        if opts.logprobs is None:
+            return None
+        name = lambda t: self.token_text(t, opts.tokens_as_ids)
+        tokens = [name(t) for t in token_ids]
+        offsets, at = [], offset
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        alternatives = []
+        for t, lp, (_, alts) in zip(tokens, self.token_logprobs(logprobs, top, opts), top):
+            entry = {name(i): v for i, v in alts}
+            entry.setdefault(t, lp)
+            alternatives.append(entry)
+        return {"text_offset": offsets, "token_logprobs": self.token_logprobs(logprobs, top, opts),
+                "tokens": tokens, "top_logprobs": alternatives}
+
+    def chat_logprobs(self, token_ids, logprobs, top, opts: Options) -> dict | None:
+        if opts.logprobs is None:
+            return None
+        name = lambda t: self.token_text(t, opts.tokens_as_ids)
+        content = []
+        for token, lp, (_, alts) in zip(token_ids, self.token_logprobs(logprobs, top, opts), top):
+            content.append({"token": name(token), "logprob": lp, "bytes": list(name(token).encode()),
+                            "top_logprobs": [{"token": name(i), "logprob": v, "bytes": list(name(i).encode())}
+                                             for i, v in alts]})
+        return {"content": content}
+
+    # ---- whole responses -----------------------------------------------------------------------------------------
+    def response(self, requests: list[tuple[list[int], list[Sequence]]], opts: Options) -> dict:
+        choices, completion_tokens = [], 0
+        for prompt_ids, seqs in requests:
+            for seq in seqs:
+                choices.append(self._choice(len(choices), prompt_ids, seq, opts))
+                completion_tokens += seq.num_completion_tokens
+        prompt_tokens = sum(len(ids) for ids, _ in requests)
+        return {"id": opts.id, "object": "chat.completion" if opts.kind == "chat" else "text_completion",
+                "created": opts.created, "model": opts.model, "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict:
+        ids = seq.completion_token_ids
+        text = self.text(ids, opts.stop, final=True)
+        if opts.kind == "chat":
+            choice = {"index": index, "message": {"role": "assistant", "content": text},
+                      "logprobs": self.chat_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
+                      "finish_reason": seq.finish_reason, "stop_reason": None}
+        else:
+            choice = {"index": index, "text": text,
+                      "logprobs": self.completion_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
+                      "finish_reason": seq.finish_reason, "stop_reason": None}
+        if opts.return_token_ids:
+            choice["prompt_token_ids"], choice["token_ids"] = list(prompt_ids), list(ids)
+        if opts.return_entropies:
+            choice["entropies"] = list(seq.entropies)
+        return choice
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class StreamState:
+    """Server-sent events of one streaming request: one chunk per sample and step that produced something."""
+
+    def __init__(self, formatter: Formatter, opts: Options, prompt_ids: list[list[int]], n: int):
+        self.fmt, self.opts = formatter, opts
+        self.prompt_of = [ids for ids in prompt_ids for _ in range(n)]
+        self.ids = [[] for _ in self.prompt_of]
+        self.text_sent = [0] * len(self.prompt_of)
+        self.started = [False] * len(self.prompt_of)
+        self.offset = [0] * len(self.prompt_of)   # text_offset of the next token (logprobs)
+        self.prompt_tokens = sum(len(ids) for ids in prompt_ids)
+
+    def chunks(self, deltas) -> list[str]:
+        return [self._chunk(d) for d in deltas]
+
+    def _chunk(self, d) -> str:
+        k, opts = d.index, self.opts
+        self.ids[k] += d.token_ids
+        text = self.fmt.text(self.ids[k], opts.stop, final=d.finish_reason is not None)
+        new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
+        if opts.kind == "chat":
+            delta = {"content": new_text}
+            if not self.started[k]:
+                delta["role"] = "assistant"
+            choice = {"index": k, "delta": delta,
+                      "logprobs": self.fmt.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs, opts)}
+        else:
+            logprobs = self.fmt.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, opts, self.offset[k])
+            if logprobs is not None:
+                self.offset[k] += sum(map(len, logprobs["tokens"]))
+            choice = {"index": k, "text": new_text, "logprobs": logprobs}
+        choice["finish_reason"], choice["stop_reason"] = d.finish_reason, None
+        if opts.return_token_ids:
+            if not self.started[k]:
+                choice["prompt_token_ids"] = list(self.prompt_of[k])
+            choice["token_ids"] = list(d.token_ids)
+        if opts.return_entropies:
+            choice["entropies"] = list(d.entropies)
+        self.started[k] = True
+        return sse(self._envelope([choice]))
+
+    def usage_chunk(self) -> str | None:
+        if not self.opts.include_usage:
+            return None
+        body = self._envelope([])
+        body["usage"] = usage(self.prompt_tokens, sum(map(len, self.ids)))
+        return sse(body)
+
+    def _envelope(self, choices: list) -> dict:
+        kind = "chat.completion.chunk" if self.opts.kind == "chat" else "text_completion"
+        return {"id": self.opts.id, "object": kind, "created": self.opts.created, "model": self.opts.model,
+                "choices": choices}
+
+
+def sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+def tree_response(results, model: str, formatter: Formatter) -> dict:
+    """POST /v1/sample_tree: per prompt, every leaf with its origin, and the tree's stats."""
+    out, prompt_tokens, decoded = [], 0, 0
+    for i, r in enumerate(results):
+        leaves = [{"index": k, "text": leaf.text, "token_ids": leaf.token_ids, "logprobs": leaf.logprobs,
+                   "entropies": leaf.entropies, "finish_reason": leaf.finish_reason, "seq_id": leaf.seq_id,
+                   "origin": {"root": leaf.root, "fork_position": leaf.fork_position, "branch": leaf.branch}}
+                  for k, leaf in enumerate(r.leaves)]
+        s = r.stats
+        stats = {"leaves": s.leaves, "decoded_tokens": s.decoded_tokens, "reused_tokens": s.reused_tokens,
+                 "parallel_equivalent_tokens": s.parallel_equivalent_tokens, "token_ratio": s.token_ratio,
+                 "wall_seconds": s.wall_seconds}
+        out.append({"index": i, "prompt_token_ids": r.prompt_token_ids, "seed": r.seed,
+                    "fork_positions": r.fork_positions, "leaves": leaves, "stats": stats})
+        prompt_tokens += len(r.prompt_token_ids)
+        decoded += s.decoded_tokens
+    return {"id": new_id("tree"), "object": "sample_tree", "created": int(time.time()), "model": model,
+            "results": out, "usage": usage(prompt_tokens, decoded)}
