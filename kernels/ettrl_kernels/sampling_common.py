@@ -31,18 +31,16 @@ def _per_row(value, batch: int, dtype: torch.dtype, device, name: str) -> torch.
 
 
 def row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exclude) -> RowParams:
+    """Per-row parameters on the logits' device; checked with one device-to-host read (one sync on a GPU)."""
     batch, vocab = logits.shape
     device = logits.device
     temp = _per_row(temperature, batch, torch.float32, device, "temperature")
-    if bool((temp < 0).any()) or bool(temp.isnan().any()):
-        raise ValueError("temperature must be >= 0 (0 means greedy)")
     greedy = temp == 0
     inv_temp = torch.where(greedy, torch.ones_like(temp), 1.0 / temp)
     k = _per_row(top_k, batch, torch.int64, device, "top_k")
     k = torch.where((k <= 0) | (k >= vocab), torch.zeros_like(k), k)
     p = _per_row(top_p, batch, torch.float32, device, "top_p")
-    if bool((p <= 0).any()):
-        raise ValueError("top_p must be in (0, 1]; use top_p=1 to turn it off")
+    bad_p = (p <= 0).any()
     p = torch.where(p >= 1, torch.ones_like(p), p)
     if seq_ids is None:
         seq_ids = torch.arange(batch, device=device)
@@ -50,11 +48,16 @@ def row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exc
                     _per_row(seq_ids, batch, torch.int64, device, "seq_ids"),
                     _per_row(positions, batch, torch.int64, device, "positions"))
     excl = _per_row(-1 if exclude is None else exclude, batch, torch.int64, device, "exclude")
-    if bool(((excl < -1) | (excl >= vocab)).any()):
+    flags = torch.stack([(temp < 0).any() | temp.isnan().any(), bad_p, ((excl < -1) | (excl >= vocab)).any(),
+                         (~greedy & ((k > 0) | (p < 1))).any(), (excl >= 0).any()])
+    bad_temp, bad_p, bad_excl, truncated, any_exclude = flags.tolist()
+    if bad_temp:
+        raise ValueError("temperature must be >= 0 (0 means greedy)")
+    if bad_p:
+        raise ValueError("top_p must be in (0, 1]; use top_p=1 to turn it off")
+    if bad_excl:
         raise ValueError(f"exclude must be -1 (nothing) or a token id in [0, {vocab})")
-    sampled = ~greedy
-    truncated = bool((sampled & ((k > 0) | (p < 1))).any())
-    return RowParams(inv_temp, greedy, k, p, keys, excl, truncated, bool((excl >= 0).any()))
+    return RowParams(inv_temp, greedy, k, p, keys, excl, truncated, any_exclude)
 
 
 def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowParams) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""How much of a GPU the KV pool may take: vLLM's `gpu_memory_utilization` (the fraction of the GPU's total memory
+this engine may hold: weights, activations and KV pool) turned into bytes for the pool.
+
+NOT YET RUN ON A GPU: the arithmetic is tested on the CPU with given numbers; `cuda_kv_budget` reads them from
+torch.cuda.mem_get_info.
+"""
+import torch
+
+ACTIVATION_MARGIN = 2.0                 # allocator rounding and temporaries the estimate does not name
+ATTENTION_WORKSPACE_BYTES = 256 * 2**20  # flashinfer's workspace (engine/attention/flashinfer.py)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def activation_bytes(args, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
+    """Peak activation estimate of one step: per-token hidden states, qkv, attention output and MLP, plus the
+    fp32 logits and the sampler's buffers of the decode batch."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_token = (3 * args.hidden_size + (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+                 + args.num_heads * args.head_dim + 3 * args.intermediate_size) * element
+    tokens = max(max_num_batched_tokens, max_num_seqs)
+    logits = 3 * max_num_seqs * args.vocab_size * 4
+    return int(ACTIVATION_MARGIN * (tokens * per_token + logits)) + ATTENTION_WORKSPACE_BYTES
+
+
+def kv_budget_bytes(total: int, free: int, utilization: float, weights: int, activations: int) -> int:
+    """Bytes for the KV pool: utilization * total minus what the engine already holds (weights) and will need
+    (activations). Raises a clear error when that is nothing, or more than the GPU has free."""
+    allowed = utilization * total
+    budget = int(allowed - weights - activations)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={utilization} lets this engine hold {gib(allowed)} of the GPU's "
+                         f"{gib(total)}, which its weights ({gib(weights)}) and activations ({gib(activations)}) "
+                         f"already fill: raise gpu_memory_utilization or set kv_cache_memory_gb")
+    if budget + activations > free:
+        raise ValueError(f"gpu_memory_utilization={utilization} asks for a {gib(budget)} KV pool (plus "
+                         f"{gib(activations)} of activations) but only {gib(free)} of the GPU are free (other "
+                         f"tensors of this process or other processes hold the rest): lower "
+                         f"gpu_memory_utilization or set kv_cache_memory_gb")
+    return budget
+
+
+def cuda_kv_budget(device: torch.device, utilization: float, weights: int, activations: int) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return kv_budget_bytes(total, free, utilization, weights, activations)
