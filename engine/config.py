@@ -23,6 +23,10 @@ class EngineConfig:
     pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
                                              # panel_linear, or oneDNN's; faster decode matmuls, twice the memory)
     fused_ops: bool = True                   # CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up
+    matmul_kernel: str = "auto"              # CPU matmuls: auto (measured once per machine, stored in the cache
+                                             # dir: models/matmul_choice.py), panel, onednn or torch
+    batch_invariant: bool = True             # auto picks only kernels whose row results do not depend on the batch
+                                             # (panel_linear); False also allows oneDNN (AMX) and MKL
 
     def __post_init__(self):
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -33,5 +37,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.matmul_kernel not in ("auto", "panel", "onednn", "torch"):
+            raise ValueError(f"matmul_kernel must be 'auto', 'panel', 'onednn' or 'torch', got {self.matmul_kernel!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

@@ -7,6 +7,7 @@ from engine.config import DTYPES, EngineConfig
 from engine.kv_cache import KVCache, cdiv
 from engine.models.llama import CausalLM, ModelArgs
 from engine.models.loader import copy_named_tensors, load_weights, read_config
+from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.sequence import Sequence
 
 CPU_KV_CACHE_GB = 1.0
@@ -34,7 +35,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = CausalLM(self.args, self.dtype, self.device, self.max_model_len)
         load_weights(self.model, model_dir)
-        self.model.pack_weights(config.pack_weights)
+        self.matmul_kernel = self._matmul_kernel()
+        self.model.pack_weights(config.pack_weights, self.matmul_kernel)
         self.model.use_fused_ops(config.fused_ops)
         self.model.eval()
         a = self.args
@@ -44,6 +46,13 @@ class ModelRunner:
         extra = {"fuse_rope": config.fused_ops} if self.device.type == "cpu" else {}
         self.attn = backend(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, **extra)
         self.model.set_attention(self.attn)
+
+    def _matmul_kernel(self) -> str:
+        """The CPU matmul path (matmul_choice.py): the config's, or the one stored for this machine."""
+        c = self.config
+        if self.device.type != "cpu" or not c.pack_weights:
+            return "torch"
+        return resolve_kernel(model_shapes(self.model), self.dtype, c.matmul_kernel, c.batch_invariant)
 
     @staticmethod
     def _dtype(name: str, args: ModelArgs) -> torch.dtype:
@@ -98,5 +107,5 @@ class ModelRunner:
         """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         written = len(copy_named_tensors(self.model.hf_parameter_views(), items))
-        self.model.pack_weights(self.config.pack_weights)
+        self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
         return written

@@ -9,10 +9,18 @@ prefill over a cached prefix needs.
 import flashinfer
 import torch
 
+from engine.attention.base import AttentionBackend
+
 WORKSPACE_BYTES = 256 * 2**20
 
 
-class FlashInferPagedAttention:
+class FlashInferPagedAttention(AttentionBackend):
+    name = "flashinfer"
+
+    @classmethod
+    def why_unsupported(cls, device, dtype):
+        return "" if torch.device(device).type == "cuda" else "flashinfer runs on CUDA devices only"
+
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim] on a CUDA device."""
         self.k_cache, self.v_cache = k_cache, v_cache

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention.base import AttentionBackend
 from engine.extension import extension_op
 from engine.models import fused_ops
 
@@ -44,7 +45,15 @@ def decode_kernel(cache: torch.Tensor):
     return extension_op("paged_decode_attention")
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(AttentionBackend):
+    """Gather + SDPA on any device; with use_decode_kernel / fuse_rope, the C++ CPU kernels where they apply."""
+    name = "torch"
+
+    @classmethod
+    def create(cls, k_cache, v_cache, num_heads, scale, config):
+        """The pure torch path (the reference): no C++ kernel, whatever the device."""
+        return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=False, fuse_rope=False)
+
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
                  use_decode_kernel: bool = True, fuse_rope: bool = True):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim].
@@ -144,3 +153,17 @@ class TorchPagedAttention:
                     p.block_tables.shape[1], self.block_size, self.scale, q.dtype == torch.bfloat16,
                     torch.get_num_threads())
         return out.view(q.shape[0], -1)
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """The CPU backend: decode steps in the C++ paged decode kernel, rope + q/k norms + cache write fused
+    (EngineConfig.fused_ops); the torch path for what they do not cover (prefill, other dtypes, no extension)."""
+    name = "cpu_paged"
+
+    @classmethod
+    def why_unsupported(cls, device, dtype):
+        return "" if torch.device(device).type == "cpu" else f"it runs on the CPU only, not {device}"
+
+    @classmethod
+    def create(cls, k_cache, v_cache, num_heads, scale, config):
+        return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=True, fuse_rope=config.fused_ops)

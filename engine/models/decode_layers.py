@@ -13,6 +13,7 @@ from engine.models import fused_ops
 from engine.models.packed_linear import Panels
 
 _OP = extension_op("decode_layers")
+LAYOUT = "llama"  # the decoder layer the C++ stack computes: llama.py's (Llama, Qwen2, Qwen3 flags)
 
 
 def _address(t: torch.Tensor | None) -> int:
@@ -21,7 +22,10 @@ def _address(t: torch.Tensor | None) -> int:
 
 def pointer_table(model) -> torch.Tensor | None:
     """int64 [num_layers, 14]: each layer's weights and KV cache in csrc/decode_layers.h's order, or None where the
-    fused path does not apply to this model."""
+    fused path does not apply to this model. A model class opts in by declaring `fused_decode_layout = LAYOUT` in
+    its own body: a subclass that changes any layer's math does not inherit the C++ path by accident."""
+    if vars(type(model)).get("fused_decode_layout") != LAYOUT:
+        return None
     attn = model.layers[0].self_attn.attn
     if _OP is None or attn is None or not getattr(attn, "takes_qkv", False) or getattr(attn, "kernel", None) is None:
         return None

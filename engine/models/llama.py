@@ -14,7 +14,7 @@ from engine.models import decode_layers, fused_ops
 from engine.models.packed_linear import linear, linear_fp32_out, pack
 from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+VARIANTS = ("llama", "qwen2", "qwen3")  # what registry.py passes to ModelArgs.from_hf
 
 
 @dataclass
@@ -39,11 +39,11 @@ class ModelArgs:
     torch_dtype: str | None
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelArgs":
-        model_type = cfg.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}")
-        kind = ARCHITECTURES[model_type]
+    def from_hf(cls, cfg: dict, kind: str = "llama") -> "ModelArgs":
+        """From a config.json; kind "llama" (optional biases, llama3 rope), "qwen2" (q/k/v bias) or "qwen3"
+        (per-head q/k RMSNorm)."""
+        if kind not in VARIANTS:
+            raise ValueError(f"unknown llama variant {kind!r}; one of {VARIANTS}")
         if cfg.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not supported")
         rope = dict(cfg.get("rope_parameters") or {})
@@ -115,9 +115,9 @@ class Attention(nn.Module):
         self.attn = None  # the engine's paged-attention backend, set by the model runner
         self.qkv_packed = self.o_packed = None
 
-    def pack_weights(self, enabled: bool):
-        self.qkv_packed = pack(self.qkv_weight, self.qkv_bias) if enabled else None
-        self.o_packed = pack(self.o_weight, self.o_bias) if enabled else None
+    def pack_weights(self, enabled: bool, kernel: str | None = None):
+        self.qkv_packed = pack(self.qkv_weight, self.qkv_bias, kernel) if enabled else None
+        self.o_packed = pack(self.o_weight, self.o_bias, kernel) if enabled else None
 
     def forward(self, x, rope: StepRope):
         t = x.shape[0]
@@ -151,9 +151,9 @@ class MLP(nn.Module):
         self.gate_up_packed = self.down_packed = None
         self.fused = False
 
-    def pack_weights(self, enabled: bool):
-        self.gate_up_packed = pack(self.gate_up_weight, self.gate_up_bias) if enabled else None
-        self.down_packed = pack(self.down_weight, self.down_bias) if enabled else None
+    def pack_weights(self, enabled: bool, kernel: str | None = None):
+        self.gate_up_packed = pack(self.gate_up_weight, self.gate_up_bias, kernel) if enabled else None
+        self.down_packed = pack(self.down_weight, self.down_bias, kernel) if enabled else None
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed)
@@ -184,7 +184,9 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]."""
+    """forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]. Implements the model
+    interface of registry.py."""
+    fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (decode_layers.py)
 
     def __init__(self, a: ModelArgs, dtype: torch.dtype, device, max_positions: int):
         super().__init__()
@@ -199,12 +201,13 @@ class CausalLM(nn.Module):
         self.fused_decode = True  # decode steps run the layer stack in one C++ call where it applies
         self._decode_table = None  # decode_layers.pointer_table, built on the first decode step
 
-    def pack_weights(self, enabled: bool = True):
-        """(Re)builds the packed copies of every matmul weight (packed_linear.py); call after writing weights."""
+    def pack_weights(self, enabled: bool = True, kernel: str | None = None):
+        """(Re)builds the packed copies of every matmul weight for `kernel` (packed_linear.pack; None: by CPU flag,
+        the model runner passes matmul_choice's); call after writing weights."""
         for layer in self.layers:
-            layer.self_attn.pack_weights(enabled)
-            layer.mlp.pack_weights(enabled)
-        self.lm_head_packed = pack(self.lm_head) if enabled else None
+            layer.self_attn.pack_weights(enabled, kernel)
+            layer.mlp.pack_weights(enabled, kernel)
+        self.lm_head_packed = pack(self.lm_head, None, kernel) if enabled else None
         self._decode_table = None
 
     def use_fused_ops(self, enabled: bool = True):

@@ -62,12 +62,16 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 
 @torch.inference_mode()
-def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Panels | torch.Tensor | None:
-    """The weight in panels (AVX-512 BF16 CPUs) or oneDNN's layout, or None where packing is unsupported or the
-    packed product disagrees with F.linear."""
-    if panels_supported(weight):
+def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
+         kernel: str | None = None) -> Panels | torch.Tensor | None:
+    """The weight for `kernel` ("panel", "onednn" or "torch": matmul_choice.py): in panels, in oneDNN's layout, or
+    None (F.linear); also None where that packing is unsupported or its product disagrees with F.linear.
+    kernel None: panels on AVX-512 BF16 CPUs, else oneDNN's."""
+    if kernel is None:
+        kernel = "panel" if panels_supported(weight) else "onednn"
+    if kernel == "panel" and panels_supported(weight):
         make, product = pack_panels, _panel_linear
-    elif packing_supported(weight):
+    elif kernel == "onednn" and packing_supported(weight):
         make, product = _pack_onednn, _packed_linear
     else:
         return None
