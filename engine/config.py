@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention.registry import NAMES as ATTENTION_BACKENDS
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -23,6 +25,9 @@ class EngineConfig:
     pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
                                              # panel_linear, or oneDNN's; faster decode matmuls, twice the memory)
     fused_ops: bool = True                   # CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up
+    fused_decode: bool = True                # CPU: a decode step's whole layer stack in one C++ call where it
+                                             # applies (weights in panels, fused_ops, cpu_paged attention)
+    attention_backend: str = "auto"          # engine/attention/registry.py: flashinfer (CUDA), cpu_paged, torch
     matmul_kernel: str = "auto"              # CPU matmuls: auto (measured once per machine, stored in the cache
                                              # dir: models/matmul_choice.py), panel, onednn or torch
     batch_invariant: bool = True             # auto picks only kernels whose row results do not depend on the batch
@@ -31,6 +36,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         for name in ("num_kv_blocks", "kv_cache_tokens", "max_model_len"):

@@ -3,24 +3,16 @@ from pathlib import Path
 
 import torch
 
+from engine.attention.registry import select_backend
 from engine.config import DTYPES, EngineConfig
 from engine.kv_cache import KVCache, cdiv
-from engine.models.llama import CausalLM, ModelArgs
 from engine.models.loader import copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
+from engine.models.registry import model_spec
 from engine.sequence import Sequence
 
 CPU_KV_CACHE_GB = 1.0
 CUDA_KV_CACHE_FRACTION = 0.9
-
-
-def attention_backend(device: torch.device):
-    """Chosen once by device: flashinfer on CUDA, torch elsewhere."""
-    if device.type == "cuda":
-        from engine.attention.flashinfer import FlashInferPagedAttention
-        return FlashInferPagedAttention
-    from engine.attention.torch_paged import TorchPagedAttention
-    return TorchPagedAttention
 
 
 class ModelRunner:
@@ -28,23 +20,24 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         hf_config = read_config(model_dir)
-        self.args = ModelArgs.from_hf(hf_config)
+        spec = model_spec(hf_config)
+        self.args = spec.parse_args(hf_config)
         self.dtype = self._dtype(config.dtype, self.args)
         self.max_model_len = min(config.max_model_len or self.args.max_position_embeddings,
                                  self.args.max_position_embeddings)
         self.block_size = config.block_size
-        self.model = CausalLM(self.args, self.dtype, self.device, self.max_model_len)
+        self.model = spec.model_class(self.args, self.dtype, self.device, self.max_model_len)
         load_weights(self.model, model_dir)
         self.matmul_kernel = self._matmul_kernel()
         self.model.pack_weights(config.pack_weights, self.matmul_kernel)
         self.model.use_fused_ops(config.fused_ops)
+        self.model.fused_decode = config.fused_decode
         self.model.eval()
         a = self.args
         self.kv = KVCache(a.num_layers, self._num_blocks(), self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
-        backend = attention_backend(self.device)
-        extra = {"fuse_rope": config.fused_ops} if self.device.type == "cpu" else {}
-        self.attn = backend(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, **extra)
+        backend = select_backend(config.attention_backend, self.device, self.dtype)
+        self.attn = backend.create(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, config)
         self.model.set_attention(self.attn)
 
     def _matmul_kernel(self) -> str:
@@ -55,7 +48,7 @@ class ModelRunner:
         return resolve_kernel(model_shapes(self.model), self.dtype, c.matmul_kernel, c.batch_invariant)
 
     @staticmethod
-    def _dtype(name: str, args: ModelArgs) -> torch.dtype:
+    def _dtype(name: str, args) -> torch.dtype:
         if name == "auto":
             return DTYPES.get(str(args.torch_dtype or "bfloat16").replace("torch.", ""), torch.bfloat16)
         return DTYPES[name]
