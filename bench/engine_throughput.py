@@ -2,8 +2,10 @@
 
 For each dtype and batch size b: b samples x 128 new tokens of one chat prompt (T=0.6), the same prompt for both,
 median of 3 runs; tok/s counts generated tokens over wall time (prefill included), and the ratio is also given
-in process CPU time, which a machine shared with other jobs distorts less. The compute floor is this
-machine's measured matmul GFLOP/s divided by the model's FLOPs per token (2 x parameters in matmuls).
+in process CPU time, which a machine shared with other jobs distorts less. The floor is the roofline of
+bench/roofline.py: per decode step, max(matmul FLOPs at this machine's measured matmul rate, weight + KV bytes at
+its measured memory bandwidth); "engine / floor" is the engine's tok/s as a share of it. The CPU model and its
+features head the output.
 The engine runs without prefix caching so that every run prefills its prompt like transformers does.
 Both run in this one process, one after the other, so the ratio is fair even on a shared machine.
 
@@ -11,34 +13,22 @@ Both run in this one process, one after the other, so the ratio is fair even on 
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from roofline import (  # bench/
+    floor_tokens_per_s,
+    machine_header,
+    matmul_gflops,
+    memory_gbps,
+    model_sizes,
+)
 
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM, SamplingParams
 
 PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May? Put the answer in \\boxed{}.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
-
-
-def flops_per_token(llm: LLM) -> float:
-    model = llm.engine.runner.model
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens")
-    return 2.0 * (matmul_params + model.lm_head.numel() * model.args.tie_word_embeddings)
 
 
 def timed(fn, tokens: int) -> tuple[float, float]:
@@ -86,13 +76,18 @@ def main():
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
+    gbps = memory_gbps()
+    print(machine_header(), flush=True)
+    print(f"memory bandwidth (copy): {gbps:.1f} GB/s", flush=True)
     rows = []
     for dtype in args.dtypes:
         llm = LLM(args.model, dtype=dtype, enable_prefix_caching=False, kv_cache_tokens=64 * 512)
         ids = llm.encode(llm.apply_chat_template([{"role": "user", "content": PROMPT}]))
         hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
             llm.model_dir, dtype=DTYPES[dtype]).eval()
-        floor = matmul_gflops(DTYPES[dtype]) * 1e9 / flops_per_token(llm)
+        gflops, sizes = matmul_gflops(DTYPES[dtype]), model_sizes(llm.engine.runner.model)
+        print(f"{dtype}: matmul {gflops:.0f} GFLOP/s (torch 2048^3), engine matmul kernel "
+              f"{llm.engine.runner.matmul_kernel}", flush=True)
         time_engine(llm, ids, 4, 8, seed=0)  # warm-up
         for batch in args.batches:
             eng = median_pair(time_engine(llm, ids, batch, args.new_tokens, r) for r in range(args.repeats))
@@ -100,12 +95,13 @@ def main():
             ref = (None, None) if hf is None else median_pair(
                 time_transformers(hf, ids, batch, args.new_tokens, r) for r in range(args.repeats))
             print(f"{dtype} batch {batch}: transformers {ref[0] or float('nan'):.0f} tok/s", flush=True)
+            floor = floor_tokens_per_s(sizes, DTYPES[dtype], batch, len(ids), args.new_tokens, gflops, gbps)
             rows.append((dtype, batch, ref, eng, floor))
         del llm, hf
     print(f"\nprompt {len(ids)} tokens, {args.new_tokens} new tokens per sample, T=0.6, median of {args.repeats}, "
           f"{torch.get_num_threads()} threads\n")
     print("| dtype | batch | transformers tok/s | engine tok/s | engine / transformers (wall) "
-          "| engine / transformers (CPU time) | compute floor tok/s | engine / floor |")
+          "| engine / transformers (CPU time) | roofline floor tok/s | engine / floor |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype, batch, ref, eng, floor in rows:
         wall = f"{eng[0] / ref[0]:.1f}x" if ref[0] else "-"
