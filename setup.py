@@ -91,7 +91,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25"],
+        "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25",
+                 "pandas", "pyarrow"],  # the parquet loader's tests
+        "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
         "cuda": ["flashinfer-python"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],

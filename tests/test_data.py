@@ -60,6 +60,6 @@ def test_shared_benchmarks_load():
 
     path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
     if not path.exists():
-        pytest.skip("benchmark data not present")
+        pytest.skip("benchmark data not found")
     problems = load_problems(str(path))
     assert len(problems) == 500 and all(p.answer for p in problems)

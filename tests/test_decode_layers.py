@@ -6,7 +6,7 @@ from engine.models import decode_layers
 from tiny_models import make_tiny_model
 
 needs_panels = pytest.mark.skipif(extension() is None or not extension().panel_linear_available(),
-                                  reason="the fused decode path needs panel_linear (AVX-512 BF16)")
+                                  reason="CPU lacks AVX512-BF16 (or C++ extension not built): no panel_linear")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 100, 200], list(range(20, 57))]
 PARAMS = SamplingParams(n=3, temperature=0.9, max_tokens=24, seed=3, ignore_eos=True)
 

@@ -49,7 +49,7 @@ def test_choice_is_measured_once_then_read_from_the_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fastest", ["onednn", "torch", "panel"])
 def test_choice_is_the_fastest_stored_kernel(tmp_path, fastest):
     if fastest not in available_kernels(torch.float32):
-        pytest.skip(f"{fastest} is not available on this CPU")
+        pytest.skip(f"kernel not available on this CPU: {fastest}")
     path = choice_file(tmp_path)
     path.parent.mkdir(parents=True)
     timings = {f"float32 {o}x{i}": _fake_timings(fastest) for o, i in SHAPES}
@@ -93,7 +93,7 @@ def test_every_kernel_gives_transformers_greedy_tokens(tiny, kernel, tmp_path, m
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, PROMPTS, 24)
 
 
-@pytest.mark.skipif(not HAS_PANEL, reason="needs AVX-512 BF16 (panel_linear)")
+@pytest.mark.skipif(not HAS_PANEL, reason="CPU lacks AVX512-BF16 (panel_linear)")
 def test_auto_keeps_panel_linear_and_its_tokens(tiny, tmp_path, monkeypatch):
     """On an AVX-512 BF16 CPU the default (auto, batch-invariant) is panel_linear, as before the choice existed."""
     monkeypatch.setenv("ETTRL_CACHE", str(tmp_path))

@@ -19,7 +19,7 @@ def test_packed_linear_equals_f_linear(dtype, rows):
     x = torch.randn(rows, 96, generator=g).to(dtype)
     packed = pack(w, b)
     if not packing_supported(w):
-        pytest.skip("this torch build has no oneDNN linear")
+        pytest.skip("torch build lacks oneDNN linear")
     assert packed is not None
     torch.testing.assert_close(linear(x, w, b, packed).float(), F.linear(x, w, b).float(), **TOLERANCE[dtype])
 

@@ -51,7 +51,7 @@ def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim,
     for cache in (k_cache, v_cache) if use_kernel else ():  # the kernel must never read a slot no sequence owns
         cache.view(-1, kv_heads, dim)[~used] = float("nan")  # (the torch path reads padding from slot 0, masked)
     if use_kernel and decode_kernel(k_cache) is None:
-        pytest.skip("ettrl_kernels._C has no paged_decode_attention")
+        pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_decode_attention)")
     attn = TorchPagedAttention(k_cache, v_cache, heads, scale, use_decode_kernel=use_kernel)
     assert (attn.kernel is not None) == use_kernel
     # the new token's K/V: rewrite what the pool already holds at each sequence's last slot
@@ -157,7 +157,7 @@ SHARED_CASES = [  # (kv lengths, leading blocks each shares with sequence 0): sa
 def test_shared_prefix_attention_matches_dense(dtype, heads, kv_heads, dim, block_size, case):
     """Sequences that share leading KV blocks (read once per group by the AVX-512 kernel) get exact attention."""
     if decode_kernel(torch.empty(1, dtype=dtype)) is None:
-        pytest.skip("ettrl_kernels._C has no paged_decode_attention")
+        pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_decode_attention)")
     lens, shared = SHARED_CASES[case]
     shared = [min(s * 16 // block_size, -(-n // block_size)) for s, n in zip(shared, lens)]
     k_cache, v_cache, tables, dense, q = shared_prefix_pool(lens, shared, block_size, heads, kv_heads, dim, dtype,
@@ -173,7 +173,7 @@ def test_shared_prefix_attention_matches_dense(dtype, heads, kv_heads, dim, bloc
 def test_shared_prefix_attention_is_batch_invariant(dtype, heads, kv_heads, dim):
     """Bit for bit: a sequence's output is the same alone, in a group that shares its prefix, and in any order."""
     if decode_kernel(torch.empty(1, dtype=dtype)) is None:
-        pytest.skip("ettrl_kernels._C has no paged_decode_attention")
+        pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_decode_attention)")
     block_size = 16
     lens, shared = SHARED_CASES[0]
     k_cache, v_cache, tables, _, q = shared_prefix_pool(lens, shared, block_size, heads, kv_heads, dim, dtype, seed=5)

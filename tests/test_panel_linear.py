@@ -15,7 +15,7 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_panels = pytest.mark.skipif(extension() is None or not extension().panel_linear_available(),
-                                  reason="no AVX-512 BF16 on this CPU (or no ettrl_kernels._C)")
+                                  reason="CPU lacks AVX512-BF16 (or C++ extension not built): no panel_linear")
 
 
 def panel(x, w, bias=None, threads=2):
@@ -39,7 +39,7 @@ def python_panels(w: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, 48, k_pad // per_step, per_step).permute(0, 2, 1, 3).reshape(-1)
 
 
-@pytest.mark.skipif(extension() is None, reason="no ettrl_kernels._C")
+@pytest.mark.skipif(extension() is None, reason="C++ extension not built (ettrl_kernels._C)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (47, 5), (48, 64), (100, 33), (960, 576)])
 def test_packed_layout(dtype, out_features, in_features):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 100, 200]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 needs_panels = pytest.mark.skipif(extension() is None or not extension().panel_linear_available(),
-                                  reason="the fused decode path needs panel_linear (AVX-512 BF16)")
+                                  reason="CPU lacks AVX512-BF16 (or C++ extension not built): no panel_linear")
 
 
 def tokens(llm: LLM) -> list[list[int]]:
