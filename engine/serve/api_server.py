@@ -129,10 +129,16 @@ class Server:
             return SamplingParams(n=req.n if n is None else n, temperature=req.temperature, top_p=req.top_p,
                                   top_k=-1 if req.top_k == 0 else req.top_k,  # vLLM: 0 or -1 disables top-k
                                   max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
-                                  seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                                  seed=req.seed, ignore_eos=req.ignore_eos, logprobs=self._recorded(logprobs),
                                   logprobs_mode=self.config.logprobs_mode)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+
+    def _recorded(self, logprobs: int | None) -> int | None:
+        """What the engine must record: nothing extra for logprobs=0 in the sampler's own distribution."""
+        if logprobs == 0 and self.config.logprobs_mode == "processed_logprobs":
+            return None
+        return logprobs
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -59,9 +59,15 @@ class Formatter:
     def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
         return [t[0] for t in top] if opts.raw_logprobs else list(logprobs)
 
+    @staticmethod
+    def _top(logprobs: list[float], top: list) -> list:
+        """No alternatives recorded (logprobs=0 in the sampler's own distribution): the sampled token's only."""
+        return top if len(top) == len(logprobs) else [(lp, []) for lp in logprobs]
+
     def completion_logprobs(self, token_ids, logprobs, top, opts: Options, offset: int = 0) -> dict | None:
         if opts.logprobs is None:
             return None
+        top = self._top(logprobs, top)
         name = lambda t: self.token_text(t, opts.tokens_as_ids)
         tokens = [name(t) for t in token_ids]
         offsets, at = [], offset
@@ -79,6 +85,7 @@ class Formatter:
     def chat_logprobs(self, token_ids, logprobs, top, opts: Options) -> dict | None:
         if opts.logprobs is None:
             return None
+        top = self._top(logprobs, top)
         name = lambda t: self.token_text(t, opts.tokens_as_ids)
         content = []
         for token, lp, (_, alts) in zip(token_ids, self.token_logprobs(logprobs, top, opts), top):
