@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine import env
 from engine.errors import ModelNotFoundError, ModelPathNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ETTRL_CACHE") or "~/.cache/ettrl").expanduser()
+    """ETTRL_CACHE, else ~/.cache/ettrl (engine/env.py)."""
+    return env.cache_dir()
 
 
 def resolve_model(spec, cache_dir=None) -> Path:
@@ -76,18 +78,11 @@ def _looks_like_path(spec: str) -> bool:
     return not HUB_ID.match(spec)
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
 def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    offline = _hub_offline()
+    offline = env.hub_offline()
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:

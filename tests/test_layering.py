@@ -1,7 +1,8 @@
 """The package layers: ettrl_kernels -> engine -> ettrl -> bench, each importing only the layers below it, and no
 import cycle anywhere, function-level imports included (they hide a cycle from Python but not from a reader).
 
-Read from the source with `ast`, so nothing is imported and every `import` statement counts, wherever it sits."""
+Read from the source with `ast`, so nothing is imported and every `import` statement counts, wherever it sits,
+except those under `if TYPE_CHECKING:` (never run: annotations only)."""
 import ast
 from pathlib import Path
 
@@ -29,8 +30,13 @@ def imported_names(module: str, path: Path, is_module=lambda name: False) -> set
     Y` names X.Y where that is a module (`is_module`), else X: importing a submodule runs its package's
     __init__ only if that is not already running, which it is for every module inside the package."""
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                 for stmt in block.body for n in ast.walk(stmt)}
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -42,6 +48,13 @@ def imported_names(module: str, path: Path, is_module=lambda name: False) -> set
                 name = f"{base}.{alias.name}"
                 names.add(name if is_module(name) else base)
     return names
+
+
+def _is_type_checking_block(node) -> bool:
+    """`if TYPE_CHECKING:` (or typing.TYPE_CHECKING): imports for annotations only, never run."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(test, "attr", None) == "TYPE_CHECKING")
 
 
 def is_compiled(module: str) -> bool:
@@ -128,7 +141,37 @@ def test_cycle_finder_on_a_known_graph():
 
 def test_relative_imports_resolve(tmp_path):
     source = tmp_path / "mod.py"
-    source.write_text("from . import sibling\nfrom ..top import thing\ndef f():\n    import engine.llm\n")
+    source.write_text("from . import sibling\nfrom ..top import thing\ndef f():\n    import engine.llm\n"
+                      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import engine.tree\n")
     modules = {"pkg.sub.sibling", "pkg.top"}
-    assert imported_names("pkg.sub.mod", source, modules.__contains__) == {"pkg.sub.sibling", "pkg.top",
+    assert imported_names("pkg.sub.mod", source, modules.__contains__) == {"pkg.sub.sibling", "pkg.top", "typing",
                                                                             "engine.llm"}
+
+
+def environment_reads(path: Path) -> list[int]:
+    """Lines of `path` that read the environment (os.environ, os.getenv)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return sorted({node.lineno for node in ast.walk(tree)
+                   if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
+                   and getattr(node.value, "id", None) == "os"})
+
+
+def test_the_engine_reads_the_environment_in_one_module():
+    """engine/env.py documents and reads every variable; the kernels read only Triton's TRITON_INTERPRET."""
+    allowed = {"engine.env", "ettrl_kernels.backend"}
+    readers = {m: environment_reads(path) for m, path in module_files().items()
+               if m.split(".")[0] in ("engine", "ettrl_kernels") and m not in allowed}
+    assert not {m: lines for m, lines in readers.items() if lines}, "read the environment in engine/env.py"
+
+
+def test_env_module_names_every_switch_the_extension_reads():
+    import re
+
+    from engine import env
+
+    read_by_cpp = set()
+    for path in (ROOT / "csrc").glob("*.[ch]*"):
+        read_by_cpp.update(re.findall(r'env_flag\("(\w+)"\)', path.read_text()))
+    assert read_by_cpp == set(env.CPU_KERNEL_SWITCHES)
+    for name in read_by_cpp:
+        assert name in env.__doc__

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+
+from engine import env
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -15,7 +16,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("ETTRL_API_KEY"),
+    p.add_argument("--api-key", default=env.api_key(),
                    help="every request then needs 'Authorization: Bearer KEY' (env ETTRL_API_KEY)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
