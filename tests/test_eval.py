@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_policy  # noqa: E402
 
 from ettrl.config import EvalConfig  # noqa: E402
 from ettrl.data import Problem  # noqa: E402
@@ -58,7 +58,7 @@ def test_eval_needs_ground_truth():
 
 
 def test_eval_command(tmp_path):
-    model = make_tiny_model(tmp_path / "model")
+    model = make_tiny_policy(tmp_path / "model")
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"q": f"{i}+{i}=", "a": 2 * i}) for i in range(3)))
     out = subprocess.run([sys.executable, "-m", "ettrl.eval", "--model", str(model), "--data", str(data),

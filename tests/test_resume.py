@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_task  # noqa: E402
+from tiny_models import make_tiny_task  # noqa: E402
 
 STEPS = 4
 

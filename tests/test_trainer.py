@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_task  # noqa: E402
+from tiny_models import make_tiny_task  # noqa: E402
 
 from engine import SamplingParams  # noqa: E402
 from ettrl.config import METHODS, load_config  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset
-from tiny import byte_tokenizer, make_tiny_model
+from tiny_models import make_tiny_policy, policy_byte_tokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from engine import LLM, SamplingParams, TreeParams
@@ -21,7 +21,7 @@ ENGINE = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 512}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("trl") / "model", tied=False)
+    return make_tiny_policy(tmp_path_factory.mktemp("trl") / "model", tied=False)
 
 
 def trainer_logprobs(model, ids=PROBE):
@@ -63,7 +63,7 @@ def run_grpo(tmp_path, llm_or_url, probe, tree_params=None, num_generations=4):
                       use_cpu=True, bf16=False, save_strategy="no", beta=0.0, seed=0, temperature=1.0,
                       dataloader_num_workers=0)
     trainer = GRPOTrainer(model=str(tmp_path / "model"), reward_funcs=skip_padding(reward), args=args,
-                          train_dataset=data, processing_class=byte_tokenizer(), rollout_func=rollout)
+                          train_dataset=data, processing_class=policy_byte_tokenizer(), rollout_func=rollout)
     trainer.train()
     return calls, seen
 
