@@ -137,7 +137,7 @@ def test_zero2_short_tree_padding_matches_plain_torch(tmp_path):
     from ettrl.backends.torch_backend import TorchBackend
     from ettrl.policy import load_policy
 
-    model_dir = make_tiny_model(tmp_path / "model")
+    model_dir = make_tiny_policy(tmp_path / "model")
     out = tmp_path / "ds.pt"
     torch.multiprocessing.spawn(_short_tree_worker, args=(2, free_port(), str(model_dir), str(out), 2), nprocs=2,
                                 join=True)
