@@ -92,7 +92,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25",
-                 "pandas", "pyarrow"],  # the parquet loader's tests
+                 "pandas", "pyarrow",  # the parquet loader's tests
+                 "ruff"],  # tests/test_lint.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
         "cuda": ["flashinfer-python"],

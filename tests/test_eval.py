@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_policy  # noqa: E402
-
 from ettrl.config import EvalConfig  # noqa: E402
 from ettrl.data import Problem  # noqa: E402
 from ettrl.eval import evaluate  # noqa: E402
+from tiny_models import make_tiny_policy  # noqa: E402
 
 
 class ScriptedLLM:

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_task  # noqa: E402
-
 from engine import SamplingParams  # noqa: E402
 from ettrl.config import METHODS, load_config  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
 from ettrl.trainer import Trainer  # noqa: E402
+from tiny_models import make_tiny_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset
-from tiny_models import make_tiny_policy, policy_byte_tokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from engine import LLM, SamplingParams, TreeParams
 from ettrl.integrations.trl import fill, make_rollout_func, prompt_groups, skip_padding
+from tiny_models import make_tiny_policy, policy_byte_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 PROBE = [72, 105, 33, 32, 50, 43, 50]
@@ -93,9 +93,8 @@ def test_grpo_trainer_two_steps_with_trees_through_the_server(tmp_path, model_di
     """The hook against engine.serve (weights pushed by /update_weights_from_tensor), trees of 1 + 1 x 3 leaves."""
     import shutil
 
-    from serve_util import running
-
     from engine.serve.api_server import Server, ServerConfig
+    from serve_util import running
     shutil.copytree(model_dir, tmp_path / "model")
     server = Server(LLM(tmp_path / "model", **ENGINE), ServerConfig("tiny", enable_weight_updates=True))
 
