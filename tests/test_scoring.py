@@ -135,11 +135,14 @@ def _rent(beta):
     return dict(zip(KEEP, grpo([-beta * H[i] for i in KEEP])))
 
 
-def _dare():
+def _dare(tau: float = 0.05):
     # classes over the finished answers: "4" n=2 u=0.4, "5" n=1 u=1.0, "7" n=1 u=1.5
-    # p ~ n / u = 5, 1, 2/3 -> 0.75, 0.15, 0.10; tau 0.12 prunes "7"; renormalised 5/6, 1/6, 0
-    # bonus (1 - n/6)(1 - min(u, 1)) = 0.4, 0, 0; reward p + 0.5 b: "4" 5/6 + 0.2, "5" 1/6, "7" 0, None 0
-    rewards = [5 / 6 + 0.2, 1 / 6, 5 / 6 + 0.2, 0.0, 0.0, 0.0]
+    # p ~ n / u = 5, 1, 2/3 -> 0.75, 0.15, 0.10; tau 0.12 would prune "7" (renormalised 5/6, 1/6, 0)
+    # bonus (1 - n/6)(1 - min(u, 1)) = 0.4, 0, 0; reward p + 0.5 b; None answers get 0
+    if tau == 0.05:
+        rewards = [0.75 + 0.2, 0.15, 0.75 + 0.2, 0.0, 0.1, 0.0]
+    else:
+        rewards = [5 / 6 + 0.2, 1 / 6, 5 / 6 + 0.2, 0.0, 0.0, 0.0]
     return dict(zip(KEEP, grpo([rewards[i] for i in KEEP])))
 
 
@@ -162,9 +165,29 @@ def test_every_method_of_the_table_is_checked_here():
 
 @pytest.mark.parametrize("method", sorted(METHOD_ADVANTAGES))
 def test_each_methods_rewards_and_shaping_reach_the_samples(method):
-    cfg = config(method, res_alpha=ALPHA, res_beta=BETA, rent_beta=0.5, dare_alpha=0.5, dare_tau=0.12)
+    cfg = config(method, res_alpha=ALPHA, res_beta=BETA, rent_beta=0.5, dare_alpha=0.5, dare_tau=0.05)
     samples, _ = score_group(group(), cfg, SEED)
     assert_advantages(samples, METHOD_ADVANTAGES[method]())
+
+
+def test_dare_prunes_improbable_classes():
+    samples, _ = score_group(group(), config("dare", dare_alpha=0.5, dare_tau=0.12), SEED)
+    assert_advantages(samples, _dare(tau=0.12))
+
+
+def test_rent_reward_is_minus_beta_times_the_response_entropy():
+    # GRPO cancels a positive scale, so beta shows in the logged reward, not in the advantages
+    _, metrics = score_group(group(), config("rent", rent_beta=0.5), SEED)
+    assert metrics["reward"] == pytest.approx(-0.5 * sum(H) / 6)
+
+
+def test_adv_res_prose_direction_reaches_the_samples():
+    samples, _ = score_group(group(), config("ettrl", res_alpha=ALPHA, res_beta=BETA, res_direction="prose"), SEED)
+    h = [H[i] for i in KEEP]
+    h_bar = sum(h) / 3
+    y = [min(max(1 + (hi - h_bar) / h_bar, 1 - ALPHA), 1 + BETA) for hi in h]  # [0.7, 1.1, 1.1]
+    assert y == pytest.approx([0.7, 1.1, 1.1])
+    assert_advantages(samples, {i: a * yi for i, a, yi in zip(KEEP, grpo([1.0, 0.0, 0.0]), y)})
 
 
 def test_hand_values_of_adv_res_with_unequal_bounds():
@@ -183,11 +206,12 @@ def test_reshape_override_clip_and_none():
 
 
 def test_entropy_term_uses_each_responses_own_token_entropies():
-    cfg = config("ttrl", entropy_adv=True, entropy_alpha=0.4, entropy_kappa=2.0)
+    cfg = config("ttrl", entropy_adv=True, entropy_alpha=0.4, entropy_kappa=3.0)
     samples, _ = score_group(group(), cfg, SEED)
     base = _majority_grpo()
-    # A'_t = A + min(alpha H_t, |A| / kappa)
-    expected = {i: [base[i] + min(0.4 * h, abs(base[i]) / 2.0) for h in TOKEN_H[i]] for i in KEEP}
+    # A'_t = A + min(alpha H_t, |A| / kappa); response 3's tokens (H 2.0) hit the cap |A| / 3
+    expected = {i: [base[i] + min(0.4 * h, abs(base[i]) / 3.0) for h in TOKEN_H[i]] for i in KEEP}
+    assert expected[3] == pytest.approx([-1 / math.sqrt(2) * (1 - 1 / 3)] * 2, abs=1e-5)
     assert expected[0] == pytest.approx([math.sqrt(2) + 0.08, math.sqrt(2) + 0.16], abs=1e-5)
     assert_advantages(samples, expected)
 
@@ -206,6 +230,14 @@ def test_a_group_where_nobody_answers_trains_with_zero_advantages():
     samples, metrics = score_group(g, config("ttrl"), SEED)
     assert metrics["answered"] == 0.0 and metrics["reward"] == 0.0 and metrics["label_acc"] == 0.0
     assert_advantages(samples, {i: 0.0 for i in KEEP})
+
+
+def test_answers_of_has_no_last_number_fallback_by_default():
+    from ettrl.scoring import answers_of
+    g = group()
+    g.responses[0].text = "it is 4"
+    assert answers_of(g) == [None, "5", "4", None, "7", None]
+    assert answers_of(g, last_number_fallback=True)[0] == "4"
 
 
 def test_response_entropy_is_the_mean_of_its_tokens():
