@@ -9,15 +9,22 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def default_device() -> str:
+    """"cuda" where torch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class EngineConfig:
     model: str
     dtype: str = "bfloat16"
-    device: str = "cpu"
+    device: str = "auto"                     # auto: cuda where torch sees a GPU, else cpu
     block_size: int = 16
     num_kv_blocks: int | None = None        # exact pool size in blocks; else kv_cache_tokens; else kv_cache_memory_gb
     kv_cache_tokens: int | None = None
-    kv_cache_memory_gb: float | None = None  # default: 1 GiB on CPU, 90% of the free memory on CUDA
+    kv_cache_memory_gb: float | None = None  # explicit KV bytes (win over gpu_memory_utilization); CPU default 1 GiB
+    gpu_memory_utilization: float = 0.9      # CUDA: fraction of the GPU's total memory this engine may hold
+                                             # (weights + activations + KV pool), as in vLLM
     max_num_seqs: int = 256                  # decode budget: sequences per step
     max_num_batched_tokens: int = 8192       # prefill budget: tokens per prefill step
     max_model_len: int | None = None         # default: the model's max_position_embeddings
@@ -34,6 +41,10 @@ class EngineConfig:
                                              # (panel_linear); False also allows oneDNN (AMX) and MKL
 
     def __post_init__(self):
+        if self.device == "auto":
+            self.device = default_device()
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

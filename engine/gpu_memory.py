@@ -36,7 +36,6 @@ def kv_budget_bytes(total: int, free: int, utilization: float, weights: int, act
     (activations). Raises a clear error when that is nothing, or more than the GPU has free."""
     allowed = utilization * total
     budget = int(allowed - weights - activations)
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
     if budget <= 0:
         raise ValueError(f"gpu_memory_utilization={utilization} lets this engine hold {gib(allowed)} of the GPU's "
                          f"{gib(total)}, which its weights ({gib(weights)}) and activations ({gib(activations)}) "
@@ -47,6 +46,10 @@ def kv_budget_bytes(total: int, free: int, utilization: float, weights: int, act
                          f"tensors of this process or other processes hold the rest): lower "
                          f"gpu_memory_utilization or set kv_cache_memory_gb")
     return budget
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def cuda_kv_budget(device: torch.device, utilization: float, weights: int, activations: int) -> int:

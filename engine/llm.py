@@ -49,10 +49,11 @@ def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
 
 
 class LLM:
-    """LLM(model, dtype="bfloat16", device="cpu", block_size=16, num_kv_blocks | kv_cache_tokens |
-    kv_cache_memory_gb, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len, enable_prefix_caching)."""
+    """LLM(model, dtype="bfloat16", device="auto", block_size=16, num_kv_blocks | kv_cache_tokens |
+    kv_cache_memory_gb | gpu_memory_utilization, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len,
+    enable_prefix_caching). device "auto" is cuda where torch sees a GPU, else cpu."""
 
-    def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options):
+    def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "auto", **options):
         self.config = EngineConfig(model=str(model), dtype=dtype, device=device, **options)
         self.model_dir = Path(resolve_model(model))
         self.tokenizer = _load_tokenizer(self.model_dir)
@@ -108,6 +109,17 @@ class LLM:
         """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties
         the prefix cache. Refused while sequences are live. Returns the number of tensors written."""
         return self.engine.update_weights(named_tensors)
+
+    def sleep(self, level: int = 1):
+        """Gives the memory back between rollouts, as vLLM's sleep mode does around a trainer's update.
+        level 1 frees the KV pool (and so the prefix cache); level 2 also moves the weights to CPU memory (on a
+        GPU; on the CPU they stay). Unlike vLLM, level 1 keeps the weights where they are. Refused while requests
+        are in flight. generate() raises until wake_up(); update_weights() works while asleep."""
+        self.engine.sleep(level)
+
+    def wake_up(self):
+        """Re-creates the KV pool (same size, empty prefix cache) and brings offloaded weights back."""
+        self.engine.wake_up()
 
     def check_integrity(self):
         self.engine.check_integrity()

@@ -19,6 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.step_tensors import to_device
 from ettrl_kernels import entropy_sample
 
 STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
@@ -150,19 +151,19 @@ class LLMEngine:
         return finished
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]):
-        if len(rows) != logits.shape[0]:
-            logits = logits[torch.tensor([i for _, i in rows], device=logits.device)]
         seqs = [s for s, _ in rows]
-        col = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
-        tokens, logprobs, entropies = entropy_sample(
-            logits,
-            temperature=col([s.params.temperature for s in seqs], torch.float32),
-            top_k=col([s.params.top_k for s in seqs], torch.int64),
-            top_p=col([s.params.top_p for s in seqs], torch.float32),
-            seeds=col([s.seed for s in seqs], torch.int64),
-            seq_ids=col([s.seq_id for s in seqs], torch.int64),
-            positions=col([len(s) for s in seqs], torch.int64),
-            exclude=col([s.exclude_token for s in seqs], torch.int64))
+        siblings = len(rows) != logits.shape[0]
+        top_k, seeds, seq_ids, positions, exclude, row_index = to_device(
+            logits.device, torch.int64, [s.params.top_k for s in seqs], [s.seed for s in seqs],
+            [s.seq_id for s in seqs], [len(s) for s in seqs], [s.exclude_token for s in seqs],
+            [i for _, i in rows] if siblings else [])
+        temperature, top_p = to_device(logits.device, torch.float32, [s.params.temperature for s in seqs],
+                                       [s.params.top_p for s in seqs])
+        if siblings:
+            logits = logits[row_index]
+        tokens, logprobs, entropies = entropy_sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     seeds=seeds, seq_ids=seq_ids, positions=positions,
+                                                     exclude=exclude)
         return tokens.tolist(), logprobs.tolist(), entropies.tolist()
 
     @staticmethod

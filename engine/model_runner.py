@@ -1,18 +1,20 @@
 """Loads the model and its KV pool, turns a batch of sequences into flat step inputs and returns last logits."""
+from itertools import accumulate, chain
 from pathlib import Path
 
 import torch
 
 from engine.attention.registry import select_backend
 from engine.config import DTYPES, EngineConfig
+from engine.gpu_memory import activation_bytes, cuda_kv_budget, module_bytes
 from engine.kv_cache import KVCache, cdiv
 from engine.models.loader import copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.models.registry import model_spec
 from engine.sequence import Sequence
+from engine.step_tensors import to_device
 
 CPU_KV_CACHE_GB = 1.0
-CUDA_KV_CACHE_FRACTION = 0.9
 
 
 class ModelRunner:
@@ -33,12 +35,52 @@ class ModelRunner:
         self.model.use_fused_ops(config.fused_ops)
         self.model.fused_decode = config.fused_decode
         self.model.eval()
-        a = self.args
-        self.kv = KVCache(a.num_layers, self._num_blocks(), self.block_size, a.num_kv_heads, a.head_dim,
+        self.num_kv_blocks = self._num_blocks()
+        self.weights_offloaded = False
+        self._build_kv()
+
+    def _build_kv(self):
+        """The KV pool and the attention backend over it (at start-up and on wake_up)."""
+        a, config = self.args, self.config
+        self.kv = KVCache(a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
         backend = select_backend(config.attention_backend, self.device, self.dtype)
         self.attn = backend.create(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, config)
         self.model.set_attention(self.attn)
+
+    @property
+    def asleep(self) -> bool:
+        return self.kv is None
+
+    def sleep(self, offload_weights: bool = False):
+        """Frees the KV pool (and the attention backend's views of it); offload_weights also moves the weights
+        to CPU memory (pinned) on a GPU. The caller makes sure no sequence holds blocks."""
+        self.model.set_attention(None)
+        self.kv = self.attn = None
+        if offload_weights and self.device.type == "cuda":
+            self._move_weights(torch.device("cpu"))
+            self.weights_offloaded = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self):
+        """Re-creates the KV pool (same number of blocks, zeroed) and brings offloaded weights back."""
+        if self.weights_offloaded:
+            self._move_weights(self.device)
+            self.weights_offloaded = False
+        if self.kv is None:
+            self._build_kv()
+
+    def _move_weights(self, device: torch.device):
+        """CUDA only: weights to pinned host memory or back (tied weights are one Parameter: moved once)."""
+        for param in self.model.parameters():
+            if device.type == "cpu":
+                host = torch.empty_like(param.data, device="cpu", pin_memory=True)
+                param.data = host.copy_(param.data, non_blocking=True)
+            else:
+                param.data = param.data.to(device, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
 
     def _matmul_kernel(self) -> str:
         """The CPU matmul path (matmul_choice.py): the config's, or the one stored for this machine."""
@@ -63,7 +105,8 @@ class ModelRunner:
         if c.kv_cache_memory_gb is not None:
             budget = c.kv_cache_memory_gb * 2**30
         elif self.device.type == "cuda":
-            budget = torch.cuda.mem_get_info(self.device)[0] * CUDA_KV_CACHE_FRACTION
+            activations = activation_bytes(a, c.max_num_batched_tokens, c.max_num_seqs, self.dtype)
+            budget = cuda_kv_budget(self.device, c.gpu_memory_utilization, module_bytes(self.model), activations)
         else:
             budget = CPU_KV_CACHE_GB * 2**30
         num_blocks = int(budget // per_block)
@@ -89,11 +132,12 @@ class ModelRunner:
             q_lens.append(end - start)
             kv_lens.append(end)
         width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        self.attn.plan(q_lens, kv_lens, as_tensor(tables), as_tensor(slots))
-        logits_indices = torch.cumsum(as_tensor(q_lens), 0) - 1
-        return as_tensor(input_ids), as_tensor(positions), logits_indices
+        tables = chain.from_iterable(seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs)
+        last_rows = list(accumulate(q_lens, initial=-1))[1:]
+        input_ids, positions, slots, tables, logits_indices = to_device(
+            self.device, torch.int64, input_ids, positions, slots, list(tables), last_rows)
+        self.attn.plan(q_lens, kv_lens, tables.view(len(seqs), width), slots)
+        return input_ids, positions, logits_indices
 
     @torch.inference_mode()
     def update_weights(self, named_tensors) -> int:

@@ -1,5 +1,11 @@
 """CPU-visible parts of the CUDA-path fixes (issue 20): bf16 temperature, imports without the extension,
 device defaults, flashinfer fallbacks, Triton device guards."""
+import contextlib
+import os
+import types
+from pathlib import Path
+
+import pytest
 import torch
 
 import ettrl_kernels
@@ -18,3 +24,224 @@ def test_bf16_uniform_temperature_scales_in_float32():
     assert torch.equal(logprobs, ref_logprobs) and torch.equal(entropies, ref_entropies)
     exact = torch.log_softmax(logits.double() / 0.6, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs.double(), exact, rtol=0, atol=1e-4)
+
+
+# ---- import engine without the C++ extension (5) ----------------------------------------------------------------
+NO_EXTENSION = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("engine._C", "ettrl_kernels._C"):
+            raise ImportError("not built: " + name)
+sys.meta_path.insert(0, Block())
+import engine
+from engine.extension import core, extension
+assert core() is None and extension() is None
+from engine.radix_cache import RadixCache
+try:
+    RadixCache(4, 16)
+except ImportError as e:
+    assert "build_ext" in str(e), e
+else:
+    raise AssertionError("RadixCache without engine._C")
+print("ok")
+"""
+
+
+def test_import_engine_without_the_extension():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", NO_EXTENSION], check=False, capture_output=True, text=True,
+                            timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{root / 'kernels'}"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# ---- flashinfer: availability, fallbacks, plan arguments (1, 2, 7, 12) -------------------------------------------
+def test_flashinfer_usable_says_why_not():
+    from engine.attention import flashinfer as fi
+    assert fi.flashinfer_usable("cpu", torch.bfloat16) == (False, "flashinfer runs on CUDA devices only, not cpu")
+    usable, why = fi.flashinfer_usable("cuda", torch.float32)
+    assert not usable and "float32" in why
+    from unittest import mock
+    with mock.patch.object(fi, "installed_version", return_value=None):
+        usable, why = fi.flashinfer_usable("cuda", torch.bfloat16)
+        assert not usable and "not installed" in why and fi.PINNED_VERSION in why
+    with mock.patch.object(fi, "installed_version", return_value="0.1.6"):
+        usable, why = fi.flashinfer_usable("cuda", torch.bfloat16)
+        assert not usable and "older" in why
+    with mock.patch.object(fi, "installed_version", return_value=fi.PINNED_VERSION):
+        assert fi.flashinfer_usable("cuda", torch.float16) == (True, "")
+    assert fi._version_tuple("0.6.18.post1") == (0, 6, 18) and fi._version_tuple("0.2.0rc1") == (0, 2, 0)
+
+
+def test_cuda_falls_back_to_torch_attention_with_a_warning(monkeypatch):
+    from engine.attention import flashinfer as fi
+    from engine.attention.registry import select_backend
+    from engine.attention.torch_paged import TorchPagedAttention
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fi, "installed_version", lambda: fi.PINNED_VERSION)
+    with pytest.warns(UserWarning, match="float32"):  # fp32 on CUDA: flashinfer has no fp32 kernels
+        assert select_backend("auto", cuda, torch.float32) is TorchPagedAttention
+    with pytest.raises(ValueError, match="float32"):
+        select_backend("flashinfer", cuda, torch.float32)
+    monkeypatch.setattr(fi, "installed_version", lambda: None)
+    with pytest.warns(UserWarning, match="not installed"):
+        assert select_backend("auto", cuda, torch.bfloat16) is TorchPagedAttention
+    monkeypatch.setattr(fi, "installed_version", lambda: "0.1.6")
+    with pytest.warns(UserWarning, match="older"):
+        assert select_backend("auto", cuda, torch.bfloat16) is TorchPagedAttention
+    monkeypatch.setattr(fi, "installed_version", lambda: fi.PINNED_VERSION)
+    assert select_backend("auto", cuda, torch.bfloat16) is fi.FlashInferPagedAttention
+
+
+class FakeWrapper:
+    def __init__(self, workspace, layout, **kwargs):
+        self.workspace, self.layout, self.kwargs, self.plans = workspace, layout, kwargs, []
+
+    def plan(self, *args, **kwargs):
+        self.plans.append((args, kwargs))
+
+
+def test_flashinfer_backend_workspace_and_plan_arguments(monkeypatch):
+    """With a stand-in flashinfer module: zeroed workspace, tensor-core decode with a fixed split size (batch
+    invariance), host-side indptr / last-page lengths, device-side page list."""
+    import sys
+    import types
+
+    from engine.attention import flashinfer as fi
+    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=FakeWrapper,
+                                 BatchDecodeWithPagedKVCacheWrapper=FakeWrapper)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (True, ""))
+    monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1 << 12)
+    k = torch.zeros(2, 10, 4, 2, 8, dtype=torch.bfloat16)
+    attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
+    assert attn.decode.workspace is attn.prefill.workspace and not attn.decode.workspace.any()
+    assert attn.decode.kwargs == {"use_tensor_cores": True}
+    tables = torch.tensor([[3, 1, 0], [7, 8, 9]])
+    attn.plan([1, 1], [5, 12], tables, torch.tensor([4 * 1, 4 * 9 + 3]))
+    (indptr, indices, last, *rest), kwargs = attn.decode.plans[-1]
+    assert indptr.tolist() == [0, 2, 5] and indptr.device.type == "cpu"
+    assert indices.tolist() == [3, 1, 7, 8, 9] and indices.dtype == torch.int32
+    assert last.tolist() == [1, 4] and rest == [4, 2, 8, 4]
+    assert kwargs["fixed_split_size"] == fi.SPLIT_TOKENS // 4 and kwargs["sm_scale"] == 0.125
+    attn.plan([3, 2], [5, 12], tables, torch.arange(5))
+    (qo_indptr, *_), kwargs = attn.prefill.plans[-1]
+    assert qo_indptr.tolist() == [0, 3, 5] and kwargs["causal"] and not attn.is_decode
+    with pytest.raises(RuntimeError, match="float32"):
+        monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (False, "no float32 kernels"))
+        fi.FlashInferPagedAttention(k.float(), k.float(), 4, 0.125)
+
+
+# ---- Triton launches on the tensor's device (4) ------------------------------------------------------------------
+def test_device_guard_selects_the_tensor_device(monkeypatch):
+    from ettrl_kernels.backend import device_guard
+    with device_guard(torch.zeros(1)):  # CPU (interpreter): nothing to select
+        pass
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with device_guard(fake):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+# ---- copy-on-write: one batched copy per step (11) ---------------------------------------------------------------
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def sequential_copies(pool, copies):
+    pool = pool.clone()
+    for src, dst in copies:
+        pool[:, dst] = pool[:, src]
+    return pool
+
+
+@pytest.mark.parametrize("copies", [
+    [(0, 5), (1, 6), (2, 7)],
+    [(3, 4), (5, 3)],          # a source freed after its copy is reused as a later target: batchable
+    [(0, 5), (5, 6)],          # a target read by a later copy: one by one
+    [(0, 5), (1, 5)],          # a target written twice: one by one (the last wins)
+])
+def test_copy_blocks_equals_copies_in_order(copies):
+    from engine.kv_cache import KVCache, _batchable
+    kv = KVCache.__new__(KVCache)
+    kv.k, kv.v = torch.randn(2, 8, 4, 2, 3), torch.randn(2, 8, 4, 2, 3)
+    want_k, want_v = sequential_copies(kv.k, copies), sequential_copies(kv.v, copies)
+    with CountOps() as counter:
+        kv.copy_blocks(copies)
+    assert torch.equal(kv.k, want_k) and torch.equal(kv.v, want_v)
+    if _batchable(copies):
+        assert counter.ops.count("index_copy_") == 2 and counter.ops.count("index_select") == 2
+
+
+def test_forks_copy_their_shared_blocks_in_one_batch(tmp_path):
+    """Eight forks inside one partially filled block: their first step copies eight blocks with one index_copy_
+    per pool, and every fork samples what a fresh sequence with the same key samples."""
+    from engine import LLM, SamplingParams, Sequence
+    from engine.kv_cache import KVCache
+    from tiny_models import make_tiny_model
+    make_tiny_model("qwen2", tmp_path)
+    llm = LLM(tmp_path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=128)
+    params = SamplingParams(temperature=0.9, max_tokens=6, ignore_eos=True)
+    root = Sequence(list(range(20, 30)), params, 7, seq_id=0)
+    engine = llm.engine
+    engine.add_sequence(root)
+    while not root.is_finished:
+        engine.step()
+    position = len(root) - 2  # inside a shared, partially filled block
+    children = [engine.fork(root, position, params, 7, seq_id=j) for j in range(1, 9)]
+    calls = []
+    original = KVCache.copy_blocks
+
+    def counted(self, copies):
+        with CountOps() as counter:
+            original(self, copies)
+        calls.append((len(copies), counter.ops.count("index_copy_")))
+
+    KVCache.copy_blocks = counted
+    try:
+        while any(not c.is_finished for c in children):
+            engine.step()
+    finally:
+        KVCache.copy_blocks = original
+    assert (8, 2) in calls
+    for child in children:
+        fresh = Sequence(child.token_ids[:position], params, 7, seq_id=child.seq_id, num_prompt_tokens=10)
+        engine.add_sequence(fresh)
+        while not fresh.is_finished:
+            engine.step()
+        assert fresh.token_ids == child.token_ids
+        engine.free(fresh)
+    for seq in [root, *children]:
+        engine.free(seq)
+    llm.check_integrity()
+
+
+# ---- host syncs (9) ------------------------------------------------------------------------------------------
+def test_row_params_reads_the_device_once():
+    """No scalar reads (each one a GPU sync) while the per-row parameters are built: one tolist at the end."""
+    from ettrl_kernels.sampling_common import row_params
+    logits = torch.randn(4, 50)
+    with CountOps() as counter:
+        params = row_params(logits, torch.tensor([0.0, 0.5, 1.0, 0.7]), 5, 0.9, 1, None, 3,
+                            torch.tensor([-1, 2, -1, -1]))
+    assert not {"_local_scalar_dense", "is_nonzero", "item"} & set(counter.ops)
+    assert params.truncated and params.any_exclude
+    with pytest.raises(ValueError, match="top_p"):
+        row_params(logits, 1.0, 0, 0.0, 1, None, 3, None)
+
+
+def test_step_tensors_come_from_one_host_buffer():
+    from engine.step_tensors import to_device
+    a, b, c = to_device(torch.device("cpu"), torch.int64, [1, 2], [], [3, 4, 5])
+    assert a.tolist() == [1, 2] and b.tolist() == [] and c.tolist() == [3, 4, 5]
+    assert a.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()

@@ -1,17 +1,65 @@
-"""Paged attention on CUDA with FlashInfer's batch prefill / decode wrappers (same interface as attention_torch).
+"""Paged attention on CUDA with FlashInfer's batch prefill / decode wrappers (same interface as torch_paged).
 
-UNTESTED here: written from FlashInfer's documented API (BatchPrefillWithPagedKVCacheWrapper and
-BatchDecodeWithPagedKVCacheWrapper, NHD layout, K and V caches passed as a tuple of
-[num_pages, page_size, kv_heads, head_dim] tensors). New K/V are written with index_copy_ at their slots, as on
-the CPU. FlashInfer's causal mask aligns each sequence's queries with the end of its keys, which is what a
-prefill over a cached prefix needs.
+NOT YET RUN ON A GPU: written against flashinfer-python 0.6.18.post1's source (BatchPrefillWithPagedKVCacheWrapper
+and BatchDecodeWithPagedKVCacheWrapper, NHD layout, K and V caches passed as a tuple of
+[num_pages, page_size, kv_heads, head_dim] tensors; plan() arguments checked against 0.5.3 and 0.6.18).
+New K/V are written with index_copy_ at their slots, as on the CPU. FlashInfer's causal mask aligns each
+sequence's queries with the end of its keys, which is what a prefill over a cached prefix needs.
+
+flashinfer is imported only when this backend is built; `flashinfer_usable` says whether it can be (installed,
+recent enough, a dtype it has kernels for), so the caller can fall back to the torch attention with a warning.
+Decode runs on the tensor-core kernels with a fixed KV split size (in pages): the split of a sequence's keys,
+and so the order of its softmax reduction, no longer depends on the batch (batch-invariant decode attention).
 """
-import flashinfer
+import importlib.metadata
+import re
+
 import torch
 
 from engine.attention.base import AttentionBackend
 
+MIN_VERSION = (0, 5, 3)       # oldest release whose plan() arguments (fixed_split_size, ...) were checked
+PINNED_VERSION = "0.6.18.post1"  # the release this file was written against (setup.py's `cuda` extra)
+DTYPES = (torch.float16, torch.bfloat16)  # flashinfer has no float32 attention kernels
 WORKSPACE_BYTES = 256 * 2**20
+SPLIT_TOKENS = 2048           # decode KV split size in tokens (fixed: batch-invariant), converted to pages
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """"0.6.18.post1" -> (0, 6, 18); unparsable versions compare as (0,)."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in match.groups()) if match else (0,)
+
+
+def installed_version() -> str | None:
+    """flashinfer's version from its distribution metadata (no import: importing it is slow), or None."""
+    for name in ("flashinfer-python", "flashinfer"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def flashinfer_usable(device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(True, "") when this backend can serve a KV cache of `dtype` on `device`, else (False, why not)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"flashinfer runs on CUDA devices only, not {device.type}"
+    if dtype not in DTYPES:
+        return False, f"flashinfer has no {dtype} attention kernels (float16 and bfloat16 only)"
+    version = installed_version()
+    if version is None:
+        return False, f"flashinfer is not installed (pip install flashinfer-python=={PINNED_VERSION})"
+    if _version_tuple(version) < MIN_VERSION:
+        return False, (f"flashinfer {version} is older than {'.'.join(map(str, MIN_VERSION))}, whose plan() "
+                       f"arguments this backend uses (pip install flashinfer-python=={PINNED_VERSION})")
+    return True, ""
+
+
+def decode_plan_args(block_size: int) -> dict:
+    """Arguments of the decode plan() that make its split of the keys independent of the batch."""
+    return {"fixed_split_size": max(1, SPLIT_TOKENS // block_size)}
 
 
 class FlashInferPagedAttention(AttentionBackend):
@@ -19,39 +67,46 @@ class FlashInferPagedAttention(AttentionBackend):
 
     @classmethod
     def why_unsupported(cls, device, dtype):
-        return "" if torch.device(device).type == "cuda" else "flashinfer runs on CUDA devices only"
+        return flashinfer_usable(device, dtype)[1]
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim] on a CUDA device."""
+        usable, why = flashinfer_usable(k_cache.device, k_cache.dtype)
+        if not usable:
+            raise RuntimeError(f"FlashInferPagedAttention: {why}")
+        import flashinfer
+
         self.k_cache, self.v_cache = k_cache, v_cache
         self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
         self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads, self.head_dim)
         self.v_slots = v_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads, self.head_dim)
         self.num_heads, self.scale = num_heads, scale
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=k_cache.device)
+        # flashinfer: "must be initialized to 0 for its first use" (its split-k counters live there)
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=k_cache.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_tensor_cores=num_heads // self.kv_heads >= 4)
+        # tensor cores for every group size: only that path takes a fixed split size
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
         self.slot_mapping = None
         self.is_decode = True
 
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
+        """The index tensors flashinfer wants on the host (indptr, last page lengths) are built there: plan()
+        reads them on the host, so no device round trip. The page list is gathered on the device."""
         device = block_tables.device
         bs = self.block_size
         pages = [-(-n // bs) for n in kv_lens]
-        kv_indptr = torch.tensor([0, *pages], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        used = torch.arange(block_tables.shape[1], device=device) < torch.tensor(pages, device=device)[:, None]
-        kv_indices = block_tables[used].to(torch.int32)
-        last_page_len = torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32,
-                                     device=device)
-        common = dict(q_data_type=self.k_cache.dtype, kv_data_type=self.k_cache.dtype, sm_scale=self.scale)
+        kv_indptr = torch.tensor([0, *pages], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        used = torch.arange(block_tables.shape[1]) < torch.tensor(pages)[:, None]
+        kv_indices = block_tables[used.to(device, non_blocking=True)].to(torch.int32)
+        last_page_len = torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32)
+        common = {"q_data_type": self.k_cache.dtype, "kv_data_type": self.k_cache.dtype, "sm_scale": self.scale}
         self.slot_mapping = slot_mapping
         self.is_decode = max(query_lens) == 1
         if self.is_decode:
             self.decode.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads, self.head_dim,
-                             bs, pos_encoding_mode="NONE", **common)
+                             bs, pos_encoding_mode="NONE", **decode_plan_args(bs), **common)
         else:
-            qo_indptr = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+            qo_indptr = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
                               self.head_dim, bs, causal=True, **common)
 

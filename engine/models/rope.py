@@ -55,7 +55,8 @@ class StepRope:
 
     def __init__(self, rope: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype):
         # checked where it costs no device sync; on a GPU the engine's max_model_len check already covers it
-        if positions.numel() and positions.device.type == "cpu" and int(positions.max()) >= rope.cos.shape[0]:
+        on_cpu = positions.device.type == "cpu"
+        if positions.numel() and on_cpu and int(positions.max()) >= rope.cos.shape[0]:
             raise IndexError(f"position {int(positions.max())} is past the rotary table ({rope.cos.shape[0]} positions)")
         self.table, self.positions, self.dtype = rope, positions, dtype
         self._cos_sin = None
