@@ -23,6 +23,8 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # engine.model_files spec or a local HF directory
     dtype: str = "float32"  # trainer weights: float32 | bfloat16
     engine_dtype: str = "float32"  # the engine's copy of the weights
+    gpu_memory_utilization: float = 0.4  # CUDA: fraction of the GPU's total memory the engine may hold (weights,
+    # activations, KV pool; vLLM's meaning); the rest is the trainer's. Its KV pool is freed during each update
     gradient_checkpointing: bool = False
 
 
@@ -231,6 +233,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.method in METHODS, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
            f"device={cfg.device!r}: use auto, cpu or cuda")
+    _check(0 < cfg.model.gpu_memory_utilization <= 1,
+           f"model.gpu_memory_utilization={cfg.model.gpu_memory_utilization}: use a fraction in (0, 1]")
     for key, value in (("model.dtype", cfg.model.dtype), ("model.engine_dtype", cfg.model.engine_dtype)):
         _check(value in ("float32", "bfloat16", "float16"), f"{key}={value!r}: use float32 or bfloat16")
     _check(cfg.data.prompt in ("fewshot", "plain", "chat"), f"data.prompt={cfg.data.prompt!r}: use fewshot, plain or chat")

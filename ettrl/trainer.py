@@ -89,7 +89,9 @@ class Trainer:
     def _make_engine(self):
         from engine import LLM
 
-        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device)
+        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device,
+                  gpu_memory_utilization=self.cfg.model.gpu_memory_utilization)
+        self.sleep_engine = torch.device(self.device).type == "cuda"  # on the CPU the pool's memory stays
         if self.step > 0:
             llm.update_weights(self.backend.full_state_dict().items())
         return llm
@@ -151,9 +153,15 @@ class Trainer:
     def update(self, samples) -> dict:
         """One optimizer step on the samples, then the engine gets the new weights."""
         cfg = self.cfg
-        metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
-                                self.ref_model, progress=self.rank == 0)
-        self.llm.update_weights(self.backend.full_state_dict().items())
+        if self.sleep_engine:  # the KV pool's memory serves the update (sleep mode)
+            self.llm.sleep()
+        try:
+            metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
+                                    self.ref_model, progress=self.rank == 0)
+            self.llm.update_weights(self.backend.full_state_dict().items())
+        finally:
+            if self.sleep_engine:
+                self.llm.wake_up()
         return metrics
 
     def train_step(self) -> dict:
