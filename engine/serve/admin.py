@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from safetensors import safe_open
 
 from engine.models.loader import IGNORED_SUFFIXES, safetensors_files
-from engine.serve.api_server import ApiError, Server, error_response
 from engine.serve.engine_loop import Busy
+from engine.serve.errors import ApiError, error_response
 from engine.serve.protocol import UpdateWeightsFromDiskRequest
+
+if TYPE_CHECKING:  # annotations only: api_server imports this module to add its routes
+    from engine.serve.api_server import Server
 
 IF_BUSY = ("wait", "refuse")
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.serve.engine_loop import EngineLoop, GenerateJob, TreeJob
+from engine.serve.errors import ApiError, error_response
 from engine.serve.openai_format import (
     Formatter,
     Options,
@@ -49,19 +50,6 @@ class ServerConfig:
     max_weights_body_gb: float = 16.0        # the safetensors body of /update_weights_from_tensor
     logprobs_mode: str = "processed_logprobs"
     reject_unknown_fields: bool = False
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-            404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
-            501: "NotImplementedError"}.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
 
 
 class Server:
