@@ -1,0 +1,622 @@
+"""One prepared check of the CUDA path (issue 20): correctness and speed of what matters, in one run.
+
+    python bench/gpu_check.py --out gpu_check            # one H100 / H200, no network: about 5 minutes
+    python bench/gpu_check.py --dry-run --out /tmp/gc    # CPU: tiny shapes, Triton interpreter, under a minute
+
+Sections, each timed and written (results.json, results.md under --out) as soon as it ends, so a run that is cut
+off still leaves what it measured; a failing section records its error and the next one runs:
+  env            torch / Triton / flashinfer versions, device
+  sampling       entropy_sample: Triton vs torch on the GPU vs torch on the CPU (same tokens), GB/s, fp32 and bf16
+  token_stats    forward and backward: Triton vs torch (same values), GB/s
+  greedy_*       engine greedy vs transformers on the same device, random models with the shapes of SmolLM2-135M,
+                 Qwen2.5-0.5B and Qwen2.5-Math-1.5B (no download), fp32 (torch attention) and bf16 (flashinfer)
+  attention      flashinfer vs the torch paged attention vs a dense reference, keys in scattered blocks
+  sample_tree    tree rollouts with check_integrity after every step
+  throughput     engine (parallel and tree) vs transformers generate at batch 64 and 256
+  trainer        two trainer steps with the engine asleep during each update
+flashinfer's first use JIT-compiles for minutes: a background process builds its kernels first, while the
+torch-path sections run.
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import weakref
+from pathlib import Path
+
+SHAPES = {  # name -> transformers config of the real model (random weights here)
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+                         "rope_theta": 100000.0, "max_position_embeddings": 8192},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                         "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+                         "rope_theta": 1000000.0, "max_position_embeddings": 32768},
+    "qwen2.5-math-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                              "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 512}
+
+
+class Report:
+    """Sections as they finish, written to results.json and results.md after each one."""
+
+    def __init__(self, out: Path, args):
+        self.out, self.sections, self.started = out, [], time.time()
+        self.meta = {"dry_run": args.dry_run, "argv": sys.argv[1:]}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        section = {"name": name, "status": "ok", "rows": []}
+        try:
+            result = fn(*args)
+            if isinstance(result, str):  # a reason to skip
+                section.update(status="skip", reason=result)
+            else:
+                section["rows"] = result or []
+                if any(row.get("ok") is False for row in section["rows"]):
+                    section["status"] = "fail"
+        except Exception as e:  # noqa: BLE001 - record it and go on with the next section
+            section.update(status="error", error=f"{type(e).__name__}: {e}",
+                           traceback=traceback.format_exc()[-4000:])
+        section["seconds"] = round(time.perf_counter() - t0, 2)
+        self.sections.append(section)
+        self.write()
+        print(f"[{section['seconds']:7.1f} s] {name}: {section['status']} {section.get('reason', '')}"
+              f"{section.get('error', '')}", flush=True)
+        return section
+
+    def write(self):
+        data = {**self.meta, "elapsed_s": round(time.time() - self.started, 1), "sections": self.sections}
+        (self.out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+        (self.out / "results.md").write_text(markdown(data))
+
+
+def markdown(data) -> str:
+    lines = [f"# GPU check ({'dry run, CPU' if data['dry_run'] else 'GPU'}), {data['elapsed_s']} s", ""]
+    for s in data["sections"]:
+        lines.append(f"## {s['name']}: {s['status']} ({s['seconds']} s)")
+        if s.get("reason") or s.get("error"):
+            lines.append("")
+            lines.append(f"    {s.get('reason') or s.get('error')}")
+        if s["rows"]:
+            keys = list(dict.fromkeys(k for row in s["rows"] for k in row))
+            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in s["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_in_use(device) -> int:
+    """Bytes the GPU allocator holds, or this process's resident size on the CPU."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_memory():
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def byte_tokenizer():
+    """Byte-level tokenizer (ids 0..255 bytes, 256 <eos>, 257 <pad>): no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<|endoftext|>": 256, "<|pad|>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def random_model(shape: dict, directory: Path, seed: int = 0, tokenizer: bool = False):
+    """Saves a randomly initialised model of `shape` (transformers config fields) in `directory`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    fields = dict(shape)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields, bos_token_id=None, eos_token_id=None,
+                                  pad_token_id=None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(directory)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def shapes(args) -> dict:
+    if not args.dry_run:
+        return SHAPES
+    return {name: {**shape, **TINY, "num_attention_heads": shape["num_attention_heads"],
+                   "num_key_value_heads": shape["num_key_value_heads"],
+                   "hidden_size": 16 * shape["num_attention_heads"]} for name, shape in SHAPES.items()}
+
+
+# ---- sections --------------------------------------------------------------------------------------------------
+def section_env(args, device):
+    import importlib.metadata
+
+    import torch
+    row = {"torch": torch.__version__, "device": str(device), "dry_run": args.dry_run}
+    for dist in ("triton", "flashinfer-python", "transformers"):
+        try:
+            row[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            row[dist] = "absent"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        row.update(gpu=props.name, sm=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                   sms=props.multi_processor_count)
+    from engine.attention.flashinfer import flashinfer_usable
+    row["flashinfer_usable"] = flashinfer_usable(device, torch.bfloat16)[1] or "yes"
+    return [row]
+
+
+def section_sampling(args, device):
+    import ettrl_kernels
+    import torch
+    batch, vocab = (4, 1000) if args.dry_run else (64, 151936)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        logits = (torch.randn(batch, vocab, device=device) * 2).to(dtype)
+        spikes = torch.randint(0, vocab, (batch, 32), device=device)
+        logits.scatter_add_(1, spikes, (torch.rand(batch, 32, device=device) * 10 + 14).to(dtype))
+        keys = {"temperature": 0.6, "seeds": 3, "seq_ids": torch.arange(batch, device=device), "positions": 9}
+        cpu_keys = {**keys, "seq_ids": keys["seq_ids"].cpu()}
+        ref = ettrl_kernels.entropy_sample(logits.cpu(), backend="torch", **cpu_keys)
+        runs = {"triton": lambda logits=logits, keys=keys: ettrl_kernels.entropy_sample(logits, backend="triton",
+                                                                                        **keys),
+                "torch (same device)": lambda logits=logits, keys=keys: ettrl_kernels.entropy_sample(
+                    logits, backend="torch", **keys)}
+        for name, fn in runs.items():
+            tokens, logprobs, entropies = fn()
+            seconds = median_s(fn, device, args.repeats)
+            rows.append({"dtype": str(dtype).split(".")[-1], "path": name, "shape": f"{batch}x{vocab}",
+                         "same_tokens_as_cpu": torch.equal(tokens.cpu(), ref[0]),
+                         "max_logprob_diff": float((logprobs.cpu() - ref[1]).abs().max()),
+                         "max_entropy_diff": float((entropies.cpu() - ref[2]).abs().max()),
+                         "ms": seconds * 1e3, "GB/s": logits.numel() * logits.element_size() / seconds / 1e9,
+                         "ok": torch.equal(tokens.cpu(), ref[0])})
+        cpu_logits = logits.cpu()
+        seconds = median_s(lambda x=cpu_logits, k=cpu_keys: ettrl_kernels.entropy_sample(x, **k), torch.device("cpu"),
+                           max(1, args.repeats // 2))
+        rows.append({"dtype": str(dtype).split(".")[-1], "path": "cpu (auto: C++ or torch)", "shape": f"{batch}x{vocab}",
+                     "ms": seconds * 1e3, "GB/s": cpu_logits.numel() * cpu_logits.element_size() / seconds / 1e9})
+    return rows
+
+
+def section_token_stats(args, device):
+    import ettrl_kernels
+    import torch
+    rows_, vocab = (8, 500) if args.dry_run else (4096, 151936)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)
+        logits = (torch.randn(rows_, vocab, device=device) * 3).to(dtype)
+        targets = torch.randint(0, vocab, (rows_,), device=device)
+        results = {}
+        for backend in ("triton", "torch"):
+            x = logits.clone().requires_grad_(True)
+
+            def forward(x=x, backend=backend, targets=targets):
+                return ettrl_kernels.token_stats(x, targets, temperature=0.7, backend=backend)
+
+            def forward_backward(x=x, forward=forward):
+                x.grad = None
+                forward()[0].sum().backward()
+
+            logp, ent = forward()
+            forward_backward()
+            results[backend] = (logp.detach(), ent, x.grad.clone())
+            fwd = median_s(forward, device, args.repeats)
+            both = median_s(forward_backward, device, args.repeats)
+            nbytes = logits.numel() * logits.element_size()
+            rows.append({"dtype": str(dtype).split(".")[-1], "backend": backend, "shape": f"{rows_}x{vocab}",
+                         "fwd_ms": fwd * 1e3, "fwd_GB/s": nbytes / fwd / 1e9, "fwd_bwd_ms": both * 1e3,
+                         "fwd_bwd_GB/s": 3 * nbytes / both / 1e9})
+        (lt, et, gt), (lr, er, gr) = results["triton"], results["torch"]
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        diffs = {"logprob": float((lt - lr).abs().max()), "entropy": float((et - er).abs().max()),
+                 "grad": float((gt.float() - gr.float()).abs().max())}
+        rows[-2].update({f"max_{k}_diff_vs_torch": v for k, v in diffs.items()}, ok=max(diffs.values()) < tol)
+    return rows
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int, device):
+    """transformers' greedy tokens and their log-probabilities (T = 1)."""
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, output_scores=True, return_dict_in_generate=True,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device))
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, tokens)]
+    return tokens, logprobs
+
+
+def section_greedy(args, device, dtype_name: str, tmp: Path):
+    import torch
+
+    from engine import LLM, SamplingParams
+    from engine.config import DTYPES
+    if dtype_name == "bfloat16" and device.type == "cuda":
+        wait_for_warmup(args)
+    new_tokens = 4 if args.dry_run else 32
+    rows = []
+    for name, shape in shapes(args).items():
+        directory = tmp / f"{name}-model"
+        model = random_model(shape, directory) if not directory.exists() else None
+        if model is None:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        model = model.to(device=device, dtype=DTYPES[dtype_name])
+        gen = torch.Generator().manual_seed(2)
+        lengths = (5, 17) if args.dry_run else (5, 17, 33, 64)
+        prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+        llm = LLM(directory, dtype=dtype_name, device=str(device), gpu_memory_utilization=0.5,
+                  kv_cache_tokens=64 * 1024 if not args.dry_run else 4096)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        engine_s = time.perf_counter() - t0
+        same, prefix, lp_diff = 0, [], 0.0
+        for prompt, out in zip(prompts, outs):
+            tokens, logprobs = hf_greedy(model, prompt, new_tokens, device)
+            mine = out.outputs[0]
+            n = next((i for i, (a, b) in enumerate(zip(tokens, mine.token_ids)) if a != b), len(tokens))
+            same += n == len(tokens)
+            prefix.append(n)
+            if n:
+                lp_diff = max(lp_diff, max(abs(a - b) for a, b in zip(logprobs[:n], mine.logprobs[:n])))
+        attention = type(llm.engine.runner.attn).__name__
+        rows.append({"model": name, "dtype": dtype_name, "attention": attention,
+                     "sequences_equal": f"{same}/{len(prompts)}", "matching_prefix": str(prefix),
+                     "max_logprob_diff": lp_diff, "engine_s": engine_s,
+                     # fp32 must agree token for token; bf16 may part at near-ties of random logits
+                     "ok": same == len(prompts) if dtype_name == "float32" else min(prefix) >= 1})
+        del llm, model
+        free_memory()
+    return rows
+
+
+def scattered_batch(device, dtype, kv_lens, q_lens, block_size=16, kv_heads=2, group=7, head_dim=64, layers=1):
+    """A KV pool whose blocks are handed out in a random order, and the block tables of a batch over it."""
+    import torch
+    num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    shape = (layers, num_blocks, block_size, kv_heads, head_dim)
+    k = torch.randn(shape, generator=gen).to(device, dtype)
+    v = torch.randn(shape, generator=gen).to(device, dtype)
+    tables, used = [], 0
+    for n in kv_lens:
+        pages = -(-n // block_size)
+        tables.append(order[used:used + pages])
+        used += pages
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    slots = [tables[i][p // block_size] * block_size + p % block_size
+             for i, (n, q) in enumerate(zip(kv_lens, q_lens)) for p in range(n - q, n)]
+    q = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=gen).to(device, dtype)
+    new_k = torch.randn(sum(q_lens), kv_heads, head_dim, generator=gen).to(device, dtype)
+    new_v = torch.randn(sum(q_lens), kv_heads, head_dim, generator=gen).to(device, dtype)
+    return k, v, block_tables, torch.tensor(slots, device=device), q, new_k, new_v
+
+
+def dense_reference(k, v, block_tables, kv_lens, q_lens, q, scale):
+    """Causal attention per sequence in float64 over its gathered keys (written already)."""
+    import torch
+    block_size, kv_heads = k.shape[2], k.shape[3]
+    group = q.shape[1] // kv_heads
+    outs, start = [], 0
+    for i, (n, m) in enumerate(zip(kv_lens, q_lens)):
+        pages = block_tables[i, :-(-n // block_size)]
+        keys = k[0, pages].reshape(-1, kv_heads, k.shape[-1])[:n].double().repeat_interleave(group, 1)
+        values = v[0, pages].reshape(-1, kv_heads, k.shape[-1])[:n].double().repeat_interleave(group, 1)
+        queries = q[start:start + m].double()
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        pos_q = torch.arange(n - m, n, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > pos_q, float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).reshape(m, -1))
+        start += m
+    return torch.cat(outs)
+
+
+def section_attention(args, device):
+    import torch
+
+    from engine.attention.flashinfer import FlashInferPagedAttention, flashinfer_usable
+    from engine.attention.torch_paged import TorchPagedAttention
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backends = {"torch": TorchPagedAttention}
+    usable, why = flashinfer_usable(device, dtype)
+    if usable:
+        wait_for_warmup(args)
+        backends["flashinfer"] = FlashInferPagedAttention
+    cases = {"decode": ([37, 300, 1029, 16, 515], [1] * 5), "prefill": ([37, 300, 129, 16], [37, 20, 129, 5])}
+    if args.dry_run:
+        cases = {"decode": ([37, 70, 16], [1] * 3), "prefill": ([37, 30, 16], [37, 20, 5])}
+    rows = []
+    for case, (kv_lens, q_lens) in cases.items():
+        for name, cls in backends.items():
+            k, v, tables, slots, q, new_k, new_v = scattered_batch(device, dtype, kv_lens, q_lens)
+            attn = cls(k, v, q.shape[1], 0.125)
+            attn.plan(q_lens, kv_lens, tables, slots)
+            out = attn(0, q, new_k, new_v)
+            ref = dense_reference(k, v, tables, kv_lens, q_lens, q, 0.125)
+            err = float((out.double() - ref).abs().max())
+            seconds = median_s(lambda attn=attn, q=q, new_k=new_k, new_v=new_v: attn(0, q, new_k, new_v), device,
+                               args.repeats)
+            rows.append({"case": case, "backend": name, "dtype": str(dtype).split(".")[-1], "kv_lens": str(kv_lens),
+                         "max_err_vs_fp64": err, "us": seconds * 1e6,
+                         "ok": err < (2e-2 if dtype == torch.bfloat16 else 1e-4)})
+    if not usable:
+        rows.append({"case": "flashinfer", "backend": f"skipped: {why}"})
+    return rows
+
+
+def section_sample_tree(args, device, tmp: Path):
+    from engine import LLM, SamplingParams, TreeParams
+    directory = tmp / "smollm2-135m-model"
+    if not directory.exists():
+        random_model(shapes(args)["smollm2-135m"], directory)
+    llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5,
+              kv_cache_tokens=32 * 1024 if not args.dry_run else 4096)
+    checks = {"n": 0}
+    original = llm.engine.step
+
+    def checked_step():
+        finished = original()
+        llm.check_integrity()
+        checks["n"] += 1
+        return finished
+
+    llm.engine.step = checked_step
+    prompts = [list(range(3, 40)), list(range(50, 61))]
+    params = [SamplingParams(temperature=1.0, max_tokens=12 if args.dry_run else 64, seed=s, ignore_eos=True)
+              for s in (1, 2)]
+    t0 = time.perf_counter()
+    results = llm.sample_tree(prompts, TreeParams(trees=3, forks=2, branches=2), params)
+    seconds = time.perf_counter() - t0
+    llm.engine.step = original
+    llm.check_integrity()
+    leaves = sum(len(r.leaves) for r in results)
+    rows = [{"prompts": len(prompts), "leaves": leaves, "steps_checked": checks["n"], "seconds": seconds,
+             "ok": checks["n"] > 0}]
+    llm = None
+    free_memory()
+    return rows
+
+
+def section_throughput(args, device, tmp: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams, TreeParams
+    name = "qwen2.5-0.5b"
+    directory = tmp / f"{name}-model"
+    if not directory.exists():
+        random_model(shapes(args)[name], directory)
+    batches = (4, 8) if args.dry_run else (64, 256)
+    prompt_len, new_tokens = (16, 8) if args.dry_run else (128, 128)
+    vocab = shapes(args)[name]["vocab_size"]
+    rows = []
+    llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5)
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch // 4)]
+        params = SamplingParams(temperature=0.8, max_tokens=new_tokens, n=4, seed=1, ignore_eos=True)
+        llm.generate(prompts[:1], SamplingParams(temperature=0.8, max_tokens=4, ignore_eos=True))  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.token_ids) for r in outs for o in r.outputs)
+        rows.append({"engine": "parallel", "batch": batch, "new_tokens": new_tokens, "tok/s": tokens / seconds})
+        tree = TreeParams(trees=1, forks=1, branches=3)  # 4 leaves per prompt, as n=4
+        sync(device)
+        t0 = time.perf_counter()
+        results = llm.sample_tree(prompts, tree, SamplingParams(temperature=0.8, max_tokens=new_tokens, seed=1,
+                                                                ignore_eos=True))
+        sync(device)
+        seconds = time.perf_counter() - t0
+        decoded = sum(r.stats.decoded_tokens for r in results)
+        leaf_tokens = sum(r.stats.parallel_equivalent_tokens for r in results)
+        rows.append({"engine": "tree 1x(1+1x3)", "batch": batch, "new_tokens": new_tokens,
+                     "tok/s": decoded / seconds, "leaf tok/s": leaf_tokens / seconds})
+    del llm
+    free_memory()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
+    for batch in batches:
+        ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
+        kwargs = {"do_sample": True, "temperature": 0.8, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                      "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
+        with torch.no_grad():
+            model.generate(ids[:1], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4,
+                                       "attention_mask": torch.ones_like(ids[:1])})
+            sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, **kwargs)
+            sync(device)
+        rows.append({"engine": "transformers generate", "batch": batch, "new_tokens": new_tokens,
+                     "tok/s": batch * new_tokens / (time.perf_counter() - t0)})
+    del model
+    free_memory()
+    return rows
+
+
+def section_trainer(args, device, tmp: Path):
+
+    from ettrl.config import load_config
+    from ettrl.trainer import Trainer
+    model_dir = tmp / "trainer-model"
+    shape = {"model_type": "llama", "hidden_size": 64 if args.dry_run else 512, "intermediate_size": 128 if args.dry_run
+                 else 1536, "num_hidden_layers": 2 if args.dry_run else 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "vocab_size": 258, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    random_model(shape, model_dir, tokenizer=True)
+    data = tmp / "problems.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(8)))
+    cfg = load_config(None, [
+        f"model.name={model_dir}", f"data.train={data}", "data.eval=", "data.prompt=plain", "method=ttrl",
+        f"device={device.type}", "rollout.n_votes=4", "rollout.n_train=2", "rollout.max_tokens=16",
+        "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.warmup_ratio=0",
+        "model.gpu_memory_utilization=0.3"])
+    trainer = Trainer(cfg, tmp / "run", log=lambda *a: None)
+    trainer.sleep_engine = True  # on the CPU too: the dry run exercises the sleep / wake path
+    pools, sleeps = [], []
+    original_sleep = trainer.llm.sleep
+
+    def sleep(level=1):
+        pools.append(weakref.ref(trainer.llm.engine.kv))
+        before = memory_in_use(device)
+        original_sleep(level)
+        gc.collect()
+        sleeps.append((before - memory_in_use(device)) / 2**20)
+
+    trainer.llm.sleep = sleep
+    rows = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        record = trainer.train_step()
+        rows.append({"step": record["step"], "loss": float(record.get("loss", float("nan"))),
+                     "rollout_s": record["rollout_s"], "update_s": record["update_s"],
+                     "seconds": time.perf_counter() - t0, "freed_MiB": sleeps[-1] if sleeps else None,
+                     "ok": not trainer.llm.engine.asleep and pools[-1]() is None})  # a new pool
+    trainer = None
+    free_memory()
+    return rows
+
+
+# ---- flashinfer warm-up ----------------------------------------------------------------------------------------
+def warm_flashinfer():
+    """Builds flashinfer's prefill and decode kernels for the head sizes the check uses (run in the background)."""
+    import torch
+
+    from engine.attention.flashinfer import FlashInferPagedAttention
+    for head_dim, group in ((64, 3), (64, 7), (128, 6)):
+        k, v, tables, slots, q, new_k, new_v = scattered_batch(torch.device("cuda"), torch.bfloat16, [40, 20],
+                                                               [1, 1], group=group, head_dim=head_dim)
+        attn = FlashInferPagedAttention(k, v, q.shape[1], head_dim ** -0.5)
+        attn.plan([1, 1], [40, 20], tables, slots)
+        attn(0, q, new_k, new_v)
+        attn.plan([40, 20], [40, 20], tables, torch.arange(60, device="cuda"))
+        attn(0, torch.randn(60, q.shape[1], head_dim, device="cuda", dtype=torch.bfloat16),
+             torch.randn(60, 2, head_dim, device="cuda", dtype=torch.bfloat16),
+             torch.randn(60, 2, head_dim, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+
+
+_warmup: dict = {}
+
+
+def start_warmup(args, device, out: Path):
+    import torch
+
+    from engine.attention.flashinfer import flashinfer_usable
+    if device.type != "cuda" or not flashinfer_usable(device, torch.bfloat16)[0]:
+        return
+    log = open(out / "flashinfer_warmup.log", "w")  # noqa: SIM115 - lives as long as the process
+    _warmup["process"] = subprocess.Popen([sys.executable, __file__, "--warm-flashinfer"], stdout=log,
+                                          stderr=subprocess.STDOUT)
+    _warmup["started"] = time.perf_counter()
+
+
+def wait_for_warmup(args):
+    process = _warmup.get("process")
+    if process is None or process.poll() is not None:
+        return
+    try:
+        process.wait(timeout=args.warmup_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"flashinfer warm-up still running after {args.warmup_timeout} s; going on", flush=True)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check", help="folder for results.json and results.md")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter (CI)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup-timeout", type=float, default=240.0, help="seconds to wait for flashinfer's build")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    ap.add_argument("--warm-flashinfer", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warm_flashinfer:
+        return warm_flashinfer()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny shapes: threads only add fork/join overhead (and CI shares its cores)
+    args.repeats = args.repeats or (1 if args.dry_run else 10)
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --dry-run on the CPU")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    out = Path(args.out)
+    report = Report(out, args)
+    start_warmup(args, device, out)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        tmp = Path(tmp)
+        sections = [
+            ("env", section_env, args, device),
+            ("sampling", section_sampling, args, device),
+            ("token_stats", section_token_stats, args, device),
+            ("greedy_fp32", section_greedy, args, device, "float32", tmp),
+            ("attention", section_attention, args, device),
+            ("greedy_bf16", section_greedy, args, device, "bfloat16", tmp),
+            ("sample_tree", section_sample_tree, args, device, tmp),
+            ("throughput", section_throughput, args, device, tmp),
+            ("trainer", section_trainer, args, device, tmp),
+        ]
+        for name, fn, *fn_args in sections:
+            if args.only is None or name in args.only:
+                report.run(name, fn, *fn_args)
+    process = _warmup.get("process")
+    if process is not None and process.poll() is None:
+        process.kill()
+    failed = [s["name"] for s in report.sections if s["status"] in ("fail", "error")]
+    print(f"results in {out / 'results.json'} and {out / 'results.md'}; failed: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
