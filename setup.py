@@ -96,7 +96,8 @@ setup(
                  "ruff"],  # tests/test_lint.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
-        "cuda": ["flashinfer-python"],
+        # the release engine/attention/flashinfer.py was written against (its wheel, 18 MB, travels to offline GPUs)
+        "cuda": ["flashinfer-python==0.6.18.post1"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
     },
