@@ -17,6 +17,7 @@ import torch
 
 METHODS = ("grpo", "adv_res", "adv_clip")
 RES_DIRECTIONS = ("equations", "prose")
+STDS = ("population", "bessel")
 
 
 @dataclass
@@ -29,12 +30,15 @@ class AdvantageConfig:
     entropy_alpha: float = 0.0  # per-token entropy term (Cheng et al.; paper value 0.4); 0 turns it off
     entropy_kappa: float = 2.0
     eps: float = 1e-6
+    std: str = "population"     # GRPO std: "population" (docs/algorithms.md 2) or "bessel" (n - 1, as verl/TTRL)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"advantage method must be one of {METHODS}, got {self.method!r}")
         if self.res_direction not in RES_DIRECTIONS:
             raise ValueError(f"res_direction must be one of {RES_DIRECTIONS}, got {self.res_direction!r}")
+        if self.std not in STDS:
+            raise ValueError(f"std must be one of {STDS}, got {self.std!r}")
 
 
 def _as_tensor(values, name: str) -> torch.Tensor:
@@ -62,21 +66,40 @@ def _group_index(n: int, group_size: int | None, groups, device) -> torch.Tensor
     return torch.arange(n, device=device) // group_size
 
 
-def _group_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over each response's group, gathered back to [N]."""
+def _group_sum_count(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of `values` over each response's group and the group's size, both gathered back to [N]."""
     n_groups = int(index.max()) + 1 if index.numel() else 0
     sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
     counts = torch.zeros_like(sums).index_add_(0, index, torch.ones_like(values))
-    return (sums / counts)[index]
+    return sums[index], counts[index]
 
 
-def grpo_advantages(rewards, group_size: int | None = None, groups=None, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (R_i - mean(R)) / (std(R) + eps) per group, population std. Equal rewards give exactly 0."""
+def _group_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over each response's group, gathered back to [N]."""
+    sums, counts = _group_sum_count(values, index)
+    return sums / counts
+
+
+def grpo_advantages(rewards, group_size: int | None = None, groups=None, eps: float = 1e-6,
+                    std: str = "population") -> torch.Tensor:
+    """A_i = (R_i - mean(R)) / (std(R) + eps) per group. Equal rewards give exactly 0.
+
+    std "population" divides the squared deviations by n; "bessel" by n - 1, as verl's
+    compute_grpo_outcome_advantage (TTRL), which also scores a group of one response as mean 0, std 1.
+    """
+    if std not in STDS:
+        raise ValueError(f"std must be one of {STDS}, got {std!r}")
     r = _as_tensor(rewards, "rewards")
     index = _group_index(len(r), group_size, groups, r.device)
-    centered = r - _group_mean(r, index)
-    std = _group_mean(centered.square(), index).sqrt()
-    return centered / (std + eps)
+    if std == "population":
+        centered = r - _group_mean(r, index)
+        return centered / (_group_mean(centered.square(), index).sqrt() + eps)
+    sums, counts = _group_sum_count(r, index)
+    single = counts == 1
+    centered = torch.where(single, r, r - sums / counts)
+    squares = _group_sum_count(centered.square(), index)[0]
+    sd = torch.where(single, torch.ones_like(r), (squares / (counts - 1).clamp(min=1)).sqrt())
+    return centered / (sd + eps)
 
 
 def adv_res(advantages, response_entropies, group_size: int | None = None, groups=None, alpha: float = 0.2,
@@ -133,7 +156,7 @@ def compute_advantages(rewards, config: AdvantageConfig | None = None, group_siz
     E.g. ETTRL = ETMR rollouts + AdvantageConfig(method="adv_res").
     """
     config = config or AdvantageConfig()
-    a = grpo_advantages(rewards, group_size, groups, config.eps)
+    a = grpo_advantages(rewards, group_size, groups, config.eps, config.std)
     if config.method == "adv_res":
         if response_entropies is None:
             raise ValueError("method 'adv_res' needs response_entropies (mean token entropy per response)")

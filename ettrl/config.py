@@ -13,9 +13,11 @@ from pathlib import Path
 import yaml
 
 from ettrl.data import DataError, check_source
+from ettrl.methods import METHODS as METHOD_TABLE
+from ettrl.methods import method_spec
 
-METHODS = ("ttrl", "etmr", "ear", "ettrl", "rent", "dare")
-TREE_METHODS = ("etmr", "ettrl")
+METHODS = tuple(METHOD_TABLE)  # ettrl/methods.py is the table; these names are kept for callers
+TREE_METHODS = tuple(m.name for m in METHOD_TABLE.values() if m.rollout == "tree")
 
 
 @dataclass
@@ -56,6 +58,7 @@ class RolloutConfig:
     fork_metric: str = "entropy"  # entropy | surprisal
     distinct: bool = False
     last_number_fallback: bool = False  # let answers without \boxed{} vote with their last number
+    train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class AlgoConfig:
     rent_beta: float = 1.0
     dare_alpha: float = 0.5
     dare_tau: float = 0.05
+    std: str = "population"  # GRPO group std: population | bessel (verl/TTRL, n - 1)
 
 
 @dataclass
@@ -86,11 +90,15 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward
     share_prompt: bool = True  # a micro-batch runs each prompt once for all its responses (same loss, less compute)
     epochs: int = 1
-    max_steps: int = 0  # 0 = epochs * len(train) / prompts_per_step
+    max_steps: int = 0  # 0 = ceil(epochs * len(train) / prompts_per_step), or with drop_last epochs * floor(...)
     eps_low: float = 0.2
     eps_high: float = 0.2
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # low_var_kl (k3 clamped to [-10, 10]) to the frozen initial policy; TTRL: 0.001
+    mini_batch_prompts: int = 0  # prompts per optimizer step (TTRL: 1); 0 = all of the step's (one optimizer step)
+    ppo_epochs: int = 1  # passes over the step's mini-batches
+    clip_ratio_c: float = 0.0  # dual-clip bound for A < 0 (verl: 3.0); 0 = off
+    drop_last: bool = False  # drop each epoch's last partial batch of prompts, as TTRL's dataloader
 
 
 @dataclass
@@ -105,7 +113,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "default"
-    method: str = "ttrl"  # ttrl | etmr | ear | ettrl | rent | dare
+    method: str = "ttrl"  # a name in ettrl/methods.py: ttrl | etmr | ear | ettrl | rent | dare
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs"
@@ -120,7 +128,7 @@ class Config:
 
     @property
     def tree(self) -> bool:
-        return self.method in TREE_METHODS
+        return method_spec(self.method).rollout == "tree"
 
     @property
     def n_votes(self) -> int:
@@ -132,7 +140,12 @@ class Config:
     def reshape(self) -> str:
         if self.algo.reshape != "auto":
             return self.algo.reshape
-        return "res" if self.method in ("ear", "ettrl") else "none"
+        return method_spec(self.method).shaping
+
+    @property
+    def entropy_term(self) -> bool:
+        """The Cheng et al. per-token entropy bonus: algo.entropy_adv, or on by the method's definition."""
+        return self.algo.entropy_adv or method_spec(self.method).entropy_term
 
 
 class ConfigError(ValueError):
@@ -230,7 +243,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject configs that cannot run, before any model is loaded."""
     r, t, a, e = cfg.rollout, cfg.trainer, cfg.algo, cfg.eval
-    _check(cfg.method in METHODS, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    _check(cfg.method in METHOD_TABLE, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHOD_TABLE)}")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
            f"device={cfg.device!r}: use auto, cpu or cuda")
     _check(0 < cfg.model.gpu_memory_utilization <= 1,
@@ -258,6 +271,8 @@ def validate(cfg: Config) -> None:
     _check(0 < r.top_p <= 1 and 0 < e.top_p <= 1, "top_p must be in (0, 1]")
     _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
     _check(r.fork_metric in ("entropy", "surprisal"), f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
+    _check(r.train_pick in ("random", "first"), f"rollout.train_pick={r.train_pick!r}: use random or first")
+    _check(a.std in ("population", "bessel"), f"algo.std={a.std!r}: use population or bessel")
     _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
     _check(a.res_direction in ("equations", "prose"),
            f"algo.res_direction={a.res_direction!r}: use equations (the paper's Eqs. 12-14) or prose (its text)")
@@ -270,5 +285,10 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1 and t.max_steps >= 0, "trainer.epochs must be >= 1 and trainer.max_steps >= 0")
     _check(t.loss_agg in ("token-mean", "seq-mean-token-mean"), f"trainer.loss_agg={t.loss_agg!r}: use token-mean or seq-mean-token-mean")
     _check(t.eps_low >= 0 and t.eps_high >= 0 and t.kl_coef >= 0, "trainer.eps_low, eps_high and kl_coef must be >= 0")
+    _check(t.ppo_epochs >= 1, "trainer.ppo_epochs must be >= 1")
+    _check(t.clip_ratio_c == 0 or t.clip_ratio_c > 1, "trainer.clip_ratio_c must be 0 (off) or > 1 (verl: 3.0)")
+    _check(0 <= t.mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % max(1, t.mini_batch_prompts) == 0,
+           f"trainer.mini_batch_prompts={t.mini_batch_prompts} must divide trainer.prompts_per_step="
+           f"{t.prompts_per_step} (0 = one optimizer step per rollout batch)")
     _check(e.k >= 1 and e.temperature > 0, "eval.k must be >= 1 and eval.temperature > 0")
     _check(cfg.save_every >= 0 and cfg.eval_every >= 0, "save_every and eval_every must be >= 0")

@@ -8,9 +8,9 @@ import torch
 from ettrl.advantages import AdvantageConfig, compute_advantages
 from ettrl.data import Problem
 from ettrl.grading import extract_answer
-from ettrl.rewards import (dare_rewards, label_accuracy, majority_vote, rent_rewards, reward_accuracy, true_rewards,
-                           vote_then_sample)
-from ettrl.update import TrainSample
+from ettrl.methods import method_rewards
+from ettrl.rewards import label_accuracy, reward_accuracy, true_rewards, vote_then_sample
+from ettrl.update import TrainSample, pad_samples
 
 RESHAPE_METHOD = {"none": "grpo", "res": "adv_res", "clip": "adv_clip"}
 
@@ -40,29 +40,30 @@ def answers_of(group: Group, last_number_fallback: bool = False) -> list[str | N
     return [None if r.finish_reason == "length" else extract_answer(r.text, last_number_fallback) for r in group.responses]
 
 
-def rewards_for(method: str, answers: list, entropies: list[float], algo) -> tuple[list[float], object]:
-    vote = majority_vote(answers)
-    if method == "rent":
-        return rent_rewards(entropies, algo.rent_beta), vote
-    if method == "dare":
-        return dare_rewards(answers, entropies, algo.dare_alpha, algo.dare_tau), vote
-    return list(vote.rewards), vote
-
-
 def advantage_config(cfg) -> AdvantageConfig:
     a = cfg.algo
     return AdvantageConfig(method=RESHAPE_METHOD[cfg.reshape], res_alpha=a.res_alpha, res_beta=a.res_beta,
                            res_direction=a.res_direction,
-                           clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if a.entropy_adv else 0.0,
-                           entropy_kappa=a.entropy_kappa)
+                           clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if cfg.entropy_term else 0.0,
+                           entropy_kappa=a.entropy_kappa, std=a.std)
+
+
+def train_indices(n_votes: int, n_train: int, pick: str, seed: int) -> list[int]:
+    """Which responses train: n_train drawn at random (seeded), or the first n_train (TTRL)."""
+    if pick == "first":
+        return list(range(min(n_train, n_votes)))
+    return vote_then_sample(n_votes, min(n_train, n_votes), seed)
 
 
 def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[str, float]]:
-    """The n_train samples of this prompt, with per-token advantages, and the prompt's metrics."""
+    """The n_train samples of this prompt, with per-token advantages, and the prompt's metrics.
+
+    A tree with fewer leaves than n_train (it could not fork) gives its real samples, padded to n_train with
+    zero-weight fillers (pad_samples); advantages come from the real samples only."""
     answers = answers_of(group, cfg.rollout.last_number_fallback)
     entropies = [r.entropy for r in group.responses]
-    rewards, vote = rewards_for(cfg.method, answers, entropies, cfg.algo)
-    keep = vote_then_sample(len(group.responses), min(cfg.rollout.n_train, len(group.responses)), seed)
+    rewards, vote = method_rewards(cfg.method, answers, entropies, cfg.algo)
+    keep = train_indices(len(group.responses), cfg.rollout.n_train, cfg.rollout.train_pick, seed)
     chosen = [group.responses[i] for i in keep]
     token_h = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.entropies, dtype=torch.float32) for r in chosen],
                                               batch_first=True)
@@ -70,7 +71,7 @@ def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[s
                              response_entropies=[entropies[i] for i in keep], token_entropies=token_h)
     samples = [TrainSample(group.prompt_ids, r.token_ids, _per_token(adv[j], len(r.token_ids)))
                for j, r in enumerate(chosen)]
-    return samples, _metrics(group, answers, rewards, vote, entropies)
+    return pad_samples(samples, cfg.rollout.n_train), _metrics(group, answers, rewards, vote, entropies)
 
 
 def _per_token(adv: torch.Tensor, n: int) -> list[float]:

@@ -24,19 +24,13 @@ from ettrl.policy import load_policy
 from ettrl.prompts import encode_prompts, stop_strings
 from ettrl.rollout import resolve_device, rollout
 from ettrl.scoring import score_group
+from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
 from ettrl.update import policy_update
 
 SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_acc", "label_acc {:.2f}"),
          ("rollout_acc", "acc {:.2f}"), ("entropy", "H {:.3f}"), ("loss", "loss {:+.4f}"), ("grad_norm", "|g| {:.3f}"),
+         ("clip_frac", "clip {:.3f}"), ("kl_ref", "kl {:.4f}"),
          ("rollout_tokens", "tok {:.0f}"), ("rollout_s", "roll {:.1f}s"), ("update_s", "upd {:.1f}s")]
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (per step, per prompt)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
 
 
 class Trainer:
@@ -63,11 +57,19 @@ class Trainer:
         if cfg.trainer.kl_coef > 0:
             self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
         t = cfg.trainer
-        self.total_steps = t.max_steps or math.ceil(t.epochs * len(self.train_problems) / t.prompts_per_step)
+        try:
+            self.total_steps = step_count(t, len(self.train_problems))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.mini_batches = mini_batches_per_step(t)
         self.backend = make_backend(self.model, t, self.total_steps, self._micro_batches_per_rank())
         self.rank, self.world = self.backend.rank, self.backend.world_size
         if t.prompts_per_step % self.world:
             raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of the {self.world} processes")
+        if (t.prompts_per_step // self.world * cfg.rollout.n_train) % self.mini_batches:
+            raise ConfigError(f"each of the {self.world} processes trains {t.prompts_per_step // self.world} prompts x "
+                              f"rollout.n_train={cfg.rollout.n_train} samples a step, which do not split into "
+                              f"{self.mini_batches} equal mini-batches (prompts_per_step / mini_batch_prompts)")
         self.stop = stop_strings(d.prompt)
         self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
         self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
@@ -83,7 +85,7 @@ class Trainer:
     def _micro_batches_per_rank(self) -> int:
         t = self.cfg.trainer
         world = int(os.environ.get("WORLD_SIZE", "1")) if t.backend == "deepspeed" else 1
-        seqs = t.prompts_per_step * self.cfg.rollout.n_train // world
+        seqs = t.prompts_per_step * self.cfg.rollout.n_train // world // mini_batches_per_step(t)
         return max(1, math.ceil(seqs / t.micro_batch_size))
 
     def _make_engine(self):
@@ -127,13 +129,7 @@ class Trainer:
 
     def batch_indices(self, step: int) -> list[int]:
         """Prompts of a step: epoch-wise seeded shuffles, a pure function of the step (so resume is exact)."""
-        n, per = len(self.train_problems), self.cfg.trainer.prompts_per_step
-        out = []
-        for g in range(step * per, (step + 1) * per):
-            epoch, pos = divmod(g, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch)))
-            out.append(int(perm[pos]))
-        return out
+        return step_prompts(step, len(self.train_problems), self.cfg.trainer, self.cfg.seed)
 
     def collect(self, step: int):
         """Roll out this rank's prompts of `step` and score them: (training samples, per-prompt metrics, seconds)."""
@@ -151,13 +147,14 @@ class Trainer:
         return samples, per_prompt, rollout_s
 
     def update(self, samples) -> dict:
-        """One optimizer step on the samples, then the engine gets the new weights."""
+        """The optimizer steps of the rollout batch (one per mini-batch and PPO epoch), then the engine gets the
+        new weights. "inner" holds each optimizer step's metrics."""
         cfg = self.cfg
         if self.sleep_engine:  # the KV pool's memory serves the update (sleep mode)
             self.llm.sleep()
         try:
             metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
-                                    self.ref_model, progress=self.rank == 0)
+                                    self.ref_model, progress=self.rank == 0, mini_batches=self.mini_batches)
             self.llm.update_weights(self.backend.full_state_dict().items())
         finally:
             if self.sleep_engine:
@@ -202,6 +199,8 @@ class Trainer:
         while self.step < self.total_steps:
             record = self.train_step()
             self.wall_s = wall0 + time.perf_counter() - start
+            for j, row in enumerate(record.pop("inner", [])):
+                self._write({"type": "optim", "step": record["step"], "optim_step": j + 1, **row})
             self._write({"type": "train", **record, "wall_s": self.wall_s})
             bar.update(1)
             if self.rank == 0:

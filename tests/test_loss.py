@@ -150,3 +150,42 @@ def test_bf16_inputs_are_computed_in_float32():
     expected, _ = grpo_loss(logp_new.bfloat16().float(), logp_old.bfloat16().float(), adv, mask)
     assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_low_var_kl_by_hand_on_two_distributions_clamp_included():
+    """verl's low_var_kl: k3 = q/p - log(q/p) - 1 per sampled token (p policy, q reference), clamped to [-10, 10]."""
+    from ettrl.loss import low_var_kl
+
+    p = torch.tensor([0.5, 0.3, 0.2])  # the policy's distribution over 3 tokens
+    q = torch.tensor([0.25, 0.25, 0.5])  # the reference's
+    tokens = [0, 1, 2]  # the sampled response
+    by_hand = [0.5 - math.log(0.5) - 1,  # q/p = 0.25 / 0.5
+               (0.25 / 0.3) - math.log(0.25 / 0.3) - 1,
+               (0.5 / 0.2) - math.log(0.5 / 0.2) - 1]
+    logp, ref = torch.log(p[tokens]).unsqueeze(0), torch.log(q[tokens]).unsqueeze(0)
+    torch.testing.assert_close(low_var_kl(logp, ref), torch.tensor([by_hand]), rtol=1e-6, atol=1e-6)
+
+    # a token the reference finds e^20 times likelier than the policy: k3 = e^20 - 21, clamped to 10
+    far_logp, far_ref = torch.tensor([[-25.0, math.log(0.5)]]), torch.tensor([[-5.0, math.log(0.25)]])
+    assert low_var_kl(far_logp, far_ref)[0].tolist() == pytest.approx([10.0, by_hand[0]], rel=1e-6)
+    x = far_logp.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(x, far_logp, torch.zeros(1), torch.ones(1, 2), ref_logp=far_ref, kl_coef=0.001)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.001 * (10.0 + by_hand[0]) / 2, rel=1e-6)
+    assert metrics["kl_ref"] == pytest.approx((10.0 + by_hand[0]) / 2, rel=1e-6)
+    # d k3 / d logp = 1 - q/p: zero for the clamped token, 1 - 0.5 for the other; token-mean over 2, times 0.001
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.001 * 0.5 / 2]]))
+
+
+def test_dual_clip_bounds_negative_advantages_like_verl():
+    """clip_ratio_c = 3: for A < 0 the token loss is min(max(-rA, -clip(r)A), -3A); A > 0 is untouched."""
+    ratios = torch.tensor([[4.0, 2.0, 4.0]])
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])
+    x = torch.log(ratios).requires_grad_(True)
+    loss, metrics = grpo_loss(x, torch.zeros(1, 3), adv, torch.ones(1, 3), clip_ratio_c=3.0)
+    loss.backward()
+    # A=-1, r=4: max(4, 1.2)=4 > 3 -> 3 (no gradient); A=-1, r=2: 2; A=+1, r=4: clipped to -1.2
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 2.0 / 3, 0.0]]))
+    assert metrics["clip_frac_dual"] == pytest.approx(1 / 3)
+    assert metrics["clip_frac_high"] == pytest.approx(1 / 3) and metrics["ratio_min"] == pytest.approx(2.0)

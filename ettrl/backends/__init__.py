@@ -1,7 +1,8 @@
 """Where gradients are applied: plain torch (one process) or DeepSpeed ZeRO (multi-process).
 
 Both expose the same small interface: `.model`, `.forward(fn)` (fn(model), the micro-batch's forward with
-gradients: DeepSpeed runs it inside its engine), `.backward(loss)`, `.step() -> (grad_norm, lr)`,
+gradients: DeepSpeed runs it inside its engine), `.backward(loss)`, `.step() -> (grad_norm, lr)` (one optimizer
+step: one per mini-batch), `.advance_schedule()` (the learning rate moves once per rollout batch, as verl's),
 `.full_state_dict()`, `.state_dict()` / `.load_state_dict()`, `.rank`, `.world_size`, `.all_reduce_sum(x)`.
 """
 from __future__ import annotations
@@ -24,9 +25,12 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+
+
+def trained_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class OptimizerState:
@@ -38,6 +42,9 @@ class OptimizerState:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def advance_schedule(self) -> None:
+        self.scheduler.step()
 
 
 def make_backend(model, tcfg, total_steps: int, micro_batches_per_step: int):

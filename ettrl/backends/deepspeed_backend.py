@@ -1,8 +1,10 @@
 """DeepSpeed ZeRO 1/2/3 data parallelism (NCCL on GPUs, gloo on CPU), launched with deepspeed or torchrun.
 
-The optimizer is torch's AdamW and the schedule the same cosine-with-warm-up as the torch backend, handed to
-DeepSpeed; gradient clipping is set explicitly in the DeepSpeed config. A step's micro-batches are one
-DeepSpeed gradient-accumulation cycle (their number per rank is fixed by the config), and the trainer scales
+The optimizer is torch's AdamW and the schedule the same cosine-with-warm-up as the torch backend; the backend
+steps the schedule itself once per rollout batch (advance_schedule), not DeepSpeed at each optimizer step, so
+that a rollout batch's mini-batches share one learning rate as in verl. Gradient clipping is set explicitly in
+the DeepSpeed config. A mini-batch's micro-batches are one DeepSpeed gradient-accumulation cycle (their number
+per rank is fixed by the config; short trees are padded to keep it), and the trainer scales
 each micro-batch loss itself, so backward runs with `scale_wrt_gas=False`. Every micro-batch's forward runs
 through the engine's forward (`forward(fn)`): ZeRO-3 counts its micro-steps there, and without that count it
 overwrote each micro-batch's gradient with the next one's instead of summing them.
@@ -14,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer
+from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:
@@ -46,8 +48,8 @@ class DeepSpeedBackend(OptimizerState):
         init_distributed("cuda" if next(model.parameters()).is_cuda else "cpu")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.micro_batches = micro_batches_per_step
-        optimizer = make_optimizer(model, tcfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, tcfg.warmup_ratio))
+        optimizer = make_optimizer(trained_parameters(model), tcfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, tcfg.warmup_ratio))
         bf16 = next(model.parameters()).dtype == torch.bfloat16
         config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -59,8 +61,8 @@ class DeepSpeedBackend(OptimizerState):
             "steps_per_print": 2**31,
             "wall_clock_breakdown": False,
         }
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Forward(model), optimizer=optimizer,
+                                                                 config=config)
         self.model = self.engine.module.model
         self.stage = tcfg.zero_stage
         self._micro = 0
