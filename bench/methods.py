@@ -1,0 +1,193 @@
+"""Method sweep: the offline default (or any config) trained with each method x seed, one run at a time.
+
+Each run is `python -m ettrl.run method=M seed=S ...` into OUT/M-seedS and leaves its summary.json there. The
+sweep resumes where it stopped (a default run takes minutes; a sweep spans sittings): finished runs are skipped,
+a run with a checkpoint continues from it (`--resume`), a run without one starts again. Runs go seed by seed,
+so a partial sweep still compares methods on the same seeds. At the end (or with --report alone) it prints per
+method the mean of each eval metric after training, its standard error, the mean change from before, and the
+paired difference to the baseline method (same seeds) with a 95% t interval.
+
+    python bench/methods.py --out runs/method-sweep                          # ttrl, etmr, ettrl x 8 seeds
+    python bench/methods.py --out runs/method-sweep --methods ttrl ear --seeds 4 trainer.lr=5e-6
+    python bench/methods.py --out runs/method-sweep --report --markdown      # aggregate only, a docs table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = ("ttrl", "etmr", "ettrl")
+METRICS = ("avg@16", "maj@16", "greedy", "pass@16")
+
+
+# -- the sweep -------------------------------------------------------------------------------------------------
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / f"{method}-seed{seed}"
+
+
+def planned_runs(methods, seeds: int) -> list[tuple[str, int]]:
+    """Seed-major: every method at seed 0, then at seed 1, ..."""
+    return [(m, s) for s in range(seeds) for m in methods]
+
+
+def run_state(path: Path) -> str:
+    """done (summary.json written) | resume (a finished checkpoint) | fresh (nothing usable)."""
+    if (path / "summary.json").is_file():
+        return "done"
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+        return "resume"
+    return "fresh"
+
+
+def run_command(out: Path, method: str, seed: int, overrides: list[str], config: str | None) -> list[str]:
+    path = run_dir(out, method, seed)
+    if run_state(path) == "resume":
+        return [sys.executable, "-m", "ettrl.run", "--resume", str(path)]
+    cmd = [sys.executable, "-m", "ettrl.run", "--run-dir", str(path)]
+    if config:
+        cmd += ["--config", config]
+    return cmd + [f"method={method}", f"seed={seed}", *overrides]
+
+
+def check_sweep_file(out: Path, overrides: list[str], config: str | None) -> None:
+    """A sweep keeps one recipe: resuming with other overrides would mix two experiments in one table."""
+    recipe = {"config": config, "overrides": list(overrides)}
+    path = out / "sweep.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != recipe:
+            raise SystemExit(f"{out} holds a sweep of {saved}; this call asks for {recipe}. Use another --out.")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(recipe, indent=1))
+
+
+def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | None = None,
+          launch=subprocess.run, log=lambda line: print(line, flush=True)) -> None:
+    check_sweep_file(out, overrides, config)
+    todo = [(m, s) for m, s in planned_runs(methods, seeds) if run_state(run_dir(out, m, s)) != "done"]
+    log(f"{len(todo)} of {len(methods) * seeds} runs to go")
+    for i, (method, seed) in enumerate(todo, 1):
+        path = run_dir(out, method, seed)
+        state = run_state(path)
+        if state == "fresh" and path.exists():
+            shutil.rmtree(path)  # a run killed before its first checkpoint starts again
+        log(f"[{i}/{len(todo)}] {method} seed {seed} ({'resuming' if state == 'resume' else 'new'})")
+        result = launch(run_command(out, method, seed, overrides, config))
+        if result.returncode != 0 or run_state(path) != "done":
+            raise SystemExit(f"{method} seed {seed} failed (exit {result.returncode}); see {path}. Rerun to resume.")
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+def load_summaries(out: Path) -> dict[str, dict[int, dict]]:
+    """{method: {seed: summary}} of the finished runs under `out`."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(out.glob("*-seed*/summary.json")):
+        method, _, seed = path.parent.name.rpartition("-seed")
+        runs.setdefault(method, {})[int(seed)] = json.loads(path.read_text())
+    return runs
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with df degrees of freedom (bisection on its CDF, Simpson's rule on the density)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of a - b over the seeds both have, with the 95% t interval: (mean, low, high, n)."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return float("nan"), float("nan"), float("nan"), 0
+    m, se = mean_se(diffs)
+    half = t_quantile(0.975, len(diffs) - 1) * se if len(diffs) > 1 else float("nan")
+    return m, m - half, m + half, len(diffs)
+
+
+def aggregate(runs: dict[str, dict[int, dict]], baseline: str = "ttrl", metrics=METRICS) -> list[dict]:
+    """One row per method and metric: n, mean after, SE, mean change from before, paired difference to baseline."""
+    rows = []
+    for method in sorted(runs, key=lambda m: (m != baseline, m)):
+        by_seed = runs[method]
+        for metric in metrics:
+            after = {s: r["after"][metric] for s, r in by_seed.items() if (r.get("after") or {}).get(metric) is not None}
+            if not after:
+                continue
+            change = [r["after"][metric] - r["before"][metric] for s, r in by_seed.items()
+                      if s in after and (r.get("before") or {}).get(metric) is not None]
+            mean, se = mean_se(list(after.values()))
+            row = {"method": method, "metric": metric, "n": len(after), "mean": mean, "se": se,
+                   "change": statistics.fmean(change) if change else float("nan")}
+            if method != baseline and baseline in runs:
+                base = {s: r["after"][metric] for s, r in runs[baseline].items() if (r.get("after") or {}).get(metric)
+                        is not None}
+                row["diff"], row["low"], row["high"], row["pairs"] = paired_difference(after, base)
+            rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict], baseline: str = "ttrl", markdown: bool = False) -> str:
+    head = ["method", "metric", "n", "after (mean ± SE)", "change", f"vs {baseline} (95% CI, paired)"]
+    lines = []
+    for r in rows:
+        vs = ""
+        if "diff" in r and r["pairs"]:
+            ci = "" if math.isnan(r["low"]) else f" [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+            vs = f"{100 * r['diff']:+.1f}{ci} (n={r['pairs']})"
+        se = "" if math.isnan(r["se"]) else f" ± {100 * r['se']:.1f}"
+        lines.append([r["method"], r["metric"], str(r["n"]), f"{100 * r['mean']:.1f}{se}",
+                      f"{100 * r['change']:+.1f}", vs])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [head, *lines])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/method-sweep", help="one folder per sweep; rerun it to resume")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--config", help="a YAML config (default: the offline default)")
+    ap.add_argument("--baseline", default="ttrl", help="the method the paired differences are taken against")
+    ap.add_argument("--report", action="store_true", help="only aggregate the finished runs")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if not args.report:
+        sweep(out, args.methods, args.seeds, args.overrides, args.config)
+    runs = load_summaries(out)
+    if not runs:
+        raise SystemExit(f"no finished runs under {out}")
+    print(format_rows(aggregate(runs, args.baseline), args.baseline, args.markdown))
+
+
+if __name__ == "__main__":
+    main()

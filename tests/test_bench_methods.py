@@ -1,0 +1,91 @@
+"""bench/methods.py without training: resume decisions, the commands it launches, and the statistics of its
+report on hand-made summaries (checked against values computed by hand)."""
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
+bm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bm)
+
+
+def write_summary(out: Path, method: str, seed: int, before: float, after: float) -> None:
+    path = bm.run_dir(out, method, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    metrics = lambda v: {"avg@16": v, "maj@16": v + 0.1, "greedy": v - 0.1, "pass@16": 0.9}  # noqa: E731
+    (path / "summary.json").write_text(json.dumps({"method": method, "before": metrics(before),
+                                                   "after": metrics(after)}))
+
+
+def test_t_quantiles_match_the_tables():
+    for df, expected in ((1, 12.706), (2, 4.303), (7, 2.365), (30, 2.042), (200, 1.972)):
+        assert bm.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-3)
+
+
+def test_report_statistics_by_hand(tmp_path):
+    ttrl = [0.50, 0.60, 0.55]
+    ettrl = [0.58, 0.61, 0.65]
+    for s, (a, b) in enumerate(zip(ttrl, ettrl)):
+        write_summary(tmp_path, "ttrl", s, 0.5, a)
+        write_summary(tmp_path, "ettrl", s, 0.5, b)
+    write_summary(tmp_path, "ettrl", 3, 0.5, 0.9)  # no ttrl partner: counts in its mean, not in the paired difference
+    rows = {(r["method"], r["metric"]): r for r in bm.aggregate(bm.load_summaries(tmp_path))}
+    base = rows[("ttrl", "avg@16")]
+    assert base["n"] == 3 and base["mean"] == pytest.approx(0.55)
+    assert base["se"] == pytest.approx(statistics.stdev(ttrl) / math.sqrt(3))
+    assert base["change"] == pytest.approx(0.05) and "diff" not in base
+    r = rows[("ettrl", "avg@16")]
+    assert r["n"] == 4 and r["mean"] == pytest.approx(statistics.fmean(ettrl + [0.9]))
+    diffs = [0.08, 0.01, 0.10]
+    half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+    assert r["pairs"] == 3 and r["diff"] == pytest.approx(statistics.fmean(diffs))
+    assert (r["low"], r["high"]) == pytest.approx((r["diff"] - half, r["diff"] + half), abs=1e-4)
+    assert rows[("ettrl", "maj@16")]["diff"] == pytest.approx(r["diff"])
+    table = bm.format_rows(list(rows.values()), markdown=True)
+    assert table.splitlines()[0].startswith("| method | metric |") and "+6.3 [" in table
+
+
+def test_sweep_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "sweep"
+    launched = []
+
+    def fake_launch(cmd):
+        launched.append(cmd)
+        path = Path(cmd[cmd.index("--resume") + 1] if "--resume" in cmd else cmd[cmd.index("--run-dir") + 1])
+        method, _, seed = path.name.rpartition("-seed")
+        write_summary(out, method, int(seed), 0.5, 0.6)
+        return SimpleNamespace(returncode=0)
+
+    bm.check_sweep_file(out, ["trainer.lr=1e-5"], None)
+    write_summary(out, "ttrl", 0, 0.5, 0.6)  # done
+    ckpt = bm.run_dir(out, "etmr", 0) / "checkpoints" / "step-000010"
+    ckpt.mkdir(parents=True)  # stopped after a checkpoint: resume
+    killed = bm.run_dir(out, "ettrl", 0)
+    killed.mkdir(parents=True)
+    (killed / "metrics.jsonl").write_text("{}\n")  # stopped before one: start again
+    bm.sweep(out, ["ttrl", "etmr", "ettrl"], 2, ["trainer.lr=1e-5"], launch=fake_launch, log=lambda line: None)
+
+    names = [Path(c[c.index("--resume") + 1] if "--resume" in c else c[c.index("--run-dir") + 1]).name
+             for c in launched]
+    assert names == ["etmr-seed0", "ettrl-seed0", "ttrl-seed1", "etmr-seed1", "ettrl-seed1"]  # seed-major
+    assert "--resume" in launched[0] and "method=etmr" not in launched[0]
+    assert launched[1][-3:] == ["method=ettrl", "seed=0", "trainer.lr=1e-5"]
+    assert not (killed / "metrics.jsonl").exists(), "the killed run started from an empty folder"
+    assert all(bm.run_state(bm.run_dir(out, m, s)) == "done" for m, s in bm.planned_runs(["ttrl", "etmr"], 2))
+
+    launched.clear()
+    bm.sweep(out, ["ttrl", "etmr", "ettrl"], 2, ["trainer.lr=1e-5"], launch=fake_launch, log=lambda line: None)
+    assert launched == [], "a finished sweep launches nothing"
+    with pytest.raises(SystemExit, match="Use another --out"):
+        bm.sweep(out, ["ttrl"], 2, ["trainer.lr=2e-5"], launch=fake_launch, log=lambda line: None)
+
+
+def test_a_failed_run_stops_the_sweep(tmp_path):
+    with pytest.raises(SystemExit, match="ttrl seed 0 failed"):
+        bm.sweep(tmp_path, ["ttrl"], 1, [], launch=lambda cmd: SimpleNamespace(returncode=1), log=lambda line: None)
