@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ettrl.config import Config, ConfigError, config_to_dict, load_config, save_config
 
@@ -28,10 +29,31 @@ def test_default_yaml_is_the_dataclass_default():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
+    """Each shipped YAML loads and validates, every key in it takes effect (none ignored or overwritten), and a
+    paper config's name, model and data are the ones its file name says."""
+    overrides = ["data.train=arithmetic", "data.eval=arithmetic"] if "paper" in path.parts else []
+    cfg = load_config(path, overrides)  # paper data files are the user's
+    written = _flat(yaml.safe_load(path.read_text()))
+    loaded = _flat(config_to_dict(cfg))
+    for key, value in written.items():
+        if not any(o.startswith(key + "=") for o in overrides):
+            assert loaded[key] == value, f"{path.name}: {key} is {value!r} in the file but {loaded[key]!r} loaded"
+    assert cfg.name == path.stem
     if "paper" in path.parts:
-        load_config(path, ["data.train=arithmetic", "data.eval=arithmetic"])  # paper data files are the user's
-    else:
-        load_config(path)
+        model, data = path.stem.rsplit("-", 1)
+        assert model in cfg.model.name.lower() and path.stem.startswith(("qwen2.5-math", "llama-3.1"))
+        assert written["data.train"] == f"data/{data}.jsonl" and written["data.eval"] == f"data/{data}.jsonl"
+        assert cfg.rollout.n_train <= cfg.n_votes and cfg.trainer.backend == "deepspeed"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -53,7 +53,7 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
     cmd, env = run_cmd("--config", str(setup / "tiny.yaml"), "--run-dir", str(tmp_path / "full"))
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
 
-    kill_after = random.Random().randint(1, STEPS - 1)
+    kill_after = random.randint(1, STEPS - 1)  # conftest seeds `random` per test and prints the seed on failure
     killed = tmp_path / "killed"
     cmd, env = run_cmd("--config", str(setup / "tiny.yaml"), "--run-dir", str(killed))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -63,8 +63,8 @@ class Hand:
 
 
 S, R, ES = "ettrl/scoring.py", "ettrl/rollout.py", "tests/test_engine_sampling.py"
-T, TR, CPP = "kernels/ettrl_kernels/sampling_torch.py", "kernels/ettrl_kernels/sampling_triton.py", "csrc/entropy_sample.cpp"
-ENGINE = "engine/llm_engine.py"
+T, TR = "kernels/ettrl_kernels/sampling_torch.py", "kernels/ettrl_kernels/sampling_triton.py"
+CPP, ENGINE = "csrc/entropy_sample.cpp", "engine/llm_engine.py"
 HAND_MUTANTS = [
     # issue 23's table
     Hand("rewards-by-position", S, "compute_advantages([rewards[i] for i in keep]",
