@@ -201,11 +201,13 @@ def test_reset_prefix_cache_and_sleep(on):
     for route in ("/reset_prefix_cache", "/flush_cache"):
         assert http.post(route).json()["success"]
     assert server.engine.kv.tree.num_cached_blocks == 0
-    r = http.post("/sleep")
+    r = http.post("/sleep?level=1")
     if not hasattr(server.llm, "sleep"):
         assert r.status_code == 501 and "sleep" in r.json()["error"]["message"]
     else:
-        assert r.status_code == 200
+        assert r.status_code == 200, r.text
+        asleep = http.post("/v1/completions", json=GREEDY)
+        assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
         assert http.post("/wake_up").status_code == 200
     completion_ids(http)
     idle_and_clean(server)

@@ -149,12 +149,16 @@ def add_admin_routes(app: FastAPI, server: Server):
         return {"success": True, "paused": False}
 
     @app.post("/sleep")
-    async def sleep():
+    async def sleep(level: int = 1):
+        """vLLM's sleep mode (LLM.sleep: level 1 frees the KV pool, 2 also offloads weights on a GPU); requests
+        wait (held) until /wake_up."""
         require_enabled()
         if not hasattr(server.llm, "sleep"):
             return error_response(501, "this engine has no LLM.sleep() yet; nothing was changed")
+        if level not in (1, 2):
+            raise ApiError(400, f"level must be 1 or 2, got {level}")
         await asyncio.wrap_future(server.loop.pause("wait"))
-        await barrier(server, server.llm.sleep)
+        await barrier(server, lambda: server.llm.sleep(level))
         return {"success": True, "sleeping": True}
 
     @app.post("/wake_up")

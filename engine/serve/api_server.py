@@ -145,6 +145,8 @@ class Server:
             return self.engine.make_sequences(ids, params, seed)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        except RuntimeError as e:  # asleep (POST /sleep): no KV pool to check the request against
+            raise ApiError(503, f"{e} (POST /wake_up)") from None
 
     def options(self, kind: str, req, logprobs: int | None) -> Options:
         return Options(model=self.config.model_name, kind=kind, logprobs=logprobs,
