@@ -100,6 +100,8 @@ setup(
         "cuda": ["flashinfer-python==0.6.18.post1"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
+        # bench/peers.py (optional peers; llama-cpp-python builds llama.cpp from source: ~10 min on 2 cores)
+        "peers": ["ctranslate2", "onnxruntime-genai", "onnx", "onnx-ir", "llama-cpp-python"],
     },
     entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"]},
 )
