@@ -245,3 +245,26 @@ def test_step_tensors_come_from_one_host_buffer():
     a, b, c = to_device(torch.device("cpu"), torch.int64, [1, 2], [], [3, 4, 5])
     assert a.tolist() == [1, 2] and b.tolist() == [] and c.tolist() == [3, 4, 5]
     assert a.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+
+
+# ---- Triton sampler: the vocabulary split over programs (8) ------------------------------------------------------
+def test_triton_vocab_split_merges_slices_exactly():
+    """Rows spanning several slices: logsumexp and entropy as float64 computes them, ties between slices go to
+    the lowest token (as one program would), and the split depends on V only."""
+    from ettrl_kernels import sampling_triton
+    vocab = 3 * sampling_triton.SPLIT + 77
+    torch.manual_seed(4)
+    logits = torch.randn(3, vocab) * 3
+    logits[0, 5] = logits[0, vocab - 3] = 40.0        # greedy tie across the first and the last slice
+    logits[1, : sampling_triton.SPLIT] = float("-inf")  # a slice with nothing in it
+    temperature = torch.tensor([0.0, 0.7, 1.3])
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=temperature, backend="triton")
+    ref = ettrl_kernels.entropy_sample(logits, temperature=temperature, backend="torch")
+    assert tokens[0] == 5 and torch.equal(tokens, ref[0])
+    temp = torch.where(temperature == 0, 1.0, temperature).double()[:, None]
+    logp = torch.log_softmax(logits.double() / temp, -1)
+    exact_entropy = -(logp.exp() * torch.where(logp.isinf(), 0.0, logp)).sum(-1)
+    torch.testing.assert_close(entropies.double(), exact_entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+    assert sampling_triton.split_size(vocab, 1024) == sampling_triton.SPLIT
+    assert sampling_triton.split_size(1000, 1024) == 1024

@@ -301,9 +301,10 @@ def compile(fn, signature, constexprs):
     triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
 f32, i32 = "*fp32", "i32"
-sample = dict(logits_ptr="*bf16", stride=i32, vocab=i32, inv_temp_ptr=f32, greedy_ptr="*i8", keys_ptr="*i32",
-              exclude_ptr="*i64", threshold_ptr=f32, lse_ptr=f32, entropy_ptr=f32, max_ptr=f32, token_ptr="*i64",
-              best_ptr=f32, STATS="constexpr", SAMPLE="constexpr", BLOCK="constexpr")
+sample = dict(logits_ptr="*bf16", stride=i32, vocab=i32, split_size=i32, inv_temp_ptr=f32, greedy_ptr="*i8",
+              keys_ptr="*i32", exclude_ptr="*i64", threshold_ptr=f32, m_ptr=f32, z_ptr=f32, s_ptr=f32,
+              bad_ptr="*i32", token_ptr="*i32", best_ptr=f32, STATS="constexpr", SAMPLE="constexpr",
+              BLOCK="constexpr")
 for stats, sampled in [(True, True), (True, False), (False, True)]:
     compile(_entropy_sample_kernel, sample, {"STATS": stats, "SAMPLE": sampled, "BLOCK": 1024})
 forward = dict(logits_ptr="*bf16", stride=i32, vocab=i32, targets_ptr="*i64", inv_temp_ptr=f32, logprob_ptr=f32,
