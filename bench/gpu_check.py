@@ -31,17 +31,21 @@ import weakref
 from pathlib import Path
 
 SHAPES = {  # name -> transformers config of the real model (random weights here)
-    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
-                         "rope_theta": 100000.0, "max_position_embeddings": 8192},
-    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                         "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-                         "rope_theta": 1000000.0, "max_position_embeddings": 32768},
-    "qwen2.5-math-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-                              "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+    "smollm2-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+        "rope_theta": 100000.0, "max_position_embeddings": 8192},
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+        "rope_theta": 1000000.0, "max_position_embeddings": 32768},
+    "qwen2.5-math-1.5b": {
+        "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+        "rope_theta": 10000.0, "max_position_embeddings": 4096},
 }
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 512}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 512,
+        "max_position_embeddings": 512}
 
 
 class Report:
@@ -191,8 +195,9 @@ def section_env(args, device):
 
 
 def section_sampling(args, device):
-    import ettrl_kernels
     import torch
+
+    import ettrl_kernels
     batch, vocab = (4, 1000) if args.dry_run else (64, 151936)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -219,14 +224,16 @@ def section_sampling(args, device):
         cpu_logits = logits.cpu()
         seconds = median_s(lambda x=cpu_logits, k=cpu_keys: ettrl_kernels.entropy_sample(x, **k), torch.device("cpu"),
                            max(1, args.repeats // 2))
-        rows.append({"dtype": str(dtype).split(".")[-1], "path": "cpu (auto: C++ or torch)", "shape": f"{batch}x{vocab}",
+        rows.append({"dtype": str(dtype).split(".")[-1], "path": "cpu (auto: C++ or torch)",
+                     "shape": f"{batch}x{vocab}",
                      "ms": seconds * 1e3, "GB/s": cpu_logits.numel() * cpu_logits.element_size() / seconds / 1e9})
     return rows
 
 
 def section_token_stats(args, device):
-    import ettrl_kernels
     import torch
+
+    import ettrl_kernels
     rows_, vocab = (8, 500) if args.dry_run else (4096, 151936)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -278,8 +285,7 @@ def section_greedy(args, device, dtype_name: str, tmp: Path):
 
     from engine import LLM, SamplingParams
     from engine.config import DTYPES
-    if dtype_name == "bfloat16" and device.type == "cuda":
-        wait_for_warmup(args)
+    backend = attention_choice(args, device)
     new_tokens = 4 if args.dry_run else 32
     rows = []
     for name, shape in shapes(args).items():
@@ -293,7 +299,7 @@ def section_greedy(args, device, dtype_name: str, tmp: Path):
         lengths = (5, 17) if args.dry_run else (5, 17, 33, 64)
         prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
         llm = LLM(directory, dtype=dtype_name, device=str(device), gpu_memory_utilization=0.5,
-                  kv_cache_tokens=64 * 1024 if not args.dry_run else 4096)
+                  kv_cache_tokens=64 * 1024 if not args.dry_run else 4096, attention_backend=backend)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
         engine_s = time.perf_counter() - t0
@@ -363,13 +369,12 @@ def dense_reference(k, v, block_tables, kv_lens, q_lens, q, scale):
 def section_attention(args, device):
     import torch
 
-    from engine.attention.flashinfer import FlashInferPagedAttention, flashinfer_usable
+    from engine.attention.flashinfer import FlashInferPagedAttention
     from engine.attention.torch_paged import TorchPagedAttention
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = {"torch": TorchPagedAttention}
-    usable, why = flashinfer_usable(device, dtype)
+    usable, why = flashinfer_ready(args, device)
     if usable:
-        wait_for_warmup(args)
         backends["flashinfer"] = FlashInferPagedAttention
     cases = {"decode": ([37, 300, 1029, 16, 515], [1] * 5), "prefill": ([37, 300, 129, 16], [37, 20, 129, 5])}
     if args.dry_run:
@@ -399,7 +404,7 @@ def section_sample_tree(args, device, tmp: Path):
     if not directory.exists():
         random_model(shapes(args)["smollm2-135m"], directory)
     llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5,
-              kv_cache_tokens=32 * 1024 if not args.dry_run else 4096)
+              kv_cache_tokens=32 * 1024 if not args.dry_run else 4096, attention_backend=attention_choice(args, device))
     checks = {"n": 0}
     original = llm.engine.step
 
@@ -439,7 +444,8 @@ def section_throughput(args, device, tmp: Path):
     prompt_len, new_tokens = (16, 8) if args.dry_run else (128, 128)
     vocab = shapes(args)[name]["vocab_size"]
     rows = []
-    llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5)
+    llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5,
+              attention_backend=attention_choice(args, device))
     for batch in batches:
         gen = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch // 4)]
@@ -485,13 +491,13 @@ def section_throughput(args, device, tmp: Path):
 
 
 def section_trainer(args, device, tmp: Path):
-
     from ettrl.config import load_config
     from ettrl.trainer import Trainer
     model_dir = tmp / "trainer-model"
-    shape = {"model_type": "llama", "hidden_size": 64 if args.dry_run else 512, "intermediate_size": 128 if args.dry_run
-                 else 1536, "num_hidden_layers": 2 if args.dry_run else 8, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "vocab_size": 258, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    tiny = args.dry_run
+    shape = {"model_type": "llama", "hidden_size": 64 if tiny else 512, "intermediate_size": 128 if tiny else 1536,
+             "num_hidden_layers": 2 if tiny else 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 258, "max_position_embeddings": 1024, "tie_word_embeddings": False}
     random_model(shape, model_dir, tokenizer=True)
     data = tmp / "problems.jsonl"
     data.write_text("\n".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(8)))
@@ -526,6 +532,11 @@ def section_trainer(args, device, tmp: Path):
     return rows
 
 
+def section_flashinfer_build(args, device):
+    ready, why = flashinfer_ready(args, device)
+    return [{"flashinfer": "built" if ready else why}]
+
+
 # ---- flashinfer warm-up ----------------------------------------------------------------------------------------
 def warm_flashinfer():
     """Builds flashinfer's prefill and decode kernels for the head sizes the check uses (run in the background)."""
@@ -554,10 +565,10 @@ def start_warmup(args, device, out: Path):
     from engine.attention.flashinfer import flashinfer_usable
     if device.type != "cuda" or not flashinfer_usable(device, torch.bfloat16)[0]:
         return
-    log = open(out / "flashinfer_warmup.log", "w")  # noqa: SIM115 - lives as long as the process
+    _warmup["log"] = out / "flashinfer_warmup.log"
+    log = open(_warmup["log"], "w")  # noqa: SIM115 - lives as long as the process
     _warmup["process"] = subprocess.Popen([sys.executable, __file__, "--warm-flashinfer"], stdout=log,
                                           stderr=subprocess.STDOUT)
-    _warmup["started"] = time.perf_counter()
 
 
 def wait_for_warmup(args):
@@ -568,6 +579,31 @@ def wait_for_warmup(args):
         process.wait(timeout=args.warmup_timeout)
     except subprocess.TimeoutExpired:
         print(f"flashinfer warm-up still running after {args.warmup_timeout} s; going on", flush=True)
+
+
+def flashinfer_ready(args, device) -> tuple[bool, str]:
+    """(True, "") once flashinfer's kernels are built; else why it cannot serve (its sections use torch)."""
+    import torch
+
+    from engine.attention.flashinfer import flashinfer_usable
+    usable, why = flashinfer_usable(device, torch.bfloat16)
+    if not usable:
+        return False, why
+    wait_for_warmup(args)
+    process = _warmup.get("process")
+    if process is None:
+        return False, "no warm-up was started"
+    if process.poll() is None:
+        return False, f"its JIT build still ran after {args.warmup_timeout} s"
+    if process.returncode != 0:
+        tail = _warmup["log"].read_text()[-1500:]
+        return False, f"its warm-up failed (exit {process.returncode}): {tail}"
+    return True, ""
+
+
+def attention_choice(args, device) -> str:
+    """The engine's attention backend for bf16 sections: auto (flashinfer on CUDA) once it is built, else torch."""
+    return "auto" if device.type != "cuda" or flashinfer_ready(args, device)[0] else "torch"
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -606,6 +642,7 @@ def main():
             ("sample_tree", section_sample_tree, args, device, tmp),
             ("throughput", section_throughput, args, device, tmp),
             ("trainer", section_trainer, args, device, tmp),
+            ("flashinfer_build", section_flashinfer_build, args, device),
         ]
         for name, fn, *fn_args in sections:
             if args.only is None or name in args.only:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["env", "sampling", "token_stats", "greedy_fp32", "attention", "greedy_bf16", "sample_tree", "throughput",
-            "trainer"]
+            "trainer", "flashinfer_build"]
 
 
 def test_gpu_check_dry_run(tmp_path):
