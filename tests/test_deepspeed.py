@@ -131,15 +131,17 @@ def _short_tree_worker(rank: int, world: int, port: int, model_dir: str, out: st
     backend.barrier()
 
 
-def test_zero2_short_tree_padding_matches_plain_torch(tmp_path):
-    """Padding keeps every rank's micro-batch count fixed under ZeRO-2 and changes nothing: the same two optimizer
-    steps as the plain backend on the global mini-batches."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_short_tree_padding_matches_plain_torch(tmp_path, stage):
+    """Padding keeps every rank's micro-batch count fixed under ZeRO-2 (and 3, where the old log-probs' no-grad
+    forward gathers the partitioned weights) and changes nothing: the same two optimizer steps as the plain
+    backend on the global mini-batches."""
     from ettrl.backends.torch_backend import TorchBackend
     from ettrl.policy import load_policy
 
     model_dir = make_tiny_policy(tmp_path / "model")
     out = tmp_path / "ds.pt"
-    torch.multiprocessing.spawn(_short_tree_worker, args=(2, free_port(), str(model_dir), str(out), 2), nprocs=2,
+    torch.multiprocessing.spawn(_short_tree_worker, args=(2, free_port(), str(model_dir), str(out), stage), nprocs=2,
                                 join=True)
     ds = torch.load(out)
 
