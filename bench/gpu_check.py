@@ -157,7 +157,8 @@ def random_model(shape: dict, directory: Path, seed: int = 0, tokenizer: bool = 
     config = AutoConfig.for_model(fields.pop("model_type"), **fields, bos_token_id=None, eos_token_id=None,
                                   pad_token_id=None)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1.5B on the CPU takes long
+        model = AutoModelForCausalLM.from_config(config).float().eval()
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer:
         byte_tokenizer().save_pretrained(directory)
