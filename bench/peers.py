@@ -3,11 +3,12 @@ llama.cpp (llama-cpp-python) and ONNX Runtime GenAI.
 
 Each run is its own process (`--worker NAME`: load, a short warm-up, then one timed generation of `batch` distinct
 prompts x `new_tokens` tokens at T=0.6, EOS ignored; tok/s = generated tokens / wall time of that generation,
-prefill included). Rounds alternate the engine with each peer (engine, peer A, engine, peer B, ...), `--repeats`
-rounds; each peer's ratio is the median of the engine runs next to it over the peer's median, so load from other
-jobs on a shared machine hits both sides alike. Peers are optional: one that is not installed, or cannot run this
-dtype, is skipped with a message. Converted models (CTranslate2, ONNX) are built once into
-<cache dir>/peers/ (ETTRL_CACHE).
+prefill included; also per CPU second of the process, which other jobs on a shared machine distort less as long
+as no runtime spins on idle threads: use --threads 1 there). Rounds alternate the engine with each peer (engine,
+peer A, engine, peer B, ...), `--repeats` rounds; each peer's ratio is the median of the engine runs next to it
+over the peer's median, so load from other jobs on a shared machine hits both sides alike. Peers are optional:
+one that is not installed, or cannot run this dtype, is skipped with a message. Converted models (CTranslate2,
+ONNX) are built once into <cache dir>/peers/ (ETTRL_CACHE).
 
 llama.cpp: `pip install llama-cpp-python` (builds llama.cpp from source, ~10 min on 2 cores). It reads a GGUF:
 --gguf (default: the Q4_1 GGUF the default model is converted from; for F32/BF16 convert our safetensors with
@@ -170,14 +171,14 @@ def worker(args):
         print(f"SKIP {e}", flush=True)
         sys.exit(SKIP)
     run(8)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tokens = run()
-    seconds = time.perf_counter() - start
-    print("RESULT " + json.dumps({"tokens": tokens, "seconds": seconds}), flush=True)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    print("RESULT " + json.dumps({"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds}), flush=True)
 
 
-def spawn(name: str, args) -> float | str:
-    """tok/s of one worker run, or the reason it was skipped."""
+def spawn(name: str, args) -> tuple[float, float] | str:
+    """(tok/s, tok per CPU second) of one worker run, or the reason it was skipped."""
     cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--batch", str(args.batch),
            "--dtype", args.dtype, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     if args.gguf:
@@ -194,7 +195,7 @@ def spawn(name: str, args) -> float | str:
     expected = args.batch * args.new_tokens
     if r["tokens"] != expected:
         return f"generated {r['tokens']} tokens, not {expected}"
-    return r["tokens"] / r["seconds"]
+    return r["tokens"] / r["seconds"], r["tokens"] / r["cpu_seconds"]
 
 
 def main():
@@ -231,12 +232,13 @@ def main():
             engine[peer].append(spawn("engine", args))
             if isinstance(engine[peer][-1], str):
                 sys.exit(f"engine: {engine[peer][-1]}")
-            print(f"round {r}: {peer} {result:.1f} tok/s, engine {engine[peer][-1]:.1f} tok/s", flush=True)
-    print(f"\n| peer ({args.dtype}, batch {args.batch}) | peer tok/s | engine tok/s (runs beside it) "
-          f"| engine / peer |\n|---|---|---|---|")
+            print(f"round {r}: {peer} {result[0]:.1f} tok/s ({result[1]:.1f} per CPU s), engine "
+                  f"{engine[peer][-1][0]:.1f} ({engine[peer][-1][1]:.1f})", flush=True)
+    print(f"\n| peer ({args.dtype}, batch {args.batch}, {args.threads} threads) | peer tok/s | engine tok/s (runs "
+          f"beside it) | engine / peer (wall) | engine / peer (CPU time) |\n|---|---|---|---|---|")
     for peer in peers:
-        p, e = statistics.median(runs[peer]), statistics.median(engine[peer])
-        print(f"| {peer} | {p:.1f} | {e:.1f} | {e / p:.2f}x |")
+        p, e = [[statistics.median(r[i] for r in runs_) for i in (0, 1)] for runs_ in (runs[peer], engine[peer])]
+        print(f"| {peer} | {p[0]:.1f} | {e[0]:.1f} | {e[0] / p[0]:.2f}x | {e[1] / p[1]:.2f}x |")
 
 
 if __name__ == "__main__":
