@@ -69,13 +69,13 @@ def first_tokens(llm, params: SamplingParams) -> torch.Tensor:
 
 
 CASES = [
-    dict(temperature=1.0),
-    dict(temperature=0.6),
-    dict(temperature=1.7),
-    dict(temperature=1.0, top_k=5),
-    dict(temperature=0.8, top_p=0.6),
-    dict(temperature=1.3, top_k=40, top_p=0.7),
-    dict(temperature=1.0, top_p=0.25),
+    {"temperature": 1.0},
+    {"temperature": 0.6},
+    {"temperature": 1.7},
+    {"temperature": 1.0, "top_k": 5},
+    {"temperature": 0.8, "top_p": 0.6},
+    {"temperature": 1.3, "top_k": 40, "top_p": 0.7},
+    {"temperature": 1.0, "top_p": 0.25},
 ]
 
 

@@ -7,7 +7,7 @@ from engine.models import fused_ops
 from engine.models.llama import RMSNorm
 from engine.models.rope import RotaryEmbedding, apply_rope
 
-pytestmark = pytest.mark.skipif(not fused_ops.fused_supported("cpu", torch.float32), reason="C++ extension not built (ettrl_kernels._C)")
+pytestmark = pytest.mark.skipif(not fused_ops.fused_supported("cpu", torch.float32), reason="C++ extension not built")
 DTYPES = [torch.float32, torch.bfloat16]
 FP32 = dict(atol=1e-5, rtol=1e-5)
 

@@ -32,8 +32,8 @@ class FakeLLM:
 
     def sample_tree(self, prompts, tree_params, params, use_tqdm=False):
         self.calls.append(("tree", prompts, tree_params, params))
-        return [SimpleNamespace(leaves=[completion(j, i) for j in range(3)], stats=SimpleNamespace(decoded_tokens=4 + i))
-                for i in range(len(prompts))]
+        return [SimpleNamespace(leaves=[completion(j, i) for j in range(3)],
+                                stats=SimpleNamespace(decoded_tokens=4 + i)) for i in range(len(prompts))]
 
 
 def config(method="ttrl") -> Config:

@@ -152,8 +152,8 @@ def test_bf16_logits_against_float64(backend, monkeypatch):
 # Triton is left out: the interpreter runs one program per row (~20 ms each), and its tokens already equal the
 # float64 Gumbel-max reference draw for draw above, whose frequencies these tests check through torch and C++.
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, exclude=2),
-                                    dict(temperature=0.8, top_k=3), dict(temperature=1.2, top_p=0.6)],
+@pytest.mark.parametrize("kwargs", [{"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.0, "exclude": 2},
+                                    {"temperature": 0.8, "top_k": 3}, {"temperature": 1.2, "top_p": 0.6}],
                          ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
 def test_frequencies_against_float64_softmax(backend, kwargs, monkeypatch):
     if backend == "cpp" and ("top_k" in kwargs or "top_p" in kwargs):
@@ -169,3 +169,14 @@ def test_frequencies_against_float64_softmax(backend, kwargs, monkeypatch):
     assert freq[~allowed[0]].sum() == 0
     # binomial standard error per token <= sqrt(0.25 / draws): 5 of them bound each deviation
     assert (freq - target).abs().max() < 5 * math.sqrt(0.25 / draws)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_ties_take_the_first_token_across_tiles(backend, monkeypatch):
+    """Equal maxima far apart (different 1024-wide Triton tiles, different 32-wide torch/C++ blocks): the first."""
+    logits = torch.randn(3, 3000)
+    logits[0, [10, 2500]] = 9.0
+    logits[1, [1500, 2999]] = 9.0
+    logits[2, [700, 1800, 2900]] = 9.0
+    tokens, _, _ = sample(backend, logits, monkeypatch, temperature=0.0)
+    assert tokens.tolist() == [10, 1500, 700]
