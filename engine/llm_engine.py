@@ -164,7 +164,8 @@ class LLMEngine:
         tokens, logprobs, entropies = entropy_sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      seeds=seeds, seq_ids=seq_ids, positions=positions,
                                                      exclude=exclude)
-        return tokens.tolist(), logprobs.tolist(), entropies.tolist()
+        columns = torch.stack([tokens.double(), logprobs.double(), entropies.double()]).tolist()  # one read
+        return [int(t) for t in columns[0]], columns[1], columns[2]
 
     @staticmethod
     def _record_top_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[int]):

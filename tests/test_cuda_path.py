@@ -268,3 +268,23 @@ def test_triton_vocab_split_merges_slices_exactly():
     torch.testing.assert_close(logprobs.double(), logp.gather(1, tokens[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
     assert sampling_triton.split_size(vocab, 1024) == sampling_triton.SPLIT
     assert sampling_triton.split_size(1000, 1024) == 1024
+
+
+def test_flashinfer_plan_failure_says_what_to_do(monkeypatch):
+    import sys
+
+    from engine.attention import flashinfer as fi
+
+    class Failing(FakeWrapper):
+        def plan(self, *args, **kwargs):
+            raise OSError("nvcc: not found")
+
+    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=Failing,
+                                 BatchDecodeWithPagedKVCacheWrapper=Failing)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (True, ""))
+    monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1 << 12)
+    k = torch.zeros(1, 4, 4, 2, 8, dtype=torch.bfloat16)
+    attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
+    with pytest.raises(RuntimeError, match="nvcc: not found.*attention_backend='torch'"):
+        attn.plan([1], [3], torch.tensor([[2]]), torch.tensor([10]))

@@ -102,13 +102,19 @@ class FlashInferPagedAttention(AttentionBackend):
         common = {"q_data_type": self.k_cache.dtype, "kv_data_type": self.k_cache.dtype, "sm_scale": self.scale}
         self.slot_mapping = slot_mapping
         self.is_decode = max(query_lens) == 1
-        if self.is_decode:
-            self.decode.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads, self.head_dim,
-                             bs, pos_encoding_mode="NONE", **decode_plan_args(bs), **common)
-        else:
-            qo_indptr = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
-                              self.head_dim, bs, causal=True, **common)
+        try:
+            if self.is_decode:
+                self.decode.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
+                                 self.head_dim, bs, pos_encoding_mode="NONE", **decode_plan_args(bs), **common)
+            else:
+                qo_indptr = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
+                                  self.head_dim, bs, causal=True, **common)
+        except Exception as e:  # its first plan() JIT-builds kernels: say what that needs and how to avoid it
+            step = "decode" if self.is_decode else "prefill"
+            raise RuntimeError(f"flashinfer {installed_version()} failed to plan a {step} step "
+                               f"({type(e).__name__}: {e}); its first plan() compiles kernels, which needs nvcc "
+                               f"and ninja; attention_backend='torch' avoids flashinfer") from e
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D]. Returns [T, heads * D]."""

@@ -98,9 +98,13 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
 
 
 def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor) -> None:
-    """Raise a clear error for NaN/+inf logits or rows where no allowed token has nonzero probability."""
-    if bool(max_x.isnan().any()) or bool((max_x == float("inf")).any()):
-        rows = torch.nonzero(max_x.isnan() | (max_x == float("inf"))).flatten().tolist()
+    """Raise a clear error for NaN/+inf logits or rows where no allowed token has nonzero probability (one device
+    read when all is well)."""
+    bad_logits = max_x.isnan() | (max_x == float("inf"))
+    if not bool((bad_logits | (best == float("-inf"))).any()):
+        return
+    if bool(bad_logits.any()):
+        rows = torch.nonzero(bad_logits).flatten().tolist()
         raise ValueError(f"entropy_sample: logits contain NaN or +inf in rows {rows[:8]}")
     if bool((best == float("-inf")).any()):
         rows = torch.nonzero(best == float("-inf")).flatten().tolist()
