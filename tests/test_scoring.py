@@ -251,3 +251,21 @@ def test_advantages_are_float_lists_per_token():
     for s in samples:
         assert all(isinstance(a, float) for a in s.advantages)
         assert torch.tensor(s.advantages).isfinite().all()
+
+
+def test_train_pick_first_trains_the_first_n_train_votes():
+    cfg = config("ttrl")
+    cfg.rollout.train_pick = "first"  # TTRL: the first n_train of the votes
+    samples, _ = score_group(group(), cfg, SEED)
+    # kept rewards [1, 0, 1]: mean 2/3, std sqrt(2)/3 -> [1/sqrt 2, -sqrt 2, 1/sqrt 2]
+    assert_advantages(samples, {0: 1 / math.sqrt(2), 1: -math.sqrt(2), 2: 1 / math.sqrt(2)})
+    cfg.rollout.n_train = 10
+    samples, _ = score_group(group(), cfg, SEED)
+    assert_advantages(samples, dict(enumerate(grpo([1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))))
+
+
+def test_bessel_std_reaches_the_samples():
+    samples, _ = score_group(group(), config("ttrl", std="bessel"), SEED)
+    # kept rewards [1, 0, 0]: mean 1/3, std with n - 1: sqrt((4/9 + 2/9) / 2) = 1/sqrt 3
+    r3 = math.sqrt(3)
+    assert_advantages(samples, {0: 2 / 3 * r3, 3: -r3 / 3, 4: -r3 / 3})
