@@ -10,11 +10,11 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_util import running
-from tiny_models import make_tiny_model
 
 from engine import LLM, SamplingParams, TreeParams
 from engine.serve.api_server import Server, ServerConfig
+from serve_util import running
+from tiny_models import make_tiny_model
 
 KEY = "test-key"
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -319,3 +319,19 @@ def test_a_client_that_disconnects_frees_its_sequences(url, server, monkeypatch)
                    json={"prompt": "time out", "max_tokens": 80, "ignore_eos": True})
     assert_idle_and_clean(server)
     assert server.engine.num_decode_tokens - before < 100  # both to the end would decode 158
+
+
+@pytest.mark.integration
+def test_default_model_through_the_server_equals_in_process_chat():
+    """The real default model (SmolLM2-135M-Instruct) served over HTTP: chat with its own template, n=2."""
+    name, engine = "smollm2-135m-instruct", {"dtype": "float32", "kv_cache_tokens": 4096}
+    messages = [{"role": "user", "content": "What is 12 + 30? Answer with a number."}]
+    ref = LLM(name, **engine).chat(messages, SamplingParams(n=2, max_tokens=24, seed=0, temperature=0.7))[0]
+    server = Server(LLM(name, **engine), ServerConfig(name))
+    with running(server.app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+        out = client.chat.completions.create(model=name, messages=messages, n=2, max_tokens=24, seed=0,
+                                             temperature=0.7, extra_body={"return_token_ids": True})
+        assert_idle_and_clean(server)
+    for choice, sample in zip(out.choices, ref.outputs):
+        assert extra(choice, "token_ids") == sample.token_ids and choice.message.content == sample.text

@@ -8,11 +8,11 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save
-from serve_util import running
-from tiny_models import make_tiny_model
 
 from engine import LLM, SamplingParams
 from engine.serve.api_server import Server, ServerConfig
+from serve_util import running
+from tiny_models import make_tiny_model
 
 ENGINE = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 256, "max_model_len": 96}
 PROMPT = list(range(65, 85))

@@ -299,7 +299,8 @@ def build_app(server: Server) -> FastAPI:
     async def sample_tree(request: Request):
         req = await server.parse(request, SampleTreeRequest)
         if req.n != 1:
-            raise ApiError(400, f"sample_tree takes n=1 (the tree's size is trees x (1 + forks x branches)), got {req.n}")
+            raise ApiError(400, f"sample_tree takes n=1 (the tree's size is trees x (1 + forks x branches)), "
+                                f"got {req.n}")
         try:
             tree = TreeParams(req.trees, req.forks, req.branches, req.metric, req.distinct)
         except ValueError as e:

@@ -163,12 +163,15 @@ class EngineLoop:
     # ---- the loop thread ----------------------------------------------------------------------------------
     def _run(self):
         while not self._stopping:
-            self._drain(block=not self.active)
+            self._drain(block=not self._has_work())
             self._run_barriers()
             self._admit()
             if self.active:
                 self._step()
         self._shutdown()
+
+    def _has_work(self) -> bool:
+        return bool(self.active or self.barriers or (self.held and not self.paused))
 
     def _drain(self, block: bool):
         try:

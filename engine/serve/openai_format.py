@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 
 from engine.sequence import Sequence
 
@@ -68,7 +69,7 @@ class Formatter:
         if opts.logprobs is None:
             return None
         top = self._top(logprobs, top)
-        name = lambda t: self.token_text(t, opts.tokens_as_ids)
+        name = partial(self.token_text, as_id=opts.tokens_as_ids)
         tokens = [name(t) for t in token_ids]
         offsets, at = [], offset
         for s in tokens:
@@ -86,7 +87,7 @@ class Formatter:
         if opts.logprobs is None:
             return None
         top = self._top(logprobs, top)
-        name = lambda t: self.token_text(t, opts.tokens_as_ids)
+        name = partial(self.token_text, as_id=opts.tokens_as_ids)
         content = []
         for token, lp, (_, alts) in zip(token_ids, self.token_logprobs(logprobs, top, opts), top):
             content.append({"token": name(token), "logprob": lp, "bytes": list(name(token).encode()),

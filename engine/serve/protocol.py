@@ -71,7 +71,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class SampleTreeRequest(SamplingFields):
-    """Prompts + TreeParams fields + sampling fields (n must stay 1: the tree's size is trees x (1 + forks x branches))."""
+    """Prompts + TreeParams fields + sampling fields (n stays 1: trees x (1 + forks x branches) leaves per prompt)."""
     model: str | None = None
     prompts: list[str | list[int]] = Field(min_length=1)
     trees: int = Field(12, ge=1, le=MAX_N)
