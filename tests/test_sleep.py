@@ -84,6 +84,8 @@ def test_cuda_is_the_default_device_only_where_torch_sees_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert EngineConfig(model="m").device == "cuda"
     assert EngineConfig(model="m", device="cpu").device == "cpu"
+    import inspect
+    assert inspect.signature(LLM).parameters["device"].default == "auto"
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineConfig(model="m", device="cpu", gpu_memory_utilization=1.5)
 
