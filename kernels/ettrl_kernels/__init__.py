@@ -1,9 +1,9 @@
 """Fused sampling and token-statistics kernels (Triton on CUDA, torch elsewhere).
 
-    tokens, logprobs, entropies = kernels.entropy_sample(logits, temperature=0.6, top_k=-1, top_p=1.0,
-                                                         seeds=seed, seq_ids=seq_ids, positions=positions,
-                                                         exclude=None, backend="auto")
-    logprobs, entropies = kernels.token_stats(logits, targets, temperature=1.0, backend="auto")
+    tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=0.6, top_k=-1, top_p=1.0,
+                                                               seeds=seed, seq_ids=seq_ids, positions=positions,
+                                                               exclude=None, backend="auto")
+    logprobs, entropies = ettrl_kernels.token_stats(logits, targets, temperature=1.0, backend="auto")
 
 Both report the policy's own full-vocabulary distribution softmax(logits / T) (docs/algorithms.md section 3);
 sampling noise is a pure function of (seed, seq_id, position, token) (noise.py), identical on both backends.
