@@ -88,3 +88,22 @@ def test_groups_as_tensor_or_names_give_the_same_advantages():
     by_names = compute_advantages(REWARDS, groups=GROUPS)
     by_tensor = compute_advantages(REWARDS, groups=torch.tensor([7, 3, 7, 3, 7, 3]))
     assert torch.equal(by_names, by_tensor)
+
+
+def test_adv_res_with_group_size_uses_each_groups_mean():
+    # consecutive groups of 3: [1, 0, 0 | 1, 0, 1], H [0.5, 1.0, 1.5 | 3.0, 1.0, 2.0] -> Hbar 1.0 and 2.0
+    cfg = AdvantageConfig(method="adv_res", res_alpha=0.3, res_beta=0.1)
+    got = compute_advantages(REWARDS, cfg, group_size=3, response_entropies=H)
+    y = [1.1, 1.0, 0.7, 0.7, 1.1, 1.0]  # 1 + (Hbar - H) / Hbar = [1.5, 1, 0.5 | 0.5, 1.5, 1], clipped to [0.7, 1.1]
+    close(got, [a * yi for a, yi in zip([S, -1 / S, -1 / S, 1 / S, -S, 1 / S], y)])
+
+
+def test_adv_clip_default_bound_and_messages():
+    from ettrl.advantages import adv_clip
+    close(adv_clip([5.0, -5.0, 1.5]), [2.0, -2.0, 1.5])
+    with pytest.raises(ValueError, match="^advantages must be one value per response"):
+        adv_clip([[1.0]])
+    with pytest.raises(ValueError, match="^method 'adv_res' needs response_entropies"):
+        compute_advantages(REWARDS, AdvantageConfig(method="adv_res"))
+    with pytest.raises(ValueError, match="^std must be one of"):
+        AdvantageConfig(std="sample")
