@@ -247,6 +247,7 @@ def main():
     parser.add_argument("--no-tool", action="store_true", help="hand-planted mutants only")
     parser.add_argument("--no-hand", action="store_true", help="mutmut only")
     parser.add_argument("--cpp", action="store_true", help="also the C++ mutants (rebuilds the extension)")
+    parser.add_argument("--hand", default="", help="only the hand-planted mutants whose name matches this regex")
     parser.add_argument("--children", type=int, default=2, help="mutmut workers")
     parser.add_argument("--workdir", default="", help="scratch folder (default: a new temporary one)")
     args = parser.parse_args()
@@ -258,7 +259,7 @@ def main():
     report = ["# Mutation run", "", f"commit {commit.strip()}, cap {args.minutes:g} min", ""]
     if not args.no_hand:
         share = deadline if args.no_tool else start + (deadline - start) * 0.4
-        hand = run_hand(HAND_MUTANTS, work, share, args.cpp)
+        hand = run_hand([m for m in HAND_MUTANTS if re.search(args.hand, m.name)], work, share, args.cpp)
         report += ["## Hand-planted mutants", "", "| mutant | file | result | what |", "|---|---|---|---|"]
         report += [f"| {m.name} | {m.path} | {status} | {m.why} |" for m, status in hand]
         report.append("")
