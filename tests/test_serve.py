@@ -335,3 +335,9 @@ def test_default_model_through_the_server_equals_in_process_chat():
         assert_idle_and_clean(server)
     for choice, sample in zip(out.choices, ref.outputs):
         assert extra(choice, "token_ids") == sample.token_ids and choice.message.content == sample.text
+
+
+@pytest.mark.parametrize("bad", [{"logprobs": -1}, {"logprobs_mode": "raw_logits"}])
+def test_sampling_params_check_the_logprobs_fields(bad):
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(**bad)
