@@ -19,6 +19,7 @@ from tiny_models import make_tiny_model
 KEY = "test-key"
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+TREE = {"trees": 2, "forks": 1, "branches": 2}
 ENGINE = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 512, "max_model_len": 96}
 
 
@@ -257,8 +258,9 @@ def test_unknown_fields_are_ignored_with_a_warning(url, server, caplog):
 
 
 def test_bounded_load_with_cancelled_streams(url, server, reference):
-    """200 requests from 32 concurrent clients, every 8th a stream the client drops after two chunks: every other
-    request completes with its own seed's tokens (none lost, none swapped), and the KV pool returns to idle."""
+    """200 requests from 32 concurrent clients (completions with n = 1..3, every 10th a sample_tree), every 8th a
+    stream the client drops after two chunks: every other request completes with its own seed's tokens (none
+    lost, none swapped), and the KV pool returns to idle."""
     num_requests, num_clients = 200, 32
     rng = random.Random(0)
     jobs = [(i, f"load {i} {'x' * rng.randrange(0, 12)}", 3 + rng.randrange(6), i % 8 == 7)
@@ -276,10 +278,15 @@ def test_bounded_load_with_cancelled_streams(url, server, reference):
                     if seen == 2:
                         break  # leaving the block closes the connection mid-stream
             return
-        r = await http.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
         assert i not in results
-        results[i] = r.json()["choices"][0]["token_ids"]
+        if i % 10 == 3:  # tree requests share the batch too
+            r = await http.post("/v1/sample_tree", json={**body, "prompts": [prompt], **TREE})
+            assert r.status_code == 200, r.text
+            results[i] = [leaf["token_ids"] for leaf in r.json()["results"][0]["leaves"]]
+            return
+        r = await http.post("/v1/completions", json={**body, "n": 1 + i % 3})
+        assert r.status_code == 200, r.text
+        results[i] = [c["token_ids"] for c in r.json()["choices"]]
 
     async def main():
         queue = asyncio.Queue()
@@ -296,9 +303,14 @@ def test_bounded_load_with_cancelled_streams(url, server, reference):
     asyncio.run(main())
     kept = [(i, p, t) for i, p, t, cancel in jobs if not cancel]
     assert sorted(results) == [i for i, *_ in kept]
-    expected = reference.generate([p for _, p, _ in kept],
-                                  [SamplingParams(max_tokens=t, seed=1000 + i) for i, _, t in kept])
-    assert [results[i] for i, *_ in kept] == [out.outputs[0].token_ids for out in expected]
+    plain = [(i, p, t) for i, p, t in kept if i % 10 != 3]
+    expected = reference.generate([p for _, p, _ in plain],
+                                  [SamplingParams(n=1 + i % 3, max_tokens=t, seed=1000 + i) for i, _, t in plain])
+    assert [results[i] for i, *_ in plain] == [[s.token_ids for s in out.outputs] for out in expected]
+    for i, p, t in kept:
+        if i % 10 == 3:
+            tree = reference.sample_tree([p], TreeParams(**TREE), SamplingParams(max_tokens=t, seed=1000 + i))[0]
+            assert results[i] == [leaf.token_ids for leaf in tree.leaves]
     assert_idle_and_clean(server)
 
 
