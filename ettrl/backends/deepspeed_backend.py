@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
+from ettrl.backends.common import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:

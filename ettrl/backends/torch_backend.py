@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ettrl.backends import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
+from ettrl.backends.common import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
 
 
 class TorchBackend(OptimizerState):
