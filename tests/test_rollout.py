@@ -114,3 +114,19 @@ def test_engine_responses_carry_the_policys_entropies(tiny, method):
             logp, h = hf_token_stats(model, g.prompt_ids, r.token_ids, cfg.rollout.temperature)
             torch.testing.assert_close(torch.tensor(r.entropies), h, rtol=1e-4, atol=1e-4)
             assert (h - (-logp)).abs().max() > 0.1
+
+
+def test_resolve_device_and_make_llm(tmp_path, monkeypatch):
+    from ettrl.rollout import make_llm, resolve_device
+    assert resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.undo()
+    from tiny_models import make_tiny_model
+    make_tiny_model("llama", tmp_path, tokenizer=True)
+    llm, tokenizer = make_llm(str(tmp_path), dtype="bfloat16", device="cpu", num_kv_blocks=32, block_size=8)
+    assert (llm.config.dtype, llm.config.device, llm.config.num_kv_blocks, llm.config.block_size) == \
+        ("bfloat16", "cpu", 32, 8)
+    assert tokenizer.decode(tokenizer("ab").input_ids) == "ab"
