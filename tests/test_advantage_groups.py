@@ -107,3 +107,19 @@ def test_adv_clip_default_bound_and_messages():
         compute_advantages(REWARDS, AdvantageConfig(method="adv_res"))
     with pytest.raises(ValueError, match="^std must be one of"):
         AdvantageConfig(std="sample")
+
+
+def test_entropy_term_defaults_dtype_and_checks():
+    from ettrl.advantages import entropy_term
+    # defaults alpha 0.4, kappa 2: A + min(0.4 H, |A| / 2)
+    got = entropy_term(torch.tensor([1.0, -1.0]), torch.tensor([[0.5, 2.0], [0.5, 2.0]]))
+    assert got.flatten().tolist() == pytest.approx([1.2, 1.5, -0.8, -0.5])
+    doubles = entropy_term(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64))
+    assert doubles.dtype == torch.float32
+    with pytest.raises(ValueError, match="need advantages"):
+        entropy_term([1.0], [0.5])  # token entropies must be [N, T]
+    with pytest.raises(ValueError, match=r"^entropy_alpha > 0 needs token_entropies \[N, T\]"):
+        compute_advantages(REWARDS, AdvantageConfig(entropy_alpha=0.4))
+    cfg = AdvantageConfig(entropy_alpha=0.4, entropy_kappa=4.0)
+    got = compute_advantages([1.0, 0.0], cfg, token_entropies=torch.tensor([[2.0], [2.0]]))
+    assert got.flatten().tolist() == pytest.approx([1.25, -0.75], abs=1e-5)  # |A| / 4 = 0.25 caps 0.8

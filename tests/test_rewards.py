@@ -148,3 +148,16 @@ def test_rent_default_beta_is_one_and_compute_rewards_passes_dares_tau():
     # p ~ n / u: "4" 2/0.4, "5" 1/1, "7" 1/1.5 -> 0.75, 0.15, 0.10; tau 0.12 prunes "7" -> 5/6, 1/6; bonus "4" 0.4
     got = compute_rewards(answers, RewardConfig(method="dare", dare_alpha=0.5, dare_tau=0.12), h)
     assert got == pytest.approx([5 / 6 + 0.2, 1 / 6, 5 / 6 + 0.2, 0.0, 0.0, 0.0], abs=1e-5)
+
+
+def test_dare_defaults_and_edge_cases():
+    from ettrl.rewards import DareScores, dare_rewards, dare_scores
+    answers, h = ["4", "5", "4", None, "7", None], [0.3, 1.0, 0.5, 2.0, 1.5, 1.0]
+    # defaults alpha 0.5, tau 0.05: p = 0.75, 0.15, 0.10 (none pruned), bonus 0.4 for "4" only
+    assert dare_rewards(answers, h) == pytest.approx([0.95, 0.15, 0.95, 0.0, 0.1, 0.0], abs=1e-5)
+    assert dare_rewards(["4", "4"], [0.2, 0.4]) == pytest.approx([1.0, 1.0])  # one class: p = 1, bonus 0
+    assert dare_scores([None, None], [1.0, 2.0]) == DareScores([0.0, 0.0], [-1, -1], [], [])
+    # a class whose probability equals tau exactly is kept
+    weights = [1 / (1.0 + 1e-6), 19 / (1.0 + 1e-6)]
+    tau = weights[0] / sum(weights)
+    assert dare_scores(["a"] + ["b"] * 19, [1.0] * 20, tau=tau).probs[0] > 0
