@@ -215,8 +215,7 @@ def main():
         args.threads = torch.get_num_threads()
     if args.worker:
         return worker(args)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from roofline import machine_header
+    from roofline import machine_header  # bench/: the script's own folder is on sys.path
     print(machine_header())
     print(f"{args.model}, {args.dtype}, batch {args.batch} distinct 15-token prompts, {args.new_tokens} new tokens, "
           f"T=0.6, {args.threads} threads, median of {args.repeats}, each run its own process", flush=True)
