@@ -13,7 +13,8 @@ ONNX) are built once into <cache dir>/peers/ (ETTRL_CACHE).
 llama.cpp: `pip install llama-cpp-python` (builds llama.cpp from source, ~10 min on 2 cores). It reads a GGUF:
 --gguf (default: the Q4_1 GGUF the default model is converted from; for F32/BF16 convert our safetensors with
 llama.cpp's convert_hf_to_gguf.py --outtype f32|bf16). llama-cpp-python's high-level API decodes one sequence
-at a time, so at batch > 1 it runs the prompts one after another.
+at a time, so at batch > 1 it runs the prompts one after another; ONNX Runtime GenAI's CPU sampler takes at most
+32 rows, so a batch of 64 runs as two batches of 32, one after the other.
 
     python bench/peers.py [--batch 8] [--dtype float32] [--new-tokens 128] [--repeats 3] [--peers ...]
 """
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 PEERS = ("transformers", "ctranslate2", "llama_cpp", "onnxruntime_genai")
+ORT_MAX_BATCH = 32  # onnxruntime-genai 0.18 on the CPU: "batch_size (64) must be in [1, 32]"
 SKIP = 3  # a worker's exit status for "this peer is not available here"
 QUESTION = " How many clips did Natalia sell altogether in April and May if she sold 48 in April and half as many"
 
@@ -142,15 +144,18 @@ def onnxruntime_genai_runner(model_dir, ids, new_tokens, dtype, threads, args):
     model = og.Model(str(out))
     vocab = config["model"]["vocab_size"]
 
-    def run(max_tokens=new_tokens):
+    def run_chunk(chunk, max_tokens):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=True, temperature=0.6, top_k=vocab, top_p=1.0, batch_size=len(ids),
-                                  max_length=len(ids[0]) + max_tokens, min_length=len(ids[0]) + max_tokens)
+        params.set_search_options(do_sample=True, temperature=0.6, top_k=vocab, top_p=1.0, batch_size=len(chunk),
+                                  max_length=len(chunk[0]) + max_tokens, min_length=len(chunk[0]) + max_tokens)
         generator = og.Generator(model, params)
-        generator.append_tokens(np.array(ids, dtype=np.int32))
+        generator.append_tokens(np.array(chunk, dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()
-        return sum(len(generator.get_sequence(i)) - len(p) for i, p in enumerate(ids))
+        return sum(len(generator.get_sequence(i)) - len(p) for i, p in enumerate(chunk))
+
+    def run(max_tokens=new_tokens):  # its CPU sampler takes at most ORT_MAX_BATCH rows: larger batches in turns
+        return sum(run_chunk(ids[i:i + ORT_MAX_BATCH], max_tokens) for i in range(0, len(ids), ORT_MAX_BATCH))
     return run
 
 
@@ -210,9 +215,10 @@ def main():
     ap.add_argument("--gguf", default=None, help="llama.cpp's model file (default: the default model's Q4_1)")
     ap.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import torch
     if args.threads is None:
-        import torch
         args.threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the header reports it
     if args.worker:
         return worker(args)
     from roofline import machine_header  # bench/: the script's own folder is on sys.path
