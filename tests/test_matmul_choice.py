@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import hf_greedy, make_tiny_model
 
 from engine import LLM, SamplingParams
 from engine.models import matmul_choice
@@ -20,6 +19,7 @@ from engine.models.matmul_choice import (
     resolve_kernel,
 )
 from engine.models.packed_linear import Panels
+from tiny_models import hf_greedy, make_tiny_model
 
 SHAPES = [(96, 64), (64, 64), (300, 64)]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 100, 200], list(range(20, 57))]
