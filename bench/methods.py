@@ -134,7 +134,8 @@ def aggregate(runs: dict[str, dict[int, dict]], baseline: str = "ttrl", metrics=
     for method in sorted(runs, key=lambda m: (m != baseline, m)):
         by_seed = runs[method]
         for metric in metrics:
-            after = {s: r["after"][metric] for s, r in by_seed.items() if (r.get("after") or {}).get(metric) is not None}
+            after = {s: r["after"][metric] for s, r in by_seed.items()
+                     if (r.get("after") or {}).get(metric) is not None}
             if not after:
                 continue
             change = [r["after"][metric] - r["before"][metric] for s, r in by_seed.items()

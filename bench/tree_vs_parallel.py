@@ -36,7 +36,8 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--data", default="arithmetic", help="arithmetic (built-in, level 1) or a JSONL/JSON/Parquet file")
-    p.add_argument("--prompt", default="fewshot", choices=["fewshot", "plain", "chat"], help="prompt style (ettrl.prompts)")
+    p.add_argument("--prompt", default="fewshot", choices=["fewshot", "plain", "chat"],
+                   help="prompt style (ettrl.prompts)")
     p.add_argument("--trees", type=int, default=12)
     p.add_argument("--configs", default="2x2,3x2", help="comma-separated NxB fork/branch settings")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -100,7 +101,8 @@ def run_once(llm, prompts, tp: TreeParams, sp: SamplingParams) -> dict:
     tree_leaves = sum(t.stats.leaves for t in trees)
     return {
         "token_ratio": tree_tokens / par_tokens,
-        "leaf_token_ratio": sum(t.stats.decoded_tokens for t in trees) / sum(t.stats.parallel_equivalent_tokens for t in trees),
+        "leaf_token_ratio": (sum(t.stats.decoded_tokens for t in trees)
+                             / sum(t.stats.parallel_equivalent_tokens for t in trees)),
         "fork_depth": mean_fork_depth(trees),
         "wall_ratio": tree_s / par_s,
         "step_ratio": tree_steps / par_steps,
@@ -131,10 +133,11 @@ def main():
         tp = TreeParams(trees=args.trees, forks=forks, branches=branches, metric=args.metric, distinct=args.distinct)
         runs = []
         for rep in range(args.repeats):
-            sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=stop_strings(args.prompt),
-                                seed=args.seed * 1000 + rep)
+            sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                                stop=stop_strings(args.prompt), seed=args.seed * 1000 + rep)
             runs.append(run_once(llm, prompts, tp, sp))
-            print(f"N={forks} B={branches} run {rep}: " + ", ".join(f"{k}={v:.3g}" for k, v in runs[-1].items()), flush=True)
+            print(f"N={forks} B={branches} run {rep}: " + ", ".join(f"{k}={v:.3g}" for k, v in runs[-1].items()),
+                  flush=True)
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         at_depth = token_theory(forks, branches, median["fork_depth"])
         rows.append({"M": args.trees, "N": forks, "B": branches, "leaves": tp.num_leaves,
@@ -146,15 +149,18 @@ def main():
 
 
 def print_table(rows, args):
-    print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts of {args.data} ({args.prompt}), T={args.temperature}, max {args.max_tokens} tokens, "
+    print(f"\n{args.model} ({args.dtype}), {args.prompts} prompts of {args.data} ({args.prompt}), "
+          f"T={args.temperature}, max {args.max_tokens} tokens, "
           f"batch {args.max_num_seqs}, fork metric {args.metric}{' distinct' if args.distinct else ''}, "
           f"median of {args.repeats}")
-    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | theory at that depth | "
-          "wall tree/parallel | steps tree/parallel | leaves/s tree | leaves/s parallel | distinct answers tree / parallel | majority agreement |")
+    print("| M | N | B | leaves/prompt | theory tokens | tokens tree/parallel | tokens within leaves | fork depth | "
+          "theory at that depth | wall tree/parallel | steps tree/parallel | leaves/s tree | leaves/s parallel | "
+          "distinct answers tree / parallel | majority agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['M']} | {r['N']} | {r['B']} | {r['leaves']} | {r['theory']:.3f} | {r['token_ratio']:.3f} | "
-              f"{r['leaf_token_ratio']:.3f} | {r['fork_depth']:.2f} | {r['theory_at_depth']:.3f} | {r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
+              f"{r['leaf_token_ratio']:.3f} | {r['fork_depth']:.2f} | {r['theory_at_depth']:.3f} | "
+              f"{r['wall_ratio']:.3f} | {r['step_ratio']:.3f} | {r['tree_leaves_per_s']:.2f} | "
               f"{r['parallel_leaves_per_s']:.2f} | {r['tree_distinct']:.1f} / {r['parallel_distinct']:.1f} | "
               f"{r['majority_agreement']:.2f} |")
 

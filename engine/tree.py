@@ -137,7 +137,8 @@ class _TreeRun:
     # The pieces of run() for a caller that owns the step loop (engine/serve's engine loop).
     def begin(self, prompt_ids: list[list[int]], seeds: list[int]):
         """Queues every prompt's M roots (validated before any is queued)."""
-        self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)]) for ids, seed in zip(prompt_ids, seeds)]
+        self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)])
+                        for ids, seed in zip(prompt_ids, seeds)]
         self.live = [self.tp.trees] * len(prompt_ids)
         requests = [self.engine.make_sequences(ids, replace(p, n=self.tp.trees), seed)  # M siblings, one prefill
                     for ids, p, seed in zip(prompt_ids, self.params, seeds)]
@@ -197,7 +198,8 @@ class _TreeRun:
                 self.live[i] += 1
 
     def _leaf(self, seq: Sequence, root: int, fork_position: int | None, branch: int | None) -> Leaf:
-        """A fork inherits its parent's tokens, logprobs and entropies up to the fork: the leaf is the whole response."""
+        """A fork inherits its parent's tokens, logprobs and entropies up to the fork: the leaf is the whole
+        response."""
         out = self.llm._completion(seq)
         return Leaf(out.token_ids, out.text, list(out.logprobs), list(out.entropies), out.finish_reason,
                     root, fork_position, branch, seq.seq_id)

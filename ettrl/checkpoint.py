@@ -71,7 +71,8 @@ def load_training_state(ckpt: Path, rank: int = 0) -> dict:
     ckpt = Path(ckpt)
     mine = ckpt / f"rank{rank}.pt"
     if not mine.is_file():
-        raise FileNotFoundError(f"{ckpt} has no state for rank {rank}; resume with the number of processes that saved it")
+        raise FileNotFoundError(f"{ckpt} has no state for rank {rank}; "
+                                "resume with the number of processes that saved it")
     return {**torch.load(ckpt / STATE_FILE, weights_only=False), **torch.load(mine, weights_only=False)}
 
 

@@ -157,7 +157,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as configs/default.yaml")
+            raise ConfigError(f"config file {path} does not exist; "
+                              "pass --config with a YAML file such as configs/default.yaml")
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a YAML mapping at the top level")
@@ -250,7 +251,8 @@ def validate(cfg: Config) -> None:
            f"model.gpu_memory_utilization={cfg.model.gpu_memory_utilization}: use a fraction in (0, 1]")
     for key, value in (("model.dtype", cfg.model.dtype), ("model.engine_dtype", cfg.model.engine_dtype)):
         _check(value in ("float32", "bfloat16", "float16"), f"{key}={value!r}: use float32 or bfloat16")
-    _check(cfg.data.prompt in ("fewshot", "plain", "chat"), f"data.prompt={cfg.data.prompt!r}: use fewshot, plain or chat")
+    _check(cfg.data.prompt in ("fewshot", "plain", "chat"),
+           f"data.prompt={cfg.data.prompt!r}: use fewshot, plain or chat")
     _check(1 <= cfg.data.difficulty <= 3, f"data.difficulty={cfg.data.difficulty}: use 1, 2 or 3")
     _check(bool(cfg.data.problem_field), "data.problem_field must name the field that holds the problem text")
     _check(bool(cfg.data.train), "data.train must name the unlabeled problems: 'arithmetic', a file or a dataset name")
@@ -262,15 +264,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
     _check(r.n_votes >= 1 and r.n_train >= 1, "rollout.n_votes and rollout.n_train must be >= 1")
     if cfg.tree:
-        _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1, "rollout.trees >= 1, rollout.forks >= 0, rollout.branches >= 1")
+        _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1,
+               "rollout.trees >= 1, rollout.forks >= 0, rollout.branches >= 1")
     _check(r.n_train <= cfg.n_votes,
            f"rollout.n_train={r.n_train} is more than the {cfg.n_votes} responses that vote per prompt"
-           + (f" (rollout.trees * (1 + forks * branches) for method={cfg.method})" if cfg.tree else " (rollout.n_votes)")
+           + (f" (rollout.trees * (1 + forks * branches) for method={cfg.method})" if cfg.tree
+              else " (rollout.n_votes)")
            + "; lower rollout.n_train or raise the number of votes")
     _check(r.temperature > 0, "rollout.temperature must be > 0 (test-time RL needs diverse samples)")
     _check(0 < r.top_p <= 1 and 0 < e.top_p <= 1, "top_p must be in (0, 1]")
     _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
-    _check(r.fork_metric in ("entropy", "surprisal"), f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
+    _check(r.fork_metric in ("entropy", "surprisal"),
+           f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
     _check(r.train_pick in ("random", "first"), f"rollout.train_pick={r.train_pick!r}: use random or first")
     _check(a.std in ("population", "bessel"), f"algo.std={a.std!r}: use population or bessel")
     _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
@@ -281,9 +286,11 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "trainer.lr must be > 0")
     _check(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)")
     _check(t.grad_clip > 0, "trainer.grad_clip must be > 0 (the norm gradients are clipped to)")
-    _check(t.prompts_per_step >= 1 and t.micro_batch_size >= 1, "trainer.prompts_per_step and trainer.micro_batch_size must be >= 1")
+    _check(t.prompts_per_step >= 1 and t.micro_batch_size >= 1,
+           "trainer.prompts_per_step and trainer.micro_batch_size must be >= 1")
     _check(t.epochs >= 1 and t.max_steps >= 0, "trainer.epochs must be >= 1 and trainer.max_steps >= 0")
-    _check(t.loss_agg in ("token-mean", "seq-mean-token-mean"), f"trainer.loss_agg={t.loss_agg!r}: use token-mean or seq-mean-token-mean")
+    _check(t.loss_agg in ("token-mean", "seq-mean-token-mean"),
+           f"trainer.loss_agg={t.loss_agg!r}: use token-mean or seq-mean-token-mean")
     _check(t.eps_low >= 0 and t.eps_high >= 0 and t.kl_coef >= 0, "trainer.eps_low, eps_high and kl_coef must be >= 0")
     _check(t.ppo_epochs >= 1, "trainer.ppo_epochs must be >= 1")
     _check(t.clip_ratio_c == 0 or t.clip_ratio_c > 1, "trainer.clip_ratio_c must be 0 (off) or > 1 (verl: 3.0)")

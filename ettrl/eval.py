@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
     from ettrl.rollout import make_llm
 
     ap = argparse.ArgumentParser(prog="python -m ettrl.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model spec (e.g. smollm2-135m-instruct), HF directory or checkpoint")
+    ap.add_argument("--model", required=True,
+                    help="model spec (e.g. smollm2-135m-instruct), HF directory or checkpoint")
     ap.add_argument("--data", required=True, help="'arithmetic', a .jsonl/.json/.parquet file or a HF dataset name")
     ap.add_argument("--split", default="test")
     ap.add_argument("--problem-field", default="problem")

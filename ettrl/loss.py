@@ -7,7 +7,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               eps_low: float = 0.2, eps_high: float = 0.2, agg: str = "token-mean",
               ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-              entropies: torch.Tensor | None = None, clip_ratio_c: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+              entropies: torch.Tensor | None = None,
+              clip_ratio_c: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp_new - logp_old).
 
     logp_new/logp_old/mask (and ref_logp, entropies) are [B, T]; advantages are [B] (per response) or [B, T].

@@ -17,7 +17,8 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "cpu", gradient_checkpointing: bool = False):
+def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
+                gradient_checkpointing: bool = False):
     """(model, tokenizer) in train mode; dropout off so that a step is a deterministic function of the batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -23,7 +23,8 @@ def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop
                 for p, ids, out in zip(problems, prompt_ids, outs)]
     from engine import TreeParams
 
-    tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric, distinct=r.distinct)
+    tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric,
+                             distinct=r.distinct)
     trees = llm.sample_tree(prompt_ids, tree_params, [sampling_params(r, stop, s, 1) for s in seeds], use_tqdm=progress)
     return [Group(p, ids, [_response(leaf) for leaf in t.leaves], t.stats.decoded_tokens)
             for p, ids, t in zip(problems, prompt_ids, trees)]

@@ -5,7 +5,8 @@
     python -m ettrl.run --resume runs/default-20260101-120000
 
 Writes RUN_DIR/{config.yaml, metrics.jsonl, curves.png, summary.json, checkpoints/}.
-Multi-GPU: `deepspeed --num_gpus 8 --module ettrl.run ... trainer.backend=deepspeed` or `torchrun --nproc_per_node 8 -m ettrl.run ...`.
+Multi-GPU: `deepspeed --num_gpus 8 --module ettrl.run ... trainer.backend=deepspeed`
+or `torchrun --nproc_per_node 8 -m ettrl.run ...`.
 """
 from __future__ import annotations
 
@@ -33,13 +34,15 @@ def parse_args(argv):
 def load_run_config(args):
     if args.resume:
         if args.config or args.overrides:
-            raise ConfigError("--resume continues a run with its saved config.yaml; drop --config and key=value overrides")
+            raise ConfigError("--resume continues a run with its saved config.yaml; "
+                              "drop --config and key=value overrides")
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the directory of an earlier run")
         return load_config(run_dir / "config.yaml"), run_dir
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(args.run_dir) if args.run_dir
+               else Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg, run_dir
 
 

@@ -37,7 +37,8 @@ class Group:
 
 def answers_of(group: Group, last_number_fallback: bool = False) -> list[str | None]:
     """A response truncated at the length limit has no answer (it never votes)."""
-    return [None if r.finish_reason == "length" else extract_answer(r.text, last_number_fallback) for r in group.responses]
+    return [None if r.finish_reason == "length" else extract_answer(r.text, last_number_fallback)
+            for r in group.responses]
 
 
 def advantage_config(cfg) -> AdvantageConfig:

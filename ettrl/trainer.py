@@ -65,7 +65,8 @@ class Trainer:
         self.backend = make_backend(self.model, t, self.total_steps, self._micro_batches_per_rank())
         self.rank, self.world = self.backend.rank, self.backend.world_size
         if t.prompts_per_step % self.world:
-            raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of the {self.world} processes")
+            raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of the "
+                              f"{self.world} processes")
         if (t.prompts_per_step // self.world * cfg.rollout.n_train) % self.mini_batches:
             raise ConfigError(f"each of the {self.world} processes trains {t.prompts_per_step // self.world} prompts x "
                               f"rollout.n_train={cfg.rollout.n_train} samples a step, which do not split into "
@@ -101,7 +102,8 @@ class Trainer:
     def _latest_checkpoint(self) -> Path:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume {self.run_dir}: no finished checkpoint under {self.run_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"--resume {self.run_dir}: no finished checkpoint under "
+                                    f"{self.run_dir / 'checkpoints'}")
         return ckpt
 
     def _load_weights(self, ckpt: Path) -> None:
@@ -112,7 +114,8 @@ class Trainer:
             weights.update(load_file(f))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
 
     def _restore(self, ckpt: Path) -> None:
         state = load_training_state(ckpt, self.rank)

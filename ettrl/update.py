@@ -108,7 +108,10 @@ def _micro_step(backend, chunk, old, ref, tcfg, temperature, pad_id, device, n_t
     lengths = [len(s.response_ids) for s in chunk]
     mask = _padded([torch.full((n,), 0.0 if s.padding else 1.0, device=device) for s, n in zip(chunk, lengths)])
     adv = _padded([torch.tensor(s.advantages, dtype=torch.float32, device=device) for s in chunk])
-    split = lambda t: _padded(list(torch.split(t, lengths)))
+
+    def split(t):
+        return _padded(list(torch.split(t, lengths)))
+
     logp_new = split(logp)
     logp_old = logp_new.detach() if old is None else _padded([t.to(device) for t in old])
     loss, metrics = grpo_loss(logp_new, logp_old, adv, mask, tcfg.eps_low, tcfg.eps_high, tcfg.loss_agg,

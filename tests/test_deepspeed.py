@@ -90,7 +90,8 @@ def test_torchrun_launches_two_gloo_trainers(tmp_path):
     make_tiny_task(tmp_path, num_problems=4, data_file="p.jsonl")
     config = {"name": "tiny", "save_every": 2, "model": {"name": str(tmp_path / "model")},
               "data": {"train": str(tmp_path / "p.jsonl"), "eval": "", "prompt": "plain"},
-              "rollout": {"n_votes": 6, "n_train": 4, "max_tokens": 16, "temperature": 1.0, "last_number_fallback": True},
+              "rollout": {"n_votes": 6, "n_train": 4, "max_tokens": 16, "temperature": 1.0,
+                          "last_number_fallback": True},
               "trainer": {"backend": "deepspeed", "zero_stage": 2, "prompts_per_step": 2, "micro_batch_size": 2,
                           "max_steps": 2}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))

@@ -7,7 +7,8 @@ from engine import LLM, SamplingParams
 from engine.models.packed_linear import linear, pack, packing_supported
 from tiny_models import make_tiny_model
 
-TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}  # panels round like oneDNN, not bit for bit
+# panels round like oneDNN, not bit for bit
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

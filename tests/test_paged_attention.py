@@ -55,7 +55,8 @@ def test_decode_attention_matches_dense(dtype, use_kernel, heads, kv_heads, dim,
     attn = TorchPagedAttention(k_cache, v_cache, heads, scale, use_decode_kernel=use_kernel)
     assert (attn.kernel is not None) == use_kernel
     # the new token's K/V: rewrite what the pool already holds at each sequence's last slot
-    last = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables.tolist(), lens)])
+    last = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                         for t, n in zip(tables.tolist(), lens)])
     new_k = torch.stack([k[-1] for k, _ in dense])
     new_v = torch.stack([v[-1] for _, v in dense])
     attn.plan([1] * len(lens), lens, tables, last)
@@ -100,7 +101,8 @@ def test_kernel_variants_match_dense(switch):
     code = ("import sys; sys.path.insert(0, 'tests'); import test_paged_attention as t, torch; "
             "[t.test_decode_attention_matches_dense(d, True, *shape, bs) for d in (torch.float32, torch.bfloat16) "
             "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128), (14, 2, 64)) for bs in (16, 4)]; "
-            "[t.test_shared_prefix_attention_matches_dense(d, 9, 3, 64, 16, c) for d in (torch.float32, torch.bfloat16) "
+            "[t.test_shared_prefix_attention_matches_dense(d, 9, 3, 64, 16, c) "
+            "for d in (torch.float32, torch.bfloat16) "
             "for c in range(len(t.SHARED_CASES))]; "
             "[t.test_shared_prefix_attention_is_batch_invariant(d, *shape) for d in (torch.float32, torch.bfloat16) "
             "for shape in ((9, 3, 64), (14, 2, 64))]")

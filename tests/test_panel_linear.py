@@ -1,5 +1,6 @@
-"""ettrl_kernels._C.panel_linear (linear layers on weights packed into 48-column panels, AVX-512 BF16 CPUs) against float64
-matmuls and F.linear; the packed layout against a Python packing; bit-exact independence of rows and threads."""
+"""ettrl_kernels._C.panel_linear (linear layers on weights packed into 48-column panels, AVX-512 BF16 CPUs)
+against float64 matmuls and F.linear; the packed layout against a Python packing; bit-exact independence of rows
+and threads."""
 import os
 import subprocess
 import sys

@@ -25,7 +25,8 @@ def workdir(tmp_path_factory):
 def tiny_config(root: Path, method: str, *extra: str):
     return load_config(None, [
         f"model.name={root / 'model'}", f"data.train={root / 'problems.jsonl'}", "data.eval=", "data.prompt=plain",
-        f"method={method}", "rollout.n_votes=6", "rollout.n_train=4", "rollout.max_tokens=24", "rollout.temperature=1.0",
+        f"method={method}", "rollout.n_votes=6", "rollout.n_train=4", "rollout.max_tokens=24",
+        "rollout.temperature=1.0",
         "rollout.trees=2", "rollout.forks=1", "rollout.branches=2", "rollout.last_number_fallback=true",
         "trainer.prompts_per_step=2", "trainer.micro_batch_size=3", "trainer.max_steps=3", "trainer.lr=1e-5",
         "trainer.warmup_ratio=0", *extra])
@@ -79,6 +80,7 @@ def test_full_train_step_logs_a_record(workdir, tmp_path):
     trainer = Trainer(tiny_config(workdir, "ttrl"), tmp_path)
     record = trainer.train_step()
     assert record["step"] == 1 and trainer.step == 1
-    for key in ("reward", "majority_ratio", "label_acc", "entropy", "rollout_tokens", "rollout_s", "update_s", "loss", "lr"):
+    for key in ("reward", "majority_ratio", "label_acc", "entropy", "rollout_tokens", "rollout_s", "update_s",
+                "loss", "lr"):
         assert key in record
     assert record["rollout_tokens"] == record["rollout_tokens_total"] > 0

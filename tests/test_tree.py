@@ -168,7 +168,8 @@ def test_small_kv_pool_gives_the_same_leaves(llm, model_dir):
     cramped, _, _ = run_trees(cramped_llm, tp, sp)
     assert cramped_llm.engine.scheduler.num_preemptions > 0
     for a, b in zip(roomy, cramped):
-        assert [(l.origin, l.token_ids) for l in a.leaves] == [(l.origin, l.token_ids) for l in b.leaves]
+        assert ([(leaf.origin, leaf.token_ids) for leaf in a.leaves]
+                == [(leaf.origin, leaf.token_ids) for leaf in b.leaves])
 
 
 def test_branches_join_while_other_roots_still_decode(llm):
@@ -245,7 +246,8 @@ def test_progress_bar_counts_every_leaf(llm, monkeypatch, capsys):
     tp = TreeParams(trees=4, forks=6, branches=1)
     quiet = llm.sample_tree(PROMPTS, tp, params())
     shown = llm.sample_tree(PROMPTS, tp, params(), use_tqdm=True)
-    assert [[leaf.token_ids for leaf in t.leaves] for t in shown] == [[leaf.token_ids for leaf in t.leaves] for t in quiet]
+    assert ([[leaf.token_ids for leaf in t.leaves] for t in shown]
+            == [[leaf.token_ids for leaf in t.leaves] for t in quiet])
     leaves = sum(len(t.leaves) for t in shown)
     assert leaves < len(PROMPTS) * tp.num_leaves  # some roots were too short: the total had to shrink
     assert bars[-1].done == bars[-1].bar.total == leaves

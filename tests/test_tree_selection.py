@@ -9,7 +9,10 @@ from engine.tree_select import boxed_start_token, fork_positions, select_fork_po
 def brute_force_top_n(metric, n, end):
     """Position p is chosen iff fewer than n allowed positions beat it (larger value, or equal and earlier)."""
     allowed = range(1, min(end, len(metric)))
-    beats = lambda q, p: metric[q] > metric[p] or (metric[q] == metric[p] and q < p)
+
+    def beats(q, p):
+        return metric[q] > metric[p] or (metric[q] == metric[p] and q < p)
+
     return [p for p in allowed if sum(beats(q, p) for q in allowed) < n]
 
 

@@ -1,4 +1,5 @@
-"""A decode step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`, csrc/decode_layers.cpp).
+"""A decode step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`,
+csrc/decode_layers.cpp).
 
 The Python layer loop (llama.py) calls eight C++ ops a layer, and the Python around them is a measurable share of a
 decode step (docs/benchmarks.md). This calls the same ops with the same arguments in the same order, so it gives

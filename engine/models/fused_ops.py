@@ -30,7 +30,8 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int | None = Non
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """rms_norm(x) * weight; with `residual`: residual += x in place, returns (rms_norm(residual) * weight, residual)."""
+    """rms_norm(x) * weight; with `residual`: residual += x in place, returns
+    (rms_norm(residual) * weight, residual)."""
     x = x.contiguous()
     _check("rms_norm x", x, x.dtype, 2)
     _check("rms_norm weight", weight, x.dtype, 1)
@@ -61,7 +62,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_and_cache(qkv: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_mapping: torch.Tensor,
                    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None = None,
-                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, step_checked: bool = False) -> torch.Tensor:
+                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                   step_checked: bool = False) -> torch.Tensor:
     """Rotated queries [T, num_heads, head_dim]; the rotated keys and the values go into their cache slots.
 
     qkv: [T, (num_heads + 2 num_kv_heads) head_dim] (q | k | v per row); k_slots, v_slots: [slots, kv_heads * head_dim]

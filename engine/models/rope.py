@@ -57,7 +57,8 @@ class StepRope:
         # checked where it costs no device sync; on a GPU the engine's max_model_len check already covers it
         on_cpu = positions.device.type == "cpu"
         if positions.numel() and on_cpu and int(positions.max()) >= rope.cos.shape[0]:
-            raise IndexError(f"position {int(positions.max())} is past the rotary table ({rope.cos.shape[0]} positions)")
+            raise IndexError(f"position {int(positions.max())} is past the rotary table "
+                             f"({rope.cos.shape[0]} positions)")
         self.table, self.positions, self.dtype = rope, positions, dtype
         self._cos_sin = None
 

@@ -49,7 +49,8 @@ class DeepSpeedBackend(OptimizerState):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.micro_batches = micro_batches_per_step
         optimizer = make_optimizer(trained_parameters(model), tcfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, tcfg.warmup_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                           cosine_with_warmup(total_steps, tcfg.warmup_ratio))
         bf16 = next(model.parameters()).dtype == torch.bfloat16
         config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -80,7 +81,8 @@ class DeepSpeedBackend(OptimizerState):
 
     def step(self) -> tuple[float, float]:
         if self._micro != self.micro_batches:
-            raise RuntimeError(f"a DeepSpeed step needs exactly {self.micro_batches} micro-batches per rank, got {self._micro}")
+            raise RuntimeError(f"a DeepSpeed step needs exactly {self.micro_batches} micro-batches per rank, "
+                               f"got {self._micro}")
         self._micro = 0
         norm = self.engine.get_global_grad_norm()
         return float(norm if norm is not None else 0.0), self._lr

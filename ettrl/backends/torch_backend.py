@@ -25,7 +25,8 @@ class TorchBackend(OptimizerState):
             for p, m in zip(self.params, self.master):
                 p.register_post_accumulate_grad_hook(_accumulate_into(m))
         self.optimizer = make_optimizer(self.master or self.params, tcfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, tcfg.warmup_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           cosine_with_warmup(total_steps, tcfg.warmup_ratio))
 
     def forward(self, fn):
         return fn(self.model)
