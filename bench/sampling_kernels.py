@@ -8,9 +8,7 @@ Reports the median time of several runs, the speed-up over the naive sequence an
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 

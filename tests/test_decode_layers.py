@@ -1,5 +1,6 @@
 """The fused decode layer stack (engine/models/decode_layers.py) gives the Python layer loop's bits."""
 import pytest
+
 from engine import LLM, SamplingParams
 from engine.extension import extension
 from engine.models import decode_layers

@@ -1,13 +1,13 @@
 """The C++ entropy_sample (CPU float32, no top-k/top-p) against the torch path and brute-force references."""
 import pytest
 import torch
+from test_entropy_sample import reference_stats, reference_tokens
 
 import ettrl_kernels
 from ettrl_kernels import sampling_cpu
+from ettrl_kernels.noise import row_keys
 from ettrl_kernels.sampling import row_params
 from ettrl_kernels.sampling_torch import entropy_sample_torch
-from ettrl_kernels.noise import row_keys
-from test_entropy_sample import reference_stats, reference_tokens
 
 pytestmark = pytest.mark.skipif(sampling_cpu.cpp_kernel() is None, reason="C++ extension not built")
 

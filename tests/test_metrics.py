@@ -1,7 +1,8 @@
 from itertools import combinations
 from math import isclose
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ettrl.metrics import avg_at_k, maj_at_k, majority_answer, pass_at_k
 

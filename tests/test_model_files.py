@@ -8,8 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from engine import gguf_convert
-from engine.model_files import (COMPLETE_MARKER, DEFAULT_MODEL, ModelNotFoundError, build_once, default_cache_dir,
-                                resolve_model)
+from engine.model_files import (
+    COMPLETE_MARKER,
+    DEFAULT_MODEL,
+    ModelNotFoundError,
+    build_once,
+    default_cache_dir,
+    resolve_model,
+)
 
 
 def save_tiny_model(path: Path, **save_kwargs) -> Path:

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import VOCAB, make_tiny_model  # noqa: E402
-
 from ettrl.policy import load_policy, pad_batch, response_stats, shared_prompt_stats  # noqa: E402
 from ettrl.update import TrainSample, _stats  # noqa: E402
+from tiny_models import VOCAB, make_tiny_model  # noqa: E402
 
 
 def stats_and_grads(model, fn):

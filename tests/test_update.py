@@ -9,13 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_policy  # noqa: E402
-
 from ettrl.backends.torch_backend import TorchBackend  # noqa: E402
 from ettrl.config import TrainerConfig  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
 from ettrl.update import TrainSample, pad_samples, policy_update  # noqa: E402
+from tiny_models import make_tiny_policy  # noqa: E402
 
 EPS = 0.2
 LR = 1e-3  # large, so that the first optimizer step moves the second mini-batch off-policy by more than EPS
