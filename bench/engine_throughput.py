@@ -95,7 +95,8 @@ def main():
             ref = (None, None) if hf is None else median_pair(
                 time_transformers(hf, ids, batch, args.new_tokens, r) for r in range(args.repeats))
             print(f"{dtype} batch {batch}: transformers {ref[0] or float('nan'):.0f} tok/s", flush=True)
-            floor = floor_tokens_per_s(sizes, DTYPES[dtype], batch, len(ids), args.new_tokens, gflops, gbps)
+            floor = floor_tokens_per_s(sizes, DTYPES[dtype], batch, len(ids), args.new_tokens, gflops, gbps,
+                                       distinct_prompts=1)
             rows.append((dtype, batch, ref, eng, floor))
         del llm, hf
     print(f"\nprompt {len(ids)} tokens, {args.new_tokens} new tokens per sample, T=0.6, median of {args.repeats}, "

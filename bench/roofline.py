@@ -3,13 +3,15 @@
 Per decode step at batch b and context L: max(matmul FLOPs / the measured matmul rate, (weight + KV bytes) / the
 measured memory bandwidth), where FLOPs = b x (2 x matmul parameters + 4 x layers x heads x head_dim x L) (the
 projections, lm_head and attention's q.k and p.v) and the bytes are every matmul weight once plus each row's K and
-V. The prefill of the b prompts is one more step; the floor in tok/s is the generated tokens over the summed steps.
+V. The prefill of the distinct prompts is one more step; the floor in tok/s is the generated tokens over the summed
+steps.
 """
 import platform
 import time
 
 import torch
 
+from engine.models import packed_linear
 from engine.models.matmul_choice import cpu_description
 
 
@@ -19,16 +21,26 @@ def machine_header() -> str:
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best rate of an n x n x n torch matmul (oneDNN/MKL: the machine's compute roof as torch reaches it)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        fn()
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
+    return min(times)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, rows: int = 256, repeats: int = 5) -> float:
+    """The machine's compute roof as far as it can be reached here: the best rate of an n x n x n torch matmul
+    (oneDNN/MKL) and of the engine's own panel_linear (rows x n x n) where the CPU has it, so the engine never beats
+    its floor by running a faster kernel than the one that measured the roof."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = 2 * n**3 / _best_seconds(lambda: a @ b, repeats)
+    if packed_linear.panels_supported(b):
+        x, panels = torch.randn(rows, n, dtype=dtype), packed_linear.pack_panels(b)
+        best = max(best, 2 * rows * n * n / _best_seconds(lambda: packed_linear.linear(x, b, None, panels), repeats))
+    return best / 1e9
 
 
 def memory_gbps(mib: int = 256, repeats: int = 5) -> float:
@@ -54,7 +66,10 @@ def model_sizes(model) -> dict:
 
 
 def floor_tokens_per_s(sizes: dict, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int,
-                       gflops: float, gbps: float) -> float:
+                       gflops: float, gbps: float, distinct_prompts: int | None = None) -> float:
+    """Tokens/s of b samples x new_tokens; `distinct_prompts` (default: b) is how many prompts the b samples have,
+    each of which must be prefilled once (b samples of one prompt need one prefill of it, not b)."""
+    prompts = batch if distinct_prompts is None else distinct_prompts
     elt = torch.finfo(dtype).bits // 8
     weight_bytes = sizes["matmul_params"] * elt
     kv_per_token = 2 * sizes["layers"] * sizes["kv_heads"] * sizes["head_dim"] * elt
@@ -64,6 +79,6 @@ def floor_tokens_per_s(sizes: dict, dtype: torch.dtype, batch: int, prompt_len: 
         flops = rows * (2 * sizes["matmul_params"] + attn_flops * context)
         return max(flops / (gflops * 1e9), (weight_bytes + rows * context * kv_per_token) / (gbps * 1e9))
 
-    total = step(batch * prompt_len, prompt_len / 2)
+    total = step(prompts * prompt_len, prompt_len / 2)
     total += sum(step(batch, prompt_len + t) for t in range(1, new_tokens))
     return batch * new_tokens / total

@@ -1,12 +1,15 @@
 """DeepSpeed ZeRO-1, 2 and 3 on 2 gloo processes (CPU) apply the same update as the plain torch backend."""
+import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_policy, make_tiny_task  # noqa: E402
@@ -80,13 +83,19 @@ def test_zero_matches_plain_torch(tmp_path, stage):
     assert abs(ds["metrics"]["grad_norm"] - metrics["grad_norm"]) < 1e-3 * metrics["grad_norm"]
 
 
+def torchrun_ettrl(tmp_path, config: dict):
+    """Runs `ettrl.run` with `config` on 2 gloo processes under torchrun; returns its output and metrics rows."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ettrl.run", "--config", str(tmp_path / "c.yaml"),
+           "--run-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_torchrun_launches_two_gloo_trainers(tmp_path):
     """The real command under the standard launcher: two CPU ranks, each with its own engine, ZeRO-2 over gloo."""
-    import json
-    import subprocess
-
-    import yaml
-
     make_tiny_task(tmp_path, num_problems=4, data_file="p.jsonl")
     config = {"name": "tiny", "save_every": 2, "model": {"name": str(tmp_path / "model")},
               "data": {"train": str(tmp_path / "p.jsonl"), "eval": "", "prompt": "plain"},
@@ -94,13 +103,7 @@ def test_torchrun_launches_two_gloo_trainers(tmp_path):
                           "last_number_fallback": True},
               "trainer": {"backend": "deepspeed", "zero_stage": 2, "prompts_per_step": 2, "micro_batch_size": 2,
                           "max_steps": 2}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ettrl.run", "--config", str(tmp_path / "c.yaml"),
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    out, rows = torchrun_ettrl(tmp_path, config)
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2]  # one record per step, from rank 0
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "rank1.pt").exists()
     assert out.stdout.count("step    1/2") == 1
@@ -163,24 +166,13 @@ def test_zero_short_tree_padding_matches_plain_torch(tmp_path, stage):
 def test_torchrun_trains_trees_that_cannot_fork(tmp_path):
     """etmr with one-token responses (no fork position): 2 leaves a prompt where 4 train, padded; one step with
     TTRL's update (a mini-batch per prompt, KL to the reference) under ZeRO-2 on two gloo ranks."""
-    import json
-    import subprocess
-
-    import yaml
-
     make_tiny_task(tmp_path, num_problems=4, data_file="p.jsonl")
     config = {"name": "tiny", "method": "etmr", "save_every": 0, "model": {"name": str(tmp_path / "model")},
               "data": {"train": str(tmp_path / "p.jsonl"), "eval": "", "prompt": "plain"},
               "rollout": {"n_train": 4, "max_tokens": 1, "temperature": 1.0, "trees": 2, "forks": 1, "branches": 2},
               "trainer": {"backend": "deepspeed", "zero_stage": 2, "prompts_per_step": 2, "micro_batch_size": 2,
                           "max_steps": 1, "mini_batch_prompts": 1, "kl_coef": 0.001}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ettrl.run", "--config", str(tmp_path / "c.yaml"),
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    out, rows = torchrun_ettrl(tmp_path, config)
     train = [r for r in rows if r["type"] == "train"]
     assert [r["step"] for r in train] == [1] and train[0]["optimizer_steps"] == 2
     assert [r["optim_step"] for r in rows if r["type"] == "optim"] == [1, 2]

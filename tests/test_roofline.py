@@ -37,3 +37,12 @@ def test_bf16_halves_the_bytes():
 def test_machine_header_names_the_cpu():
     header = roofline.machine_header()
     assert header.startswith("CPU: ") and "features:" in header and torch.__version__ in header
+
+
+def test_samples_of_one_prompt_prefill_it_once():
+    # unlimited bandwidth, 2 samples x 2 tokens. One prompt: prefill 2 rows (context 1) 2 x 2008 = 4016 FLOPs, one
+    # decode step of 2 rows (context 3) 2 x 2024 = 4048: 4 tokens in 8.064 s. Two prompts: prefill 4 rows, 8032.
+    compute_bound = {"gflops": 1e-6, "gbps": 1e9}
+    one = roofline.floor_tokens_per_s(SIZES, torch.float32, 2, 2, 2, distinct_prompts=1, **compute_bound)
+    two = roofline.floor_tokens_per_s(SIZES, torch.float32, 2, 2, 2, **compute_bound)
+    assert one == pytest.approx(4 / 8.064) and two == pytest.approx(4 / 12.08)
