@@ -86,7 +86,7 @@ def main():
         hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
             llm.model_dir, dtype=DTYPES[dtype]).eval()
         gflops, sizes = matmul_gflops(DTYPES[dtype]), model_sizes(llm.engine.runner.model)
-        print(f"{dtype}: matmul {gflops:.0f} GFLOP/s (torch 2048^3), engine matmul kernel "
+        print(f"{dtype}: matmul {gflops:.0f} GFLOP/s (best of torch 2048^3 and panel_linear), engine matmul kernel "
               f"{llm.engine.runner.matmul_kernel}", flush=True)
         time_engine(llm, ids, 4, 8, seed=0)  # warm-up
         for batch in args.batches:
