@@ -103,18 +103,24 @@ class FakeWrapper:
         self.plans.append((args, kwargs))
 
 
-def test_flashinfer_backend_workspace_and_plan_arguments(monkeypatch):
-    """With a stand-in flashinfer module: zeroed workspace, tensor-core decode with a fixed split size (batch
-    invariance), host-side indptr / last-page lengths, device-side page list."""
+def use_fake_flashinfer(monkeypatch, wrapper):
+    """Installs a stand-in flashinfer module whose prefill and decode wrappers are `wrapper`; returns our backend
+    module, told that flashinfer is usable and given a small workspace."""
     import sys
-    import types
 
     from engine.attention import flashinfer as fi
-    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=FakeWrapper,
-                                 BatchDecodeWithPagedKVCacheWrapper=FakeWrapper)
+    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=wrapper,
+                                 BatchDecodeWithPagedKVCacheWrapper=wrapper)
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
     monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (True, ""))
     monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1 << 12)
+    return fi
+
+
+def test_flashinfer_backend_workspace_and_plan_arguments(monkeypatch):
+    """With a stand-in flashinfer module: zeroed workspace, tensor-core decode with a fixed split size (batch
+    invariance), host-side indptr / last-page lengths, device-side page list."""
+    fi = use_fake_flashinfer(monkeypatch, FakeWrapper)
     k = torch.zeros(2, 10, 4, 2, 8, dtype=torch.bfloat16)
     attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
     assert attn.decode.workspace is attn.prefill.workspace and not attn.decode.workspace.any()
@@ -271,19 +277,11 @@ def test_triton_vocab_split_merges_slices_exactly():
 
 
 def test_flashinfer_plan_failure_says_what_to_do(monkeypatch):
-    import sys
-
-    from engine.attention import flashinfer as fi
-
     class Failing(FakeWrapper):
         def plan(self, *args, **kwargs):
             raise OSError("nvcc: not found")
 
-    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=Failing,
-                                 BatchDecodeWithPagedKVCacheWrapper=Failing)
-    monkeypatch.setitem(sys.modules, "flashinfer", fake)
-    monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (True, ""))
-    monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1 << 12)
+    fi = use_fake_flashinfer(monkeypatch, Failing)
     k = torch.zeros(1, 4, 4, 2, 8, dtype=torch.bfloat16)
     attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
     with pytest.raises(RuntimeError, match="nvcc: not found.*attention_backend='torch'"):
