@@ -202,12 +202,16 @@ class LLMEngine:
     def live_sequences(self) -> list[Sequence]:
         return [*self.scheduler.running, *self.finished.values()]
 
+    def num_live_sequences(self) -> int:
+        """Sequences whose KV is or will be in the pool: waiting, running, and finished but not freed."""
+        return len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
+
     def check_integrity(self):
         if self.kv is not None:
             self.kv.check_integrity(self.live_sequences())
 
     def update_weights(self, named_tensors) -> int:
-        live = len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
+        live = self.num_live_sequences()
         if live:
             raise RuntimeError(f"update_weights with {live} live sequences: their KV was computed with the old "
                                f"weights; finish and free() them first")
@@ -226,7 +230,7 @@ class LLMEngine:
         Refused while sequences are live: their KV would be lost."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 (free the KV pool) or 2 (also offload the weights), got {level}")
-        live = len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
+        live = self.num_live_sequences()
         if live:
             raise RuntimeError(f"sleep() with {live} live sequences (waiting, running, or finished and not freed): "
                                f"their KV cache would be lost; finish and free() them first")
