@@ -9,6 +9,7 @@ paired difference to the baseline method (same seeds) with a 95% t interval.
 
     python bench/methods.py --out runs/method-sweep                          # ttrl, etmr, ettrl x 8 seeds
     python bench/methods.py --out runs/method-sweep --methods ttrl ear --seeds 4 trainer.lr=5e-6
+    python bench/methods.py --out runs/method-sweep --jobs 2                 # two single-thread runs at a time
     python bench/methods.py --out runs/method-sweep --report --markdown      # aggregate only, a docs table
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_METHODS = ("ttrl", "etmr", "ettrl")
@@ -70,20 +73,51 @@ def check_sweep_file(out: Path, overrides: list[str], config: str | None) -> Non
         path.write_text(json.dumps(recipe, indent=1))
 
 
+def run_one(out: Path, method: str, seed: int, overrides: list[str], config: str | None, launch, log,
+            threads: int | None, label: str) -> bool:
+    path = run_dir(out, method, seed)
+    state = run_state(path)
+    if state == "fresh" and path.exists():
+        shutil.rmtree(path)  # a run killed before its first checkpoint starts again
+    log(f"{label} {method} seed {seed} ({'resuming' if state == 'resume' else 'new'})")
+    kwargs = {}
+    if threads:  # one OpenMP team per run: two teams on two cores would spin against each other
+        kwargs["env"] = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        kwargs["log_path"] = out / f"{method}-seed{seed}.log"
+    result = launch(run_command(out, method, seed, overrides, config), **kwargs)
+    ok = result.returncode == 0 and run_state(path) == "done"
+    if not ok:
+        log(f"{method} seed {seed} failed (exit {result.returncode}); see {path}")
+    return ok
+
+
+def launch_run(cmd: list[str], env: dict | None = None, log_path: Path | None = None):
+    """subprocess.run, with the output appended to log_path when runs share the terminal."""
+    if log_path is None:
+        return subprocess.run(cmd, env=env)
+    with open(log_path, "a") as f:
+        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
 def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | None = None,
-          launch=subprocess.run, log=lambda line: print(line, flush=True)) -> None:
+          launch=launch_run, log=lambda line: print(line, flush=True), jobs: int = 1) -> None:
+    """Runs the missing runs, `jobs` at a time (each with cores / jobs threads when jobs > 1), seed-major."""
     check_sweep_file(out, overrides, config)
     todo = [(m, s) for m, s in planned_runs(methods, seeds) if run_state(run_dir(out, m, s)) != "done"]
-    log(f"{len(todo)} of {len(methods) * seeds} runs to go")
-    for i, (method, seed) in enumerate(todo, 1):
-        path = run_dir(out, method, seed)
-        state = run_state(path)
-        if state == "fresh" and path.exists():
-            shutil.rmtree(path)  # a run killed before its first checkpoint starts again
-        log(f"[{i}/{len(todo)}] {method} seed {seed} ({'resuming' if state == 'resume' else 'new'})")
-        result = launch(run_command(out, method, seed, overrides, config))
-        if result.returncode != 0 or run_state(path) != "done":
-            raise SystemExit(f"{method} seed {seed} failed (exit {result.returncode}); see {path}. Rerun to resume.")
+    log(f"{len(todo)} of {len(methods) * seeds} runs to go, {jobs} at a time")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    failed: list[str] = []
+
+    def one(i: int, method: str, seed: int) -> None:
+        if failed:  # after a failure start nothing new: rerunning resumes
+            return
+        if not run_one(out, method, seed, overrides, config, launch, log, threads, f"[{i}/{len(todo)}]"):
+            failed.append(f"{method} seed {seed}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda job: one(*job), [(i, m, s) for i, (m, s) in enumerate(todo, 1)]))
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed; see their run folders under {out}. Rerun to resume.")
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -175,6 +209,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/method-sweep", help="one folder per sweep; rerun it to resume")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each with cores / jobs threads (2 single-thread runs beat one run of two "
+                         "threads when other work shares the cores)")
     ap.add_argument("--config", help="a YAML config (default: the offline default)")
     ap.add_argument("--baseline", default="ttrl", help="the method the paired differences are taken against")
     ap.add_argument("--report", action="store_true", help="only aggregate the finished runs")
@@ -183,7 +220,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not args.report:
-        sweep(out, args.methods, args.seeds, args.overrides, args.config)
+        sweep(out, args.methods, args.seeds, args.overrides, args.config, jobs=args.jobs)
     runs = load_summaries(out)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")

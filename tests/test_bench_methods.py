@@ -89,3 +89,31 @@ def test_sweep_resumes_where_it_stopped(tmp_path):
 def test_a_failed_run_stops_the_sweep(tmp_path):
     with pytest.raises(SystemExit, match="ttrl seed 0 failed"):
         bm.sweep(tmp_path, ["ttrl"], 1, [], launch=lambda cmd: SimpleNamespace(returncode=1), log=lambda line: None)
+
+
+def test_parallel_sweep_gives_each_run_its_own_threads_and_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm.os, "cpu_count", lambda: 4)
+    calls = []
+
+    def fake_launch(cmd, env=None, log_path=None):
+        path = Path(cmd[cmd.index("--run-dir") + 1])
+        method, _, seed = path.name.rpartition("-seed")
+        calls.append((path.name, env["OMP_NUM_THREADS"], log_path.name))
+        write_summary(tmp_path, method, int(seed), 0.5, 0.6)
+        return SimpleNamespace(returncode=0)
+
+    bm.sweep(tmp_path, ["ttrl", "etmr"], 2, [], launch=fake_launch, log=lambda line: None, jobs=2)
+    assert sorted(calls) == sorted((f"{m}-seed{s}", "2", f"{m}-seed{s}.log") for s in (0, 1) for m in ("ttrl", "etmr"))
+    assert all(bm.run_state(bm.run_dir(tmp_path, m, s)) == "done" for m in ("ttrl", "etmr") for s in (0, 1))
+
+
+def test_after_a_failure_a_parallel_sweep_starts_nothing_new(tmp_path):
+    started = []
+
+    def fail(cmd, env=None, log_path=None):
+        started.append(cmd)
+        return SimpleNamespace(returncode=1)
+
+    with pytest.raises(SystemExit, match="ttrl seed 0 failed"):
+        bm.sweep(tmp_path, ["ttrl"], 4, [], launch=fail, log=lambda line: None, jobs=1)
+    assert len(started) == 1
