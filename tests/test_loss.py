@@ -189,3 +189,73 @@ def test_dual_clip_bounds_negative_advantages_like_verl():
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, 2.0 / 3, 0.0]]))
     assert metrics["clip_frac_dual"] == pytest.approx(1 / 3)
     assert metrics["clip_frac_high"] == pytest.approx(1 / 3) and metrics["ratio_min"] == pytest.approx(2.0)
+
+
+def test_defaults_clip_to_0_8_and_1_2_and_leave_the_kl_out_of_the_loss():
+    """Defaults eps_low = eps_high = 0.2, kl_coef = 0: A=+1 at r=1.5 counts 1.2, A=-1 at r=0.5 counts 0.8."""
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, metrics = grpo_loss(logp, torch.zeros(1, 2), adv, torch.ones(1, 2))
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert metrics["pg_loss"] == pytest.approx((-1.2 + 0.8) / 2)
+    ref = torch.zeros(1, 2)  # k3 > 0 on both tokens: reported, not added without kl_coef
+    loss, metrics = grpo_loss(logp, torch.zeros(1, 2), adv, torch.ones(1, 2), ref_logp=ref)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and metrics["kl_ref"] > 0.05
+
+
+@pytest.mark.parametrize("name", ["logp_old", "mask", "ref_logp", "entropies"])
+def test_shape_error_names_the_argument_to_fix(name):
+    """A [1, 3] tensor would broadcast against [2, 3]: each argument is checked, and the message names it."""
+    x = torch.zeros(2, 3)
+    args = {"logp_old": x, "mask": torch.ones(2, 3), "ref_logp": x, "entropies": x, name: torch.zeros(1, 3)}
+    with pytest.raises(ValueError, match=rf"^{name} has shape \(1, 3\), expected \(2, 3\) like logp_new$"):
+        grpo_loss(x, args["logp_old"], torch.zeros(2), args["mask"], ref_logp=args["ref_logp"],
+                  entropies=args["entropies"])
+
+
+def test_dual_clip_bound_is_c_times_minus_a_only_for_negative_advantages():
+    """clip_ratio_c = 3, bound -3A: A=-2, r=4: max(8, 2.4) = 8 -> 6; A=-0.5, r=4: 2 -> 1.5;
+    A=+0.5, r=1: -0.5 stays (the bound -1.5 is for A < 0 only); A=0: 0."""
+    x = torch.log(torch.tensor([[4.0, 4.0, 1.0, 1.0]])).requires_grad_(True)
+    adv = torch.tensor([[-2.0, -0.5, 0.5, 0.0]])
+    loss, metrics = grpo_loss(x, torch.zeros(1, 4), adv, torch.ones(1, 4), clip_ratio_c=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((6.0 + 1.5 - 0.5 + 0.0) / 4)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, -0.5 / 4, 0.0]]))
+    assert metrics["clip_frac_dual"] == pytest.approx(2 / 4)
+
+
+def test_dual_clip_takes_over_only_strictly_above_the_bound():
+    """A=-1, c = r of the first token exactly: that token keeps its loss r and its gradient; r slightly above c
+    is bounded to c (no gradient), slightly below keeps r."""
+    x = (math.log(3.0) + torch.tensor([[0.0, 0.01, -0.01]])).requires_grad_(True)
+    r = torch.exp(x.detach())[0]
+    c = r[0].item()  # a float32 value: -c * A and the token loss r * 1 are the same float
+    loss, metrics = grpo_loss(x, torch.zeros(1, 3), -torch.ones(1), torch.ones(1, 3), clip_ratio_c=c)
+    loss.backward()
+    assert loss.item() == pytest.approx((c + c + r[2].item()) / 3)
+    torch.testing.assert_close(x.grad, torch.tensor([[r[0].item(), 0.0, r[2].item()]]) / 3)
+    assert metrics["clip_frac_dual"] == pytest.approx(1 / 3)
+
+
+def test_clip_fractions_by_side_and_ratio_range_over_live_tokens():
+    """Default eps 0.2. Live: A=+1 r=1.5 (clipped high), A=+1 r=0.5 (not clipped: min takes r A), A=-1 r=0.5
+    (clipped low), A=-1 r=1.5, A=+-1 r=1, A=+1 r=1.1, A=-1 r=0.9 (none clipped). Masked: r=3 and r=0.1."""
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.0, 1.0, 1.1, 0.9, 3.0, 0.1]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    _, metrics = grpo_loss(torch.log(ratios), torch.zeros(1, 10), adv, mask)
+    assert metrics["clip_frac"] == pytest.approx(2 / 8)
+    assert metrics["clip_frac_low"] == pytest.approx(1 / 8) and metrics["clip_frac_high"] == pytest.approx(1 / 8)
+    assert metrics["ratio_max"] == pytest.approx(1.5) and metrics["ratio_min"] == pytest.approx(0.5)
+
+
+def test_all_masked_batch_reports_zero_ratios_and_one_live_token_reports_its_own():
+    logp = torch.log(torch.tensor([[2.0, 0.5]]))
+    entropies = torch.tensor([[0.7, 0.3]])
+    loss, metrics = grpo_loss(logp, torch.zeros(1, 2), torch.ones(1), torch.zeros(1, 2), entropies=entropies)
+    assert loss.item() == 0.0
+    assert (metrics["ratio_max"], metrics["ratio_min"], metrics["ratio_mean"]) == (0.0, 0.0, 0.0)
+    _, metrics = grpo_loss(logp, torch.zeros(1, 2), torch.ones(1), torch.tensor([[1, 0]]), entropies=entropies)
+    assert metrics["entropy"] == pytest.approx(0.7) and metrics["ratio_mean"] == pytest.approx(2.0)
+    assert metrics["ratio_max"] == pytest.approx(2.0) and metrics["ratio_min"] == pytest.approx(2.0)
