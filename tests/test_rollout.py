@@ -25,13 +25,16 @@ def completion(j: int, prompt: int):
 @dataclass
 class FakeLLM:
     calls: list = field(default_factory=list)
+    progress: list = field(default_factory=list)  # use_tqdm of each call
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, *, use_tqdm):  # no default: rollout must pass its progress flag
         self.calls.append(("generate", prompts, params))
+        self.progress.append(use_tqdm)
         return [SimpleNamespace(outputs=[completion(j, i) for j in range(p.n)]) for i, p in enumerate(params)]
 
-    def sample_tree(self, prompts, tree_params, params, use_tqdm=False):
+    def sample_tree(self, prompts, tree_params, params, *, use_tqdm):
         self.calls.append(("tree", prompts, tree_params, params))
+        self.progress.append(use_tqdm)
         return [SimpleNamespace(leaves=[completion(j, i) for j in range(3)],
                                 stats=SimpleNamespace(decoded_tokens=4 + i)) for i in range(len(prompts))]
 
@@ -82,6 +85,15 @@ def test_tree_rollout_fields_and_params():
     assert [p.seed for p in params] == [2**63 - 1, 0]  # wraps below 2**63
 
 
+def test_progress_is_off_by_default_and_reaches_the_engines_bar():
+    llm = FakeLLM()
+    for method in ("ttrl", "ettrl"):
+        rollout(llm, PROBLEMS, PROMPTS, config(method), [], seed=0)
+        rollout(llm, PROBLEMS, PROMPTS, config(method), [], seed=0, progress=True)
+    assert [kind for kind, *_ in llm.calls] == ["generate", "generate", "tree", "tree"]
+    assert llm.progress == [False, True, False, True] and all(type(p) is bool for p in llm.progress)
+
+
 def test_sampling_params_carry_the_config():
     cfg = config()
     p = sampling_params(cfg.rollout, ["x"], seed=3, n=5)
@@ -130,3 +142,23 @@ def test_resolve_device_and_make_llm(tmp_path, monkeypatch):
     assert (llm.config.dtype, llm.config.device, llm.config.num_kv_blocks, llm.config.block_size) == \
         ("bfloat16", "cpu", 32, 8)
     assert tokenizer.decode(tokenizer("ab").input_ids) == "ab"
+
+
+def test_make_llm_defaults_float32_on_the_auto_device(tmp_path, monkeypatch):
+    """make_llm passes dtype (default "float32", not the engine's bfloat16) and the resolved device to LLM."""
+    import transformers
+
+    import engine
+    import engine.model_files
+    from ettrl.rollout import make_llm
+    made = []
+    monkeypatch.setattr(engine.model_files, "resolve_model", lambda spec: tmp_path / "resolved")
+    monkeypatch.setattr(engine, "LLM", lambda path, **kw: made.append((path, kw)) or "llm")
+    monkeypatch.setattr(transformers, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda path: ("tok", path)))
+    resolved = str(tmp_path / "resolved")
+    for cuda, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert make_llm("some/model", block_size=8) == ("llm", ("tok", resolved))
+        assert made.pop() == (resolved, {"dtype": "float32", "device": device, "block_size": 8})
+    assert make_llm("some/model", dtype="bfloat16", device="cpu")[0] == "llm"
+    assert made.pop() == (resolved, {"dtype": "bfloat16", "device": "cpu"})
