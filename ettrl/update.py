@@ -67,8 +67,10 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
             for part in parts]
     inner = []
     steps = [(epoch, i) for epoch in range(tcfg.ppo_epochs) for i in range(len(parts))]
+    # pragma: no mutate start (the progress bar's arguments change only what is displayed)
     for epoch, i in tqdm(steps, desc="update", unit="mini-batch", leave=False, disable=not progress or len(steps) < 2,
                          file=sys.stdout):
+        # pragma: no mutate end
         inner.append(_mini_batch_step(backend, parts[i], olds[i], refs[i], tcfg, temperature, pad_id, progress))
     backend.advance_schedule()
     return _summarise(inner)
@@ -81,8 +83,10 @@ def _mini_batch_step(backend, part, old, ref, tcfg, temperature, pad_id, progres
     n_tokens, n_seqs = backend.all_reduce_sum([sum(len(s.response_ids) for s in real), len(real)])
     totals, ratio_max, ratio_min = {}, float("-inf"), float("inf")
     starts = range(0, len(part), tcfg.micro_batch_size)
+    # pragma: no mutate start (the progress bar's arguments change only what is displayed)
     for start in tqdm(starts, desc="micro-batches", unit="micro-batch", leave=False, disable=not progress,
                       file=sys.stdout):
+        # pragma: no mutate end
         end = start + tcfg.micro_batch_size
         loss, metrics, weight = _micro_step(backend, part[start:end], None if old is None else old[start:end],
                                             None if ref is None else ref[start:end], tcfg, temperature, pad_id,
