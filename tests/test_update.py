@@ -2,6 +2,7 @@
 against a plain reference written here from the formulas; fp32 master weights for bf16 models; zero-weight
 padding that changes nothing."""
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -161,8 +162,8 @@ def test_padding_changes_nothing(fresh, micro_batch_size, agg):
         runs.append((policy_update(TorchBackend(model, tcfg, 10), samples, tcfg, TEMPERATURE, 0),
                      [p.detach().clone() for p in model.parameters()]))
     (real, real_w), (pad, pad_w) = runs
-    for key in ("loss", "pg_loss", "grad_norm", "ratio_mean", "approx_kl"):
-        assert pad[key] == pytest.approx(real[key], rel=1e-6, abs=1e-7), key
+    for key in ("loss", "pg_loss", "grad_norm", "ratio_mean", "approx_kl", "ratio_min", "ratio_max"):
+        assert pad[key] == pytest.approx(real[key], rel=1e-6, abs=1e-7), key  # a filler-only micro-batch has no ratio
     for a, b in zip(real_w, pad_w):
         if micro_batch_size == 2:
             assert torch.equal(a, b)
@@ -197,9 +198,130 @@ def test_fp32_parameters_need_no_master(fresh):
 
 def test_pad_samples_rejects_what_it_cannot_pad():
     s = TrainSample([1], [2], [0.5])
-    with pytest.raises(ValueError, match="at least one real sample"):
+    with pytest.raises(ValueError, match="^pad_samples needs at least one real sample to copy$"):
         pad_samples([], 2)
-    with pytest.raises(ValueError, match="more than"):
+    with pytest.raises(ValueError, match="^3 samples are more than the 2 to pad to$"):
         pad_samples([s, s, s], 2)
+    assert pad_samples([s, s], 2) == [s, s], "already full: nothing to add"
     filler = pad_samples([s], 2)[1]
     assert filler.padding and filler.advantages == [0.0] and filler.response_ids == [2]
+
+
+KL = 0.5  # large, so that the KL term is a visible part of the loss
+
+
+def seq_mean_kl_reference(model, ref_model, mini_batches, tcfg):
+    """The update with a KL term from the formulas, loss_agg seq-mean-token-mean: old and reference log-probs
+    before the first step; per mini-batch the mean over responses of the token mean of the clipped surrogate
+    plus KL * k3, k3 = exp(ref - new) - (ref - new) - 1; backward, clip, one AdamW step. Returns per step
+    (loss, its surrogate part)."""
+    with torch.no_grad():
+        old = [response_logprobs(model, mb) for mb in mini_batches]
+        ref = [response_logprobs(ref_model, mb) for mb in mini_batches]
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+    out = []
+    for mb, mb_old, mb_ref in zip(mini_batches, old, ref):
+        new = response_logprobs(model, mb)
+        pg = [token_loss(lp, lo, s.advantages[0]).mean() for s, lp, lo in zip(mb, new, mb_old)]
+        k3 = [(torch.exp(r - lp) - (r - lp) - 1).mean() for lp, r in zip(new, mb_ref)]
+        loss = torch.stack([a + KL * b for a, b in zip(pg, k3)]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        out.append((loss.item(), torch.stack(pg).mean().item()))
+    return out
+
+
+def test_kl_to_a_reference_model_over_two_mini_batches(fresh):
+    """Each mini-batch's KL term uses the reference model's log-probabilities of that mini-batch's samples,
+    micro-batch by micro-batch (one sample each here); the first step's surrogate is 0 (A = +1 and -1, r = 1),
+    so its loss is the KL term alone."""
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=1, eps_low=EPS, eps_high=EPS, kl_coef=KL,
+                         loss_agg="seq-mean-token-mean")
+    reference = fresh()
+    with torch.no_grad():  # a reference policy away from the initial one
+        g = torch.Generator().manual_seed(0)
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    mbs = two_mini_batches()
+    out = policy_update(TorchBackend(fresh(), tcfg, total_steps=10), [s for mb in mbs for s in mb], tcfg,
+                        TEMPERATURE, 0, ref_model=reference, mini_batches=2)
+    want = seq_mean_kl_reference(fresh(), reference, mbs, tcfg)
+    assert want[0][1] == pytest.approx(0.0, abs=1e-6) and want[0][0] > 0.01, "the KL term must matter"
+    for step, (loss, pg) in zip(out["inner"], want):
+        assert step["loss"] == pytest.approx(loss, abs=1e-5)
+        assert step["pg_loss"] == pytest.approx(pg, abs=1e-5)
+
+
+@pytest.mark.parametrize("mini_batches, ppo_epochs, no_grad_forwards, grad_forwards",
+                         [(1, 1, 0, 1), (2, 1, 2, 2), (1, 2, 1, 2)])
+def test_old_logprobs_are_a_forward_only_when_off_policy(fresh, mini_batches, ppo_epochs, no_grad_forwards,
+                                                         grad_forwards):
+    """One mini-batch, one epoch: the old log-probabilities are the new ones detached, with no extra forward;
+    otherwise one no-grad forward per mini-batch (one micro-batch each here) before the first step."""
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=2, share_prompt=False, ppo_epochs=ppo_epochs)
+    model = fresh()
+    grad_enabled = []
+    model.get_decoder().register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    samples = [s for mb in two_mini_batches()[:mini_batches] for s in mb]
+    policy_update(TorchBackend(model, tcfg, total_steps=10), samples, tcfg, TEMPERATURE, 0, mini_batches=mini_batches)
+    assert grad_enabled.count(False) == no_grad_forwards and grad_enabled.count(True) == grad_forwards
+
+
+class TwoEqualRanks(TorchBackend):
+    """Rank 0 of two data-parallel ranks that hold the same samples: a sum over ranks is twice this rank's, and
+    the average of the two ranks' equal gradients (what data-parallel backends do) is this rank's."""
+    world_size = 2
+
+    def all_reduce_sum(self, values):
+        return [2 * v for v in values]
+
+
+def test_two_ranks_give_the_gradient_of_the_global_token_mean(fresh):
+    """Each rank's micro-batch loss is weighted by its share of both ranks' tokens, times the world size that
+    the ranks' averaging divides by: the gradient is that of the token mean over all samples, as on one rank."""
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=1)
+    x, y = two_mini_batches()[0]
+    out = policy_update(TwoEqualRanks(fresh(), tcfg, total_steps=10), [x, y], tcfg, TEMPERATURE, 0)
+
+    model = fresh()
+    logp = torch.cat(response_logprobs(model, [x, y]))
+    adv = torch.tensor(x.advantages + y.advantages)
+    (-(adv * logp).mean()).backward()  # on-policy r = 1: the gradient of -r A is -A grad log p
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    assert out["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert out["loss"] == pytest.approx(1 / 3, abs=1e-6)  # -(1 + 1 - 1 - 1 - 1 - 1) / 6 at r = 1
+
+
+def test_a_mini_batch_of_only_padding_reports_ratio_one_and_no_gradient(fresh):
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=2)
+    out = policy_update(TorchBackend(fresh(), tcfg, total_steps=10), pad_samples(two_mini_batches()[0], 4), tcfg,
+                        TEMPERATURE, 0, mini_batches=2)
+    fillers = out["inner"][1]
+    assert fillers["ratio_max"] == fillers["ratio_min"] == 1.0
+    assert fillers["grad_norm"] == 0.0 and fillers["loss"] == 0.0
+    assert out["ratio_max"] == pytest.approx(1.0, abs=1e-6) and out["ratio_min"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mini_batches", [0, 3])
+def test_mini_batches_must_split_this_ranks_samples_evenly(fresh, mini_batches):
+    tcfg = TrainerConfig(micro_batch_size=2)
+    samples = [s for mb in two_mini_batches() for s in mb]
+    message = (f"4 samples on this rank cannot split into {mini_batches} equal mini-batches; make prompts per rank x "
+               f"rollout.n_train a multiple of the mini-batches per step")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        policy_update(TorchBackend(fresh(), tcfg, total_steps=10), samples, tcfg, TEMPERATURE, 0,
+                      mini_batches=mini_batches)
+
+
+def test_progress_bars_only_when_asked(fresh, capsys):
+    """Quiet by default (the run's own log stays readable); progress=True shows the mini- and micro-batch bars."""
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=1)
+    samples = [s for mb in two_mini_batches() for s in mb]
+    policy_update(TorchBackend(fresh(), tcfg, total_steps=10), samples, tcfg, TEMPERATURE, 0, mini_batches=2)
+    assert capsys.readouterr().out == ""
+    policy_update(TorchBackend(fresh(), tcfg, total_steps=10), samples, tcfg, TEMPERATURE, 0, mini_batches=2,
+                  progress=True)
+    shown = capsys.readouterr().out
+    assert "update" in shown and "micro-batches" in shown
