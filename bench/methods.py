@@ -50,14 +50,17 @@ def run_state(path: Path) -> str:
     return "fresh"
 
 
-def run_command(out: Path, method: str, seed: int, overrides: list[str], config: str | None) -> list[str]:
+def run_command(out: Path, method: str, seed: int, overrides: list[str], config: str | None,
+                score_before: bool = True) -> list[str]:
+    """score_before=False skips the eval before training: it depends on the seed only, not on the method, so one
+    run per seed scores it and the report lends it to the others."""
     path = run_dir(out, method, seed)
     if run_state(path) == "resume":
         return [sys.executable, "-m", "ettrl.run", "--resume", str(path)]
     cmd = [sys.executable, "-m", "ettrl.run", "--run-dir", str(path)]
     if config:
         cmd += ["--config", config]
-    return cmd + [f"method={method}", f"seed={seed}", *overrides]
+    return cmd + [f"method={method}", f"seed={seed}", *overrides] + ([] if score_before else ["eval.before=false"])
 
 
 def check_sweep_file(out: Path, overrides: list[str], config: str | None) -> None:
@@ -74,7 +77,7 @@ def check_sweep_file(out: Path, overrides: list[str], config: str | None) -> Non
 
 
 def run_one(out: Path, method: str, seed: int, overrides: list[str], config: str | None, launch, log,
-            threads: int | None, label: str) -> bool:
+            threads: int | None, label: str, score_before: bool = True) -> bool:
     path = run_dir(out, method, seed)
     state = run_state(path)
     if state == "fresh" and path.exists():
@@ -84,7 +87,7 @@ def run_one(out: Path, method: str, seed: int, overrides: list[str], config: str
     if threads:  # one OpenMP team per run: two teams on two cores would spin against each other
         kwargs["env"] = dict(os.environ, OMP_NUM_THREADS=str(threads))
         kwargs["log_path"] = out / f"{method}-seed{seed}.log"
-    result = launch(run_command(out, method, seed, overrides, config), **kwargs)
+    result = launch(run_command(out, method, seed, overrides, config, score_before), **kwargs)
     ok = result.returncode == 0 and run_state(path) == "done"
     if not ok:
         log(f"{method} seed {seed} failed (exit {result.returncode}); see {path}")
@@ -111,7 +114,8 @@ def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | No
     def one(i: int, method: str, seed: int) -> None:
         if failed:  # after a failure start nothing new: rerunning resumes
             return
-        if not run_one(out, method, seed, overrides, config, launch, log, threads, f"[{i}/{len(todo)}]"):
+        label, first = f"[{i}/{len(todo)}]", method == methods[0]
+        if not run_one(out, method, seed, overrides, config, launch, log, threads, label, score_before=first):
             failed.append(f"{method} seed {seed}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -123,11 +127,17 @@ def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | No
 # -- the report ------------------------------------------------------------------------------------------------
 
 def load_summaries(out: Path) -> dict[str, dict[int, dict]]:
-    """{method: {seed: summary}} of the finished runs under `out`."""
+    """{method: {seed: summary}} of the finished runs under `out`; a run that skipped the eval before training
+    takes it from a run of the same seed that has it (it depends on the seed, not on the method)."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out.glob("*-seed*/summary.json")):
         method, _, seed = path.parent.name.rpartition("-seed")
         runs.setdefault(method, {})[int(seed)] = json.loads(path.read_text())
+    befores = {s: r["before"] for by_seed in runs.values() for s, r in by_seed.items() if r.get("before")}
+    for by_seed in runs.values():
+        for s, r in by_seed.items():
+            if not r.get("before") and s in befores:
+                r["before"] = befores[s]
     return runs
 
 

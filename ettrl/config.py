@@ -108,6 +108,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_tokens: int = 48
     greedy: bool = True
+    before: bool = True  # score the eval set before training too (a sweep skips it where a same-seed run has it)
 
 
 @dataclass

@@ -195,7 +195,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         wall0 = self.wall_s
-        if self.step == 0:
+        if self.step == 0 and cfg.eval.before:
             self.eval_before = self.run_eval("before")
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.method} steps", unit="step",
                    disable=self.rank != 0, file=sys.stdout)

@@ -75,7 +75,8 @@ def test_sweep_resumes_where_it_stopped(tmp_path):
              for c in launched]
     assert names == ["etmr-seed0", "ettrl-seed0", "ttrl-seed1", "etmr-seed1", "ettrl-seed1"]  # seed-major
     assert "--resume" in launched[0] and "method=etmr" not in launched[0]
-    assert launched[1][-3:] == ["method=ettrl", "seed=0", "trainer.lr=1e-5"]
+    assert launched[1][-4:] == ["method=ettrl", "seed=0", "trainer.lr=1e-5", "eval.before=false"]
+    assert launched[2][-3:] == ["method=ttrl", "seed=1", "trainer.lr=1e-5"], "the first method scores the eval before"
     assert not (killed / "metrics.jsonl").exists(), "the killed run started from an empty folder"
     assert all(bm.run_state(bm.run_dir(out, m, s)) == "done" for m, s in bm.planned_runs(["ttrl", "etmr"], 2))
 
@@ -117,3 +118,14 @@ def test_after_a_failure_a_parallel_sweep_starts_nothing_new(tmp_path):
     with pytest.raises(SystemExit, match="ttrl seed 0 failed"):
         bm.sweep(tmp_path, ["ttrl"], 4, [], launch=fail, log=lambda line: None, jobs=1)
     assert len(started) == 1
+
+
+def test_a_run_without_the_eval_before_borrows_its_seeds(tmp_path):
+    write_summary(tmp_path, "ttrl", 0, 0.4, 0.6)
+    write_summary(tmp_path, "etmr", 0, 0.4, 0.5)
+    path = bm.run_dir(tmp_path, "etmr", 0) / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "before": None}))
+    runs = bm.load_summaries(tmp_path)
+    assert runs["etmr"][0]["before"] == runs["ttrl"][0]["before"]
+    change = {r["metric"]: r["change"] for r in bm.aggregate(runs) if r["method"] == "etmr"}
+    assert change["avg@16"] == pytest.approx(0.1)

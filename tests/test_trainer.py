@@ -1,5 +1,6 @@
 """One full step of every method on a tiny random model: the step lowers the GRPO loss it optimised, the
 weights move, and afterwards the engine's log-probabilities equal the trainer's (the sync worked)."""
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,13 @@ def test_full_train_step_logs_a_record(workdir, tmp_path):
                 "loss", "lr"):
         assert key in record
     assert record["rollout_tokens"] == record["rollout_tokens_total"] > 0
+
+
+def test_eval_before_can_be_skipped(workdir, tmp_path):
+    """eval.before=false (a sweep's runs that share a seed's score before training): only the eval after runs."""
+    cfg = tiny_config(workdir, "ttrl", f"data.eval={workdir / 'problems.jsonl'}", "data.eval_size=2", "eval.k=2",
+                      "eval.max_tokens=4", "trainer.max_steps=1", "eval.before=false")
+    summary = Trainer(cfg, tmp_path).fit()
+    assert summary["before"] is None and summary["after"]["eval_problems"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [1]
