@@ -213,6 +213,30 @@ def format_rows(rows: list[dict], baseline: str = "ttrl", markdown: bool = False
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [head, *lines])
 
 
+def per_seed_table(runs: dict[str, dict[int, dict]], metric: str = "avg@16", baseline: str = "ttrl") -> str:
+    """Markdown: per seed, each method's metric after training (before it in the first row) and its rollout
+    tokens as a share of the baseline's with the same seed."""
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    methods = sorted(runs, key=lambda m: (m != baseline, m))
+    lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|" + "---|" * (len(seeds) + 2)]
+
+    def row(label, values, digits=1):
+        done = [v for v in values if v is not None]
+        cells = ["" if v is None else f"{v:.{digits}f}" for v in values]
+        return f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(done):.{digits}f} |" if done else ""
+
+    befores = [next((by_seed[s]["before"][metric] * 100 for by_seed in runs.values()
+                     if s in by_seed and by_seed[s].get("before")), None) for s in seeds]
+    lines.append(row(f"{metric} before", befores))
+    for m in methods:
+        lines.append(row(f"{m} {metric}", [runs[m][s]["after"][metric] * 100 if s in runs[m] else None for s in seeds]))
+    for m in methods[1:] if baseline in runs else []:
+        shares = [runs[m][s]["rollout_tokens"] / runs[baseline][s]["rollout_tokens"]
+                  if s in runs[m] and s in runs[baseline] else None for s in seeds]
+        lines.append(row(f"{m} tokens / {baseline}", shares, digits=2))
+    return "\n".join(line for line in lines if line)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +259,9 @@ def main(argv=None) -> None:
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
     print(format_rows(aggregate(runs, args.baseline), args.baseline, args.markdown))
+    if args.markdown:
+        print()
+        print(per_seed_table(runs, "avg@16", args.baseline))
 
 
 if __name__ == "__main__":

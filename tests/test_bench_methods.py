@@ -129,3 +129,17 @@ def test_a_run_without_the_eval_before_borrows_its_seeds(tmp_path):
     assert runs["etmr"][0]["before"] == runs["ttrl"][0]["before"]
     change = {r["metric"]: r["change"] for r in bm.aggregate(runs) if r["method"] == "etmr"}
     assert change["avg@16"] == pytest.approx(0.1)
+
+
+def test_per_seed_table(tmp_path):
+    for seed, (a, b) in enumerate([(0.5, 0.25), (0.75, 0.5)]):
+        write_summary(tmp_path, "ttrl", seed, 0.4, a)
+        write_summary(tmp_path, "etmr", seed, 0.4, b)
+    for method, tokens in (("ttrl", 100), ("etmr", 60)):
+        for seed in (0, 1):
+            path = bm.run_dir(tmp_path, method, seed) / "summary.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "rollout_tokens": tokens + seed}))
+    table = bm.per_seed_table(bm.load_summaries(tmp_path)).splitlines()
+    assert table[0] == "| | seed 0 | seed 1 | mean |"
+    assert table[2:] == ["| avg@16 before | 40.0 | 40.0 | 40.0 |", "| ttrl avg@16 | 50.0 | 75.0 | 62.5 |",
+                         "| etmr avg@16 | 25.0 | 50.0 | 37.5 |", "| etmr tokens / ttrl | 0.60 | 0.60 | 0.60 |"]
