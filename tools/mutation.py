@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLER_TESTS = ["tests/test_sampling_backends.py", "tests/test_entropy_sample.py", "tests/test_entropy_sample_cpu.py"]
+SAMPLER_TESTS = ["tests/test_noise.py", "tests/test_sampling_backends.py", "tests/test_entropy_sample.py",
+                 "tests/test_entropy_sample_cpu.py"]
 SAMPLER_ARGS = ["-k", "not compile_for_cuda"]  # that test compiles for a GPU in a subprocess (minutes)
 
 # module -> (file, test files, extra pytest arguments)
@@ -207,9 +208,15 @@ def run_mutmut(name: str, work: Path, seconds: float, children: int) -> dict:
     tests = [t for t in tests if (tree / t).exists()]
     if not (tree / path).exists() or not tests:
         return {}
+    kernels = "kernels"
+    if path.startswith("kernels/"):
+        # mutmut names a mutant by its file's path and activates it by the module's import name: the two agree
+        # only when the package sits at the root (kernels/ettrl_kernels/noise.py imports as ettrl_kernels.noise)
+        shutil.move(tree / "kernels" / "ettrl_kernels", tree / "ettrl_kernels")
+        path, kernels = path.removeprefix("kernels/"), "ettrl_kernels"
     lines = "\n    ".join
     (tree / "setup.cfg").write_text(
-        f"[mutmut]\nsource_paths =\n    ettrl\n    engine\n    kernels\nonly_mutate =\n    {path}\n"
+        f"[mutmut]\nsource_paths =\n    ettrl\n    engine\n    {kernels}\nonly_mutate =\n    {path}\n"
         f"pytest_add_cli_args_test_selection =\n    {lines(tests)}\n"
         f"pytest_add_cli_args =\n    {lines(['-x', '-q', '-p', 'no:cacheprovider', *extra])}\n"
         "process_isolation = forkserver\n")
