@@ -14,7 +14,7 @@ from ettrl.backends.torch_backend import TorchBackend  # noqa: E402
 from ettrl.config import TrainerConfig  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
-from ettrl.update import TrainSample, pad_samples, policy_update  # noqa: E402
+from ettrl.update import TrainSample, _checkpointing, pad_samples, policy_update  # noqa: E402
 from tiny_models import make_tiny_policy  # noqa: E402
 
 EPS = 0.2
@@ -325,3 +325,11 @@ def test_progress_bars_only_when_asked(fresh, capsys):
                   progress=True)
     shown = capsys.readouterr().out
     assert "update" in shown and "micro-batches" in shown
+
+
+def test_checkpointing_is_seen_only_when_enabled(fresh):
+    """With activation checkpointing on, the update runs padded batches (no shared-prompt KV cache)."""
+    model = fresh()
+    assert not _checkpointing(model)
+    model.gradient_checkpointing_enable()
+    assert _checkpointing(model)
