@@ -1,0 +1,68 @@
+"""What `entropy_sample` does with its inputs before any backend runs: bad logits are refused with a message
+that says what to pass, strided logits sample like contiguous ones on every backend, the defaults are the
+documented ones, and the global default dtype does not leak into the outputs."""
+import pytest
+import torch
+
+import ettrl_kernels
+from ettrl_kernels.sampling_cpu import cpp_kernel
+
+CPU_BACKENDS = ["auto", "torch"]  # auto: the C++ op for float32 without top-k/top-p, where it is built
+
+
+def logits_for(batch=3, vocab=50):
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1)) * 3
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3, 4), torch.zeros(5), torch.zeros(2, 5, dtype=torch.int64),
+                                 torch.zeros(2, 5, dtype=torch.float64)])
+def test_bad_logits_are_refused_with_what_to_pass(bad):
+    message = f"logits must be a [B, V] float32/bfloat16 tensor, got {bad.dtype} {tuple(bad.shape)}"
+    with pytest.raises(ValueError) as err:
+        ettrl_kernels.entropy_sample(bad)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])  # the Triton kernel reads rows as contiguous
+@pytest.mark.parametrize("step", [2, 3])
+def test_strided_logits_sample_like_contiguous_ones(backend, step):
+    if backend == "auto" and cpp_kernel() is None:
+        pytest.skip("C++ extension not built")
+    wide = logits_for(vocab=50 * step)
+    strided = wide[:, ::step]  # stride(1) == step
+    dense = strided.contiguous()
+    kwargs = dict(temperature=0.8, seeds=torch.tensor([3, 4, 5]), positions=7, backend=backend)
+    got, want = ettrl_kernels.entropy_sample(strided, **kwargs), ettrl_kernels.entropy_sample(dense, **kwargs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_defaults_are_seed_0_and_no_truncation(backend):
+    if backend == "auto" and cpp_kernel() is None:
+        pytest.skip("C++ extension not built")
+    logits = logits_for(batch=64)
+    default = ettrl_kernels.entropy_sample(logits, backend=backend)
+    explicit = ettrl_kernels.entropy_sample(logits, temperature=1.0, top_k=-1, top_p=1.0, seeds=0,
+                                            seq_ids=torch.arange(64), positions=0, backend=backend)
+    for got, want in zip(default, explicit):
+        assert torch.equal(got, want)
+    other_seed = ettrl_kernels.entropy_sample(logits, seeds=1, backend=backend)[0]
+    assert not torch.equal(default[0], other_seed), "64 rows: some token must differ with another seed"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_ignore_the_global_default_dtype(backend):
+    if backend == "auto" and cpp_kernel() is None:
+        pytest.skip("C++ extension not built")
+    logits = logits_for()
+    want = ettrl_kernels.entropy_sample(logits, seeds=2, backend=backend)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = ettrl_kernels.entropy_sample(logits, seeds=2, backend=backend)
+    finally:
+        torch.set_default_dtype(previous)
+    assert [t.dtype for t in got] == [torch.int64, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
