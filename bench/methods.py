@@ -77,7 +77,7 @@ def check_sweep_file(out: Path, overrides: list[str], config: str | None) -> Non
 
 
 def run_one(out: Path, method: str, seed: int, overrides: list[str], config: str | None, launch, log,
-            threads: int | None, label: str, score_before: bool = True) -> bool:
+            threads: int | None, label: str, score_before: bool = True, keep_checkpoints: bool = False) -> bool:
     path = run_dir(out, method, seed)
     state = run_state(path)
     if state == "fresh" and path.exists():
@@ -91,6 +91,8 @@ def run_one(out: Path, method: str, seed: int, overrides: list[str], config: str
     ok = result.returncode == 0 and run_state(path) == "done"
     if not ok:
         log(f"{method} seed {seed} failed (exit {result.returncode}); see {path}")
+    elif not keep_checkpoints:  # a finished run needs only its summary; a checkpoint is ~1.6 GB with AdamW state
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return ok
 
 
@@ -103,7 +105,8 @@ def launch_run(cmd: list[str], env: dict | None = None, log_path: Path | None = 
 
 
 def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | None = None,
-          launch=launch_run, log=lambda line: print(line, flush=True), jobs: int = 1) -> None:
+          launch=launch_run, log=lambda line: print(line, flush=True), jobs: int = 1,
+          keep_checkpoints: bool = False) -> None:
     """Runs the missing runs, `jobs` at a time (each with cores / jobs threads when jobs > 1), seed-major."""
     check_sweep_file(out, overrides, config)
     todo = [(m, s) for m, s in planned_runs(methods, seeds) if run_state(run_dir(out, m, s)) != "done"]
@@ -115,7 +118,8 @@ def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | No
         if failed:  # after a failure start nothing new: rerunning resumes
             return
         label, first = f"[{i}/{len(todo)}]", method == methods[0]
-        if not run_one(out, method, seed, overrides, config, launch, log, threads, label, score_before=first):
+        if not run_one(out, method, seed, overrides, config, launch, log, threads, label, score_before=first,
+                       keep_checkpoints=keep_checkpoints):
             failed.append(f"{method} seed {seed}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -246,6 +250,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once, each with cores / jobs threads (2 single-thread runs beat one run of two "
                          "threads when other work shares the cores)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep finished runs' checkpoints (deleted by default: 24 default runs hold ~75 GB)")
     ap.add_argument("--config", help="a YAML config (default: the offline default)")
     ap.add_argument("--baseline", default="ttrl", help="the method the paired differences are taken against")
     ap.add_argument("--report", action="store_true", help="only aggregate the finished runs")
@@ -254,7 +260,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not args.report:
-        sweep(out, args.methods, args.seeds, args.overrides, args.config, jobs=args.jobs)
+        sweep(out, args.methods, args.seeds, args.overrides, args.config, jobs=args.jobs,
+              keep_checkpoints=args.keep_checkpoints)
     runs = load_summaries(out)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")

@@ -143,3 +143,16 @@ def test_per_seed_table(tmp_path):
     assert table[0] == "| | seed 0 | seed 1 | mean |"
     assert table[2:] == ["| avg@16 before | 40.0 | 40.0 | 40.0 |", "| ttrl avg@16 | 50.0 | 75.0 | 62.5 |",
                          "| etmr avg@16 | 25.0 | 50.0 | 37.5 |", "| etmr tokens / ttrl | 0.60 | 0.60 | 0.60 |"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_runs_checkpoints_go_unless_kept(tmp_path, keep):
+    def fake_launch(cmd):
+        path = Path(cmd[cmd.index("--run-dir") + 1])
+        (path / "checkpoints" / "step-000016").mkdir(parents=True)
+        write_summary(tmp_path, "ttrl", 0, 0.5, 0.6)
+        return SimpleNamespace(returncode=0)
+
+    bm.sweep(tmp_path, ["ttrl"], 1, [], launch=fake_launch, log=lambda line: None, keep_checkpoints=keep)
+    assert (bm.run_dir(tmp_path, "ttrl", 0) / "checkpoints").exists() == keep
+    assert bm.run_state(bm.run_dir(tmp_path, "ttrl", 0)) == "done"
