@@ -113,3 +113,10 @@ def test_peaked_row_is_not_fully_sorted(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", recording_topk)
     assert thresholds([row], top_p=0.9) == [4.0]
     assert widths and max(widths) < vocab
+
+
+def test_top_k_alone_keeps_a_tail_too_small_for_the_float32_sum():
+    """Top-k without top-p is the k-th logit, even when the float32 running sum already equals the total before
+    it (exp(-30) is below the sum's ulp): a threshold from the cumulative mass cut the third token."""
+    assert thresholds([[0.0, -1.0, -30.0, -40.0]], top_k=3) == [-30.0]
+    assert thresholds([[0.0, -1.0, -30.0, -40.0, -50.0]], top_k=4) == [-40.0]
