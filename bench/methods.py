@@ -176,10 +176,14 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, 
     return m, m - half, m + half, len(diffs)
 
 
+def baseline_first(runs: dict, baseline: str) -> list[str]:
+    return sorted(runs, key=lambda m: (m != baseline, m))
+
+
 def aggregate(runs: dict[str, dict[int, dict]], baseline: str = "ttrl", metrics=METRICS) -> list[dict]:
     """One row per method and metric: n, mean after, SE, mean change from before, paired difference to baseline."""
     rows = []
-    for method in sorted(runs, key=lambda m: (m != baseline, m)):
+    for method in baseline_first(runs, baseline):
         by_seed = runs[method]
         for metric in metrics:
             after = {s: r["after"][metric] for s, r in by_seed.items()
@@ -221,7 +225,7 @@ def per_seed_table(runs: dict[str, dict[int, dict]], metric: str = "avg@16", bas
     """Markdown: per seed, each method's metric after training (before it in the first row) and its rollout
     tokens as a share of the baseline's with the same seed."""
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
-    methods = sorted(runs, key=lambda m: (m != baseline, m))
+    methods = baseline_first(runs, baseline)
     lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|" + "---|" * (len(seeds) + 2)]
 
     def row(label, values, digits=1):

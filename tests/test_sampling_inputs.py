@@ -10,6 +10,11 @@ from ettrl_kernels.sampling_cpu import cpp_kernel
 CPU_BACKENDS = ["auto", "torch"]  # auto: the C++ op for float32 without top-k/top-p, where it is built
 
 
+def skip_auto_without_cpp(backend: str) -> None:
+    if backend == "auto" and cpp_kernel() is None:
+        pytest.skip("C++ extension not built")
+
+
 def logits_for(batch=3, vocab=50):
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1)) * 3
 
@@ -26,8 +31,7 @@ def test_bad_logits_are_refused_with_what_to_pass(bad):
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])  # the Triton kernel reads rows as contiguous
 @pytest.mark.parametrize("step", [2, 3])
 def test_strided_logits_sample_like_contiguous_ones(backend, step):
-    if backend == "auto" and cpp_kernel() is None:
-        pytest.skip("C++ extension not built")
+    skip_auto_without_cpp(backend)
     wide = logits_for(vocab=50 * step)
     strided = wide[:, ::step]  # stride(1) == step
     dense = strided.contiguous()
@@ -39,8 +43,7 @@ def test_strided_logits_sample_like_contiguous_ones(backend, step):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_defaults_are_seed_0_and_no_truncation(backend):
-    if backend == "auto" and cpp_kernel() is None:
-        pytest.skip("C++ extension not built")
+    skip_auto_without_cpp(backend)
     logits = logits_for(batch=64)
     default = ettrl_kernels.entropy_sample(logits, backend=backend)
     explicit = ettrl_kernels.entropy_sample(logits, temperature=1.0, top_k=-1, top_p=1.0, seeds=0,
@@ -53,8 +56,7 @@ def test_defaults_are_seed_0_and_no_truncation(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_outputs_ignore_the_global_default_dtype(backend):
-    if backend == "auto" and cpp_kernel() is None:
-        pytest.skip("C++ extension not built")
+    skip_auto_without_cpp(backend)
     logits = logits_for()
     want = ettrl_kernels.entropy_sample(logits, seeds=2, backend=backend)
     previous = torch.get_default_dtype()

@@ -73,6 +73,9 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
         return thresholds
     k, p, excl = params.top_k[rows], params.top_p[rows], params.exclude[rows]
     inv_temp, row_lse = params.inv_temp[rows, None], lse[rows, None]
+    # top-k alone keeps the k-th value, not where the float32 running sum first reaches the total (a tail a few
+    # ulps of the mass small would end the sum early and cut tokens of the top k)
+    top_k_only = p >= 1
     sub = logits if rows.numel() == batch else logits[rows]
     excluded_logit = sub.gather(1, excl.clamp(min=0)[:, None]).float() * inv_temp - row_lse
     excluded_mass = torch.where(excl[:, None] >= 0, excluded_logit.exp(), 0.0).squeeze(1)
@@ -87,15 +90,13 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
         probs = torch.exp(values * inv_temp - row_lse) * in_top_k
         mass = torch.where(k > 0, probs.sum(1), 1 - excluded_mass)
         kept = ((probs.cumsum(1) < p[:, None] * mass[:, None]) & in_top_k).sum(1)
-        covered = (kept < window) | (window == vocab) | (p >= 1)
+        covered = (kept < window) | (window == vocab) | top_k_only
         if bool(covered.all()):
             break
         window = vocab if 8 * window > vocab else 4 * window
     last = kept.clamp(max=window - 1)
     last = torch.where(k > 0, torch.minimum(last, k - 1), last)
-    # top-k alone: the k-th value, not where the float32 running sum first reaches the total (a tail a few ulps
-    # of the mass small would end the sum early and cut tokens of the top k)
-    last = torch.where(p >= 1, k - 1, last)
+    last = torch.where(top_k_only, k - 1, last)
     thresholds[rows] = values.gather(1, last[:, None]).squeeze(1)
     return thresholds
 
