@@ -162,6 +162,7 @@ def pytest_cmd(tests: list[str], extra: list[str]) -> list[str]:
 
 
 def run_hand(mutants: list[Hand], work: Path, deadline: float, cpp: bool) -> list[tuple[Hand, str]]:
+    shutil.rmtree(work / "hand", ignore_errors=True)  # hand mutants always run on the last commit
     tree = scratch_copy(work / "hand")
     out = []
     for m in mutants:
@@ -202,28 +203,44 @@ def run_hand(mutants: list[Hand], work: Path, deadline: float, cpp: bool) -> lis
     return out
 
 
-def run_mutmut(name: str, work: Path, seconds: float, children: int) -> dict:
-    """mutmut on one module in its own scratch copy: {mutant name: status} (unchecked ones included)."""
-    path, tests, extra = MODULES[name]
-    tree = scratch_copy(work / f"mutmut-{name}")
-    tests = [t for t in tests if (tree / t).exists()]
-    if not (tree / path).exists() or not tests:
-        return {}
-    kernels = "kernels"
-    if path.startswith("kernels/"):
-        # mutmut names a mutant by its file's path and activates it by the module's import name: the two agree
-        # only when the package sits at the root (kernels/ettrl_kernels/noise.py imports as ettrl_kernels.noise)
+def prepare_mutmut_tree(tree: Path, path: str, tests: list[str], extra: list[str], kernels: str) -> None:
+    """A scratch copy at tree with mutmut's setup.cfg for one module (path relative to the copy's root)."""
+    scratch_copy(tree)
+    if kernels == "ettrl_kernels":
         shutil.move(tree / "kernels" / "ettrl_kernels", tree / "ettrl_kernels")
-        path, kernels = path.removeprefix("kernels/"), "ettrl_kernels"
+    tests = [t for t in tests if (tree / t).exists()]
     lines = "\n    ".join
     (tree / "setup.cfg").write_text(
         f"[mutmut]\nsource_paths =\n    ettrl\n    engine\n    {kernels}\nonly_mutate =\n    {path}\n"
         f"pytest_add_cli_args_test_selection =\n    {lines(tests)}\n"
         f"pytest_add_cli_args =\n    {lines(['-x', '-q', '-p', 'no:cacheprovider', *extra])}\n"
         "process_isolation = forkserver\n")
-    mutants = tree / "mutants"
-    (mutants / "kernels").mkdir(parents=True)  # on sys.path from the start (an absent entry is cached as absent)
-    env = env_for(mutants)
+    (tree / "mutants" / "kernels").mkdir(parents=True)  # on sys.path from the start (an absent entry is cached)
+
+
+def run_mutmut(name: str, work: Path, seconds: float, children: int) -> dict:
+    """mutmut on one module in its own scratch copy: {mutant name: status} (unchecked ones included).
+
+    A scratch copy left by an earlier run in the same workdir is reused as it is (its commit, its verdicts): mutmut
+    skips the mutants it has already decided, so a capped run goes on where the last one stopped."""
+    path, tests, extra = MODULES[name]
+    tree = work / f"mutmut-{name}"
+    if path.startswith("kernels/"):
+        # mutmut names a mutant by its file's path and activates it by the module's import name: the two agree
+        # only when the package sits at the root (kernels/ettrl_kernels/noise.py imports as ettrl_kernels.noise)
+        path, kernels = path.removeprefix("kernels/"), "ettrl_kernels"
+    else:
+        kernels = "kernels"
+    if (tree / "setup.cfg").exists():
+        print(f"  {name}: resuming {tree}", flush=True)
+    else:
+        if tree.exists():
+            shutil.rmtree(tree)
+        prepare_mutmut_tree(tree, path, tests, extra, kernels)
+    tests = [t for t in tests if (tree / t).exists()]
+    if not (tree / path).exists() or not tests:
+        return {}
+    env = env_for(tree / "mutants")
     try:
         subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=tree, env=env, timeout=seconds,
                        capture_output=True)
@@ -263,7 +280,8 @@ def main():
     parser.add_argument("--cpp", action="store_true", help="also the C++ mutants (rebuilds the extension)")
     parser.add_argument("--hand", default="", help="only the hand-planted mutants whose name matches this regex")
     parser.add_argument("--children", type=int, default=2, help="mutmut workers")
-    parser.add_argument("--workdir", default="", help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--workdir", default="", help="scratch folder (default: a new temporary one); a module's "
+                        "scratch copy left there by an earlier run is reused, and mutmut goes on where it stopped")
     args = parser.parse_args()
     start = time.time()
     deadline = start + 60 * args.minutes
