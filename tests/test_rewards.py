@@ -38,12 +38,13 @@ def test_ties_go_to_the_class_seen_first():
 def test_none_never_votes():
     label, ratio, rewards = majority_vote([None, None, None, "4"])
     assert (label, ratio, rewards) == ("4", 0.25, [0.0, 0.0, 0.0, 1.0])
-    label, ratio, rewards = majority_vote([None, None])
-    assert (label, ratio, rewards) == (None, 0.0, [0.0, 0.0])
+    vote = majority_vote([None, None])
+    assert (vote.label, vote.ratio, vote.rewards, vote.class_ids, vote.label_class) == (None, 0.0, [0.0, 0.0],
+                                                                                         [-1, -1], -1)
 
 
 def test_majority_vote_rejects_empty_input():
-    with pytest.raises(ValueError, match="at least one answer"):
+    with pytest.raises(ValueError, match=r"^majority_vote needs at least one answer \(got an empty list\)$"):
         majority_vote([])
 
 
@@ -71,6 +72,7 @@ def test_vote_then_sample_is_seeded_uniform_and_without_replacement():
     hits = Counter(i for seed in range(2000) for i in vote_then_sample(64, 32, seed))
     assert all(abs(hits[i] / 2000 - 0.5) < 0.06 for i in range(64))
     assert vote_then_sample(5, 5, seed=0) == [0, 1, 2, 3, 4]
+    assert [len(vote_then_sample(5, 1, seed)) for seed in range(3)] == [1, 1, 1]  # one to train is allowed
 
 
 @pytest.mark.parametrize("n_votes,n_train", [(4, 5), (4, 0), (0, 0)])
@@ -157,6 +159,9 @@ def test_dare_defaults_and_edge_cases():
     assert dare_rewards(answers, h) == pytest.approx([0.95, 0.15, 0.95, 0.0, 0.1, 0.0], abs=1e-5)
     assert dare_rewards(["4", "4"], [0.2, 0.4]) == pytest.approx([1.0, 1.0])  # one class: p = 1, bonus 0
     assert dare_scores([None, None], [1.0, 2.0]) == DareScores([0.0, 0.0], [-1, -1], [], [])
+    assert dare_scores([], []) == DareScores([], [], [], [])
+    # dare_scores has the same defaults as dare_rewards: alpha 0.5 (the bonus of "4" is 0.4, weighted 0.2)
+    assert dare_scores(answers, h).rewards == pytest.approx([0.95, 0.15, 0.95, 0.0, 0.1, 0.0], abs=1e-5)
     # a class whose probability equals tau exactly is kept
     weights = [1 / (1.0 + 1e-6), 19 / (1.0 + 1e-6)]
     tau = weights[0] / sum(weights)
