@@ -154,3 +154,59 @@ def test_compute_advantages_combinations():
         compute_advantages(rewards, AdvantageConfig(entropy_alpha=0.4))
     with pytest.raises(ValueError, match="method"):
         AdvantageConfig(method="ppo")
+
+
+def test_error_messages_name_the_argument_to_fix():
+    with pytest.raises(ValueError, match=r"^rewards must be one value per response \(1-D\), got shape \(1, 2\)$"):
+        grpo_advantages([[1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"^std must be one of \('population', 'bessel'\), got 'n'$"):
+        grpo_advantages([1.0, 0.0], std="n")
+    with pytest.raises(ValueError, match=r"^pass either group_size or groups, not both$"):
+        grpo_advantages([1.0, 0.0], group_size=2, groups=[0, 0])
+    with pytest.raises(ValueError, match=r"^advantages must be one value per response \(1-D\)"):
+        adv_res([[1.0]], [1.0])
+    with pytest.raises(ValueError, match=r"^response_entropies must be one value per response \(1-D\)"):
+        adv_res([1.0], [[1.0]])
+    with pytest.raises(ValueError, match=r"^2 advantages but 3 response entropies$"):
+        adv_res([1.0, 0.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"^direction must be one of \('equations', 'prose'\), got 'up'$"):
+        adv_res([1.0], [1.0], direction="up")
+
+
+def test_group_sizes_zero_and_one():
+    with pytest.raises(ValueError, match="^2 responses cannot be split into groups of 0$"):
+        grpo_advantages([1.0, 0.0], group_size=0)
+    assert grpo_advantages([1.0, 0.0], group_size=1).tolist() == [0.0, 0.0]  # each response its own group
+    assert grpo_advantages([]).shape == (0,)
+
+
+def test_eps_is_added_to_the_std():
+    # rewards 2e-6 apart: centred +-1e-6, population std 1e-6 -> A = +-1e-6 / 2e-6; Bessel std sqrt(2) 1e-6
+    assert grpo_advantages([0.0, 2e-6]).tolist() == pytest.approx([-0.5, 0.5], rel=1e-3)
+    bessel = 1 / (2 ** 0.5 + 1)
+    assert grpo_advantages([0.0, 2e-6], std="bessel").tolist() == pytest.approx([-bessel, bessel], rel=1e-3)
+
+
+def test_bessel_std_of_a_group_of_two():
+    # mean 1/2, squares 1/4 + 1/4 over n - 1 = 1: sd = 1/sqrt 2, A = +-1/sqrt 2
+    assert grpo_advantages([1.0, 0.0], std="bessel").tolist() == pytest.approx([0.5 ** 0.5, -0.5 ** 0.5], rel=1e-5)
+
+
+@pytest.mark.parametrize("direction,y", [("equations", [1.2, 0.8]), ("prose", [0.8, 1.2])])
+def test_adv_res_divides_by_a_group_mean_entropy_below_one(direction, y):
+    # Hbar = 0.5: Y = 1 -+ 0.1 / 0.5 (a division by Hbar, not by 1 or a product with it)
+    out = adv_res([1.0, -1.0], [0.4, 0.6], alpha=0.5, beta=0.5, direction=direction)
+    assert out.tolist() == pytest.approx([y[0], -y[1]], rel=1e-5)
+
+
+def test_outputs_are_float32_whatever_the_input_and_the_global_default_dtype():
+    import numpy as np
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for rewards in ([1.0, 0.0, 0.0], np.array([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0])):
+            assert grpo_advantages(rewards).dtype == torch.float32
+            assert grpo_advantages(rewards, groups=["a", "b", "a"]).dtype == torch.float32
+            assert adv_res(rewards, np.array([1.0, 2.0, 3.0])).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
