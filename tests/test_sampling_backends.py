@@ -149,6 +149,16 @@ def test_bf16_logits_against_float64(backend, monkeypatch):
         check(backend, logits, monkeypatch, temperature=temperature, top_p=0.8, seeds=2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_top_p_after_excluding_a_token_that_holds_nearly_all_the_mass(backend, monkeypatch):
+    """A distinct branch excludes its root's token; when that token held all but ~1e-5 of the mass, top-p is
+    taken over a remainder smaller than the float32 lse's rounding (test_truncation_thresholds.py)."""
+    logits = lm_like(32, 512, 7) - 10
+    logits[:, :4] = torch.tensor([40.0, 30.0, 28.5, 27.0])  # without token 0: p = 0.78, 0.17, 0.04, ...
+    check(backend, logits, monkeypatch, temperature=torch.linspace(0.8, 1.2, 32), top_p=0.8, exclude=0,
+          seeds=torch.arange(32) + 20)
+
+
 # Triton is left out: the interpreter runs one program per row (~20 ms each), and its tokens already equal the
 # float64 Gumbel-max reference draw for draw above, whose frequencies these tests check through torch and C++.
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ettrl_kernels
+from ettrl_kernels import sampling_torch
 from ettrl_kernels.sampling_cpu import cpp_kernel
 
 CPU_BACKENDS = ["auto", "torch"]  # auto: the C++ op for float32 without top-k/top-p, where it is built
@@ -55,14 +56,16 @@ def test_defaults_are_seed_0_and_no_truncation(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_outputs_ignore_the_global_default_dtype(backend):
+def test_outputs_ignore_the_global_default_dtype(backend, monkeypatch):
     skip_auto_without_cpp(backend)
-    logits = logits_for()
-    want = ettrl_kernels.entropy_sample(logits, seeds=2, backend=backend)
+    logits = logits_for(batch=8, vocab=1024)  # float64 sums would change the last bits of the statistics
+    monkeypatch.setattr(sampling_torch, "_workspaces", {})  # the torch path's buffers are made afresh
+    want = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=2, backend=backend)
+    monkeypatch.setattr(sampling_torch, "_workspaces", {})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        got = ettrl_kernels.entropy_sample(logits, seeds=2, backend=backend)
+        got = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=2, backend=backend)
     finally:
         torch.set_default_dtype(previous)
     assert [t.dtype for t in got] == [torch.int64, torch.float32, torch.float32]

@@ -120,3 +120,14 @@ def test_top_k_alone_keeps_a_tail_too_small_for_the_float32_sum():
     it (exp(-30) is below the sum's ulp): a threshold from the cumulative mass cut the third token."""
     assert thresholds([[0.0, -1.0, -30.0, -40.0]], top_k=3) == [-30.0]
     assert thresholds([[0.0, -1.0, -30.0, -40.0, -50.0]], top_k=4) == [-40.0]
+
+
+def test_top_p_after_excluding_a_token_that_holds_nearly_all_the_mass():
+    # the excluded token leaves the others ~1.5e-5 of the mass, less than the float32 lse's rounding at 44 (an ulp
+    # is 3.8e-6): 1 - p(excluded) gave the rest a mass 25% off and top-p 0.8 kept one token instead of two
+    row = [40.0, 30.0, 29.0, 28.0] + [0.0] * 12
+    row[1:4] = [30.0, 28.5, 27.0]
+    for temperature in (0.9, 1.0):
+        scaled = [x / temperature for x in row]
+        want = brute_threshold(scaled, top_p=0.8, exclude=0) * temperature
+        assert thresholds([row], temperature=temperature, top_p=0.8, exclude=0) == pytest.approx([want])

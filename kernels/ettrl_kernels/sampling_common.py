@@ -77,8 +77,7 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
     # ulps of the mass small would end the sum early and cut tokens of the top k)
     top_k_only = p >= 1
     sub = logits if rows.numel() == batch else logits[rows]
-    excluded_logit = sub.gather(1, excl.clamp(min=0)[:, None]).float() * inv_temp - row_lse
-    excluded_mass = torch.where(excl[:, None] >= 0, excluded_logit.exp(), 0.0).squeeze(1)
+    rest_mass = _mass_without_excluded(sub, excl, k, inv_temp, row_lse)
     window = min(vocab, max(int(k.max()) + 1, 64))
     while True:
         values, ids = sub.sort(dim=1, descending=True) if window == vocab else sub.topk(window, dim=1)
@@ -88,7 +87,7 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
         rank = torch.arange(window, device=logits.device)
         in_top_k = (k[:, None] == 0) | (rank[None, :] < k[:, None])
         probs = torch.exp(values * inv_temp - row_lse) * in_top_k
-        mass = torch.where(k > 0, probs.sum(1), 1 - excluded_mass)
+        mass = torch.where(k > 0, probs.sum(1), rest_mass)
         kept = ((probs.cumsum(1) < p[:, None] * mass[:, None]) & in_top_k).sum(1)
         covered = (kept < window) | (window == vocab) | top_k_only
         if bool(covered.all()):
@@ -99,6 +98,22 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
     last = torch.where(top_k_only, k - 1, last)
     thresholds[rows] = values.gather(1, last[:, None]).squeeze(1)
     return thresholds
+
+
+def _mass_without_excluded(logits, excl, k, inv_temp, lse) -> torch.Tensor:
+    """Probability mass left after each row's excluded token (1 where nothing is excluded or top-k sums it).
+
+    Summed over the other tokens, not taken as 1 - p(excluded): when the excluded token holds nearly all the mass
+    that difference is smaller than the float32 lse's rounding (an ulp of the top logit), and the top-p cut lands
+    wherever that error puts it.
+    """
+    mass = torch.ones(len(excl), device=logits.device)
+    hit = torch.nonzero((excl >= 0) & (k == 0)).flatten()
+    if hit.numel():
+        x = logits[hit].float() * inv_temp[hit]
+        x[torch.arange(len(hit), device=logits.device), excl[hit]] = float("-inf")
+        mass[hit] = torch.exp(torch.logsumexp(x, dim=1) - lse[hit, 0])
+    return mass
 
 
 def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor) -> None:
