@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLER_TESTS = ["tests/test_noise.py", "tests/test_sampling_inputs.py", "tests/test_sampling_backends.py",
                  "tests/test_entropy_sample.py", "tests/test_entropy_sample_cpu.py",
-                 "tests/test_truncation_thresholds.py"]
+                 "tests/test_truncation_thresholds.py", "tests/test_sampling_torch_routes.py"]
 SAMPLER_ARGS = ["-k", "not compile_for_cuda"]  # that test compiles for a GPU in a subprocess (minutes)
 
 # module -> (file, test files, extra pytest arguments)
