@@ -24,7 +24,7 @@ from ettrl.loss import grpo_loss
 from ettrl.policy import pad_batch, response_stats, shared_prompt_stats
 
 MEANS = ("loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl",
-         "ratio_mean", "kl_ref", "grad_norm")
+         "ratio_mean", "kl_ref", "policy_entropy", "grad_norm")
 
 
 @dataclass
@@ -54,8 +54,9 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
                   ref_model=None, progress: bool = False, mini_batches: int = 1) -> dict:
     """The optimizer steps of one rollout batch on `samples` (this rank's share), then the lr schedule moves.
 
-    Returns the means over the optimizer steps (ratio_min / ratio_max: extremes), "optimizer_steps", "lr",
-    and "inner": one metrics dict per optimizer step."""
+    Returns the means over the optimizer steps (ratio_min / ratio_max: extremes; policy_entropy: the policy's
+    mean token entropy at the sampling temperature, as the update sees it), "optimizer_steps", "lr", and "inner":
+    one metrics dict per optimizer step."""
     if mini_batches < 1 or len(samples) % mini_batches:
         raise ValueError(f"{len(samples)} samples on this rank cannot split into {mini_batches} equal mini-batches; "
                          f"make prompts per rank x rollout.n_train a multiple of the mini-batches per step")
@@ -121,6 +122,7 @@ def _micro_step(backend, chunk, old, ref, tcfg, temperature, pad_id, device, n_t
     loss, metrics = grpo_loss(logp_new, logp_old, adv, mask, tcfg.eps_low, tcfg.eps_high, tcfg.loss_agg,
                               ref_logp=None if ref is None else _padded([t.to(device) for t in ref]),
                               kl_coef=tcfg.kl_coef, entropies=split(entropy.float()), clip_ratio_c=tcfg.clip_ratio_c)
+    metrics["policy_entropy"] = metrics.pop("entropy")  # the trainer's; the rollout's is "entropy"
     real = [s for s in chunk if not s.padding]
     n_real = sum(len(s.response_ids) for s in real) if tcfg.loss_agg == "token-mean" else len(real)
     total = n_tokens if tcfg.loss_agg == "token-mean" else n_seqs

@@ -333,3 +333,54 @@ def test_checkpointing_is_seen_only_when_enabled(fresh):
     assert not _checkpointing(model)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # load_policy's
     assert _checkpointing(model)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["padded-batch", "shared-prompt"])
+def test_temperature_aggregation_and_summary_reach_the_metrics(fresh, share_prompt):
+    """At T = 0.7 with seq-mean-token-mean over micro-batches of two responses of unequal length: the first
+    mini-batch is on-policy (r = 1), so its loss is the mean over responses of -A (X: -1, Y: +1, so 0; the token
+    mean would be 1/3) and its policy entropy the token mean of the policy's entropies at T = 0.7; the summary
+    averages the optimizer steps."""
+    temperature = 0.7
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=2, share_prompt=share_prompt,
+                         loss_agg="seq-mean-token-mean", prompts_per_step=2, mini_batch_prompts=1)
+    mbs = two_mini_batches()
+    out = policy_update(TorchBackend(fresh(), tcfg, total_steps=10), [s for mb in mbs for s in mb], tcfg,
+                        temperature, 0, mini_batches=2)
+    first, second = out["inner"]
+    assert first["loss"] == pytest.approx(0.0, abs=1e-6)
+    batch = pad_batch([s.prompt_ids for s in mbs[0]], [s.response_ids for s in mbs[0]], 0, "cpu")
+    entropies = response_stats(fresh(), batch, temperature)[1]
+    assert first["policy_entropy"] == pytest.approx(entropies.mean().item(), rel=1e-5)
+    assert abs(entropies.mean().item() - response_stats(fresh(), batch, 1.0)[1].mean().item()) > 1e-2
+    for key in ("loss", "policy_entropy", "ratio_mean"):
+        assert out[key] == pytest.approx((first[key] + second[key]) / 2, rel=1e-6), key
+    assert out["lr"] == LR and out["optimizer_steps"] == 2
+
+
+def test_dual_clip_reaches_the_loss(fresh):
+    """Mini-batch 2 after step 1: Z's tokens (A < 0) with max(r, clip(r)) above clip_ratio_c take the dual clip's
+    bound; step 1 is on-policy (r = 1 < c), so the reference's ratios hold."""
+    c = 1.02
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, grad_clip=1.0, micro_batch_size=2, share_prompt=False,
+                         prompts_per_step=2, mini_batch_prompts=1, eps_low=EPS, eps_high=EPS, clip_ratio_c=c)
+    mbs = two_mini_batches()
+    out = policy_update(TorchBackend(fresh(), tcfg, total_steps=10), [s for mb in mbs for s in mb], tcfg,
+                        TEMPERATURE, 0, mini_batches=2)
+    z_ratio = reference_update(fresh(), mbs, tcfg)[1][1][1]
+    dual = int((torch.maximum(z_ratio, z_ratio.clamp(1 - EPS, 1 + EPS)) > c).sum())
+    assert 0 < dual, f"the test needs a Z token above the bound, got ratios {z_ratio}"
+    assert out["inner"][0]["clip_frac_dual"] == 0.0
+    assert out["inner"][1]["clip_frac_dual"] == pytest.approx(dual / 5)  # of the mini-batch's 5 tokens
+
+
+def test_responses_of_one_prompt_share_its_forward(fresh):
+    """X and Y have one prompt: one forward of the prompt (less its last token) and one of both responses."""
+    tcfg = TrainerConfig(lr=LR, warmup_ratio=0.0, micro_batch_size=2, share_prompt=True)
+    model = fresh()
+    shapes = []
+    model.get_decoder().register_forward_hook(lambda module, args, kwargs, out: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    x, y = two_mini_batches()[0]
+    policy_update(TorchBackend(model, tcfg, total_steps=10), [x, y], tcfg, TEMPERATURE, 0)
+    assert shapes == [(1, len(x.prompt_ids) - 1), (2, 1 + len(y.response_ids) - 1)]
