@@ -131,6 +131,18 @@ def test_exclude_against_float64(backend, monkeypatch):
           exclude=exclude, seeds=4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slices_of_the_vocabulary_that_are_masked_or_hold_one_token(backend, monkeypatch):
+    """20000 tokens: three 8192-token slices for the Triton kernel, merged on the host. Row 0: the last slice all
+    -inf (its partial sums are 0 and must add nothing); row 1: the middle slice holds a single finite logit
+    below the row's maximum (its partial sum is exactly 1)."""
+    logits = lm_like(3, 20000, 8)
+    logits[0, 16384:] = -math.inf
+    logits[1, 8192:16384] = -math.inf
+    logits[1, 9000] = 1.0
+    check(backend, logits, monkeypatch, temperature=torch.tensor([1.0, 0.8, 1.0]), seeds=5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # the C++ op does no top-k / top-p
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (-1, 0.7), (30, 0.5), (-1, 0.95)])
 def test_top_k_top_p_against_float64(backend, top_k, top_p, monkeypatch):

@@ -55,7 +55,7 @@ def test_defaults_are_seed_0_and_no_truncation(backend):
     assert not torch.equal(default[0], other_seed), "64 rows: some token must differ with another seed"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 def test_outputs_ignore_the_global_default_dtype(backend, monkeypatch):
     skip_auto_without_cpp(backend)
     logits = logits_for(batch=8, vocab=1024)  # float64 sums would change the last bits of the statistics
@@ -71,3 +71,21 @@ def test_outputs_ignore_the_global_default_dtype(backend, monkeypatch):
     assert [t.dtype for t in got] == [torch.int64, torch.float32, torch.float32]
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+def test_refusals_name_only_the_bad_rows(backend):
+    skip_auto_without_cpp(backend)
+    logits = logits_for(batch=4)
+    logits[2, 7] = float("nan")
+    with pytest.raises(ValueError) as err:
+        ettrl_kernels.entropy_sample(logits, backend=backend)
+    assert str(err.value) == "entropy_sample: logits contain NaN or +inf in rows [2]"
+    logits = logits_for(batch=4)
+    logits[1] = float("-inf")
+    logits[3] = float("-inf")
+    logits[3, 5] = 0.0
+    with pytest.raises(ValueError) as err:
+        ettrl_kernels.entropy_sample(logits, exclude=torch.tensor([-1, -1, -1, 5]), backend=backend)
+    assert str(err.value) == ("entropy_sample: no allowed token with nonzero probability in rows [1, 3] "
+                              "(all logits -inf, or `exclude` removed the only one)")
