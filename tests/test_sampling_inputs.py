@@ -89,3 +89,39 @@ def test_refusals_name_only_the_bad_rows(backend):
         ettrl_kernels.entropy_sample(logits, exclude=torch.tensor([-1, -1, -1, 5]), backend=backend)
     assert str(err.value) == ("entropy_sample: no allowed token with nonzero probability in rows [1, 3] "
                               "(all logits -inf, or `exclude` removed the only one)")
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+def test_a_refusal_lists_the_first_eight_bad_rows(backend):
+    skip_auto_without_cpp(backend)
+    logits = logits_for(batch=12)
+    logits[1:11] = float("-inf")
+    with pytest.raises(ValueError, match=r"in rows \[1, 2, 3, 4, 5, 6, 7, 8\] \(all logits"):
+        ettrl_kernels.entropy_sample(logits, backend=backend)
+    logits[1:11] = float("nan")
+    with pytest.raises(ValueError, match=r"in rows \[1, 2, 3, 4, 5, 6, 7, 8\]$"):
+        ettrl_kernels.entropy_sample(logits, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+def test_parameters_as_scalars_zero_dim_or_per_row_tensors_of_any_dtype_sample_alike(backend):
+    """Python numbers, 0-dim tensors and [B] tensors of other dtypes (float64, int32) are the same parameters."""
+    skip_auto_without_cpp(backend)
+    logits = logits_for(batch=4, vocab=64)
+    for truncation in (dict(), dict(top_k=5, top_p=0.9)):
+        want = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=3, positions=2, exclude=1,
+                                            backend=backend, **truncation)
+        wide, narrow = torch.float64, torch.int32
+        zero_dim = {"top_k": torch.tensor(5, dtype=narrow), "top_p": torch.tensor(0.9, dtype=wide)}
+        got = ettrl_kernels.entropy_sample(
+            logits, temperature=torch.tensor(0.7, dtype=wide), seeds=torch.tensor(3, dtype=narrow),
+            positions=torch.tensor(2, dtype=narrow), exclude=torch.tensor(1, dtype=narrow), backend=backend,
+            **{k: zero_dim[k] for k in truncation})
+        rows = {"top_k": torch.full((4,), 5, dtype=narrow), "top_p": torch.full((4,), 0.9, dtype=wide)}
+        per_row = ettrl_kernels.entropy_sample(
+            logits, temperature=torch.full((4,), 0.7, dtype=wide), seeds=torch.full((4,), 3, dtype=narrow),
+            positions=torch.full((4,), 2, dtype=narrow), exclude=torch.full((4,), 1, dtype=narrow),
+            seq_ids=torch.arange(4, dtype=narrow), backend=backend, **{k: rows[k] for k in truncation})
+        for other in (got, per_row):
+            for g, w in zip(other, want):
+                assert g.dtype == w.dtype and torch.equal(g, w)

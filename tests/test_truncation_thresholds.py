@@ -131,3 +131,24 @@ def test_top_p_after_excluding_a_token_that_holds_nearly_all_the_mass():
         scaled = [x / temperature for x in row]
         want = brute_threshold(scaled, top_p=0.8, exclude=0) * temperature
         assert thresholds([row], temperature=temperature, top_p=0.8, exclude=0) == pytest.approx([want])
+
+
+def test_top_k_with_a_binding_top_p_ends_at_the_last_token_it_needs():
+    # top-3 renormalised: 0.665, 0.245, 0.090; reaching 0.99 takes all three
+    assert thresholds([[3.0, 2.0, 1.0, 0.0, -1.0]], top_k=3, top_p=0.99) == [1.0]
+
+
+def test_top_k_with_top_p_within_rounding_of_one_stays_inside_the_top_k():
+    # top_p = 0.99999994 (the float32 below 1): for this row the float32 running sum of the top 50 ends below
+    # top_p times their sum, so the top-p count runs past k; the cut must still be the 50th logit
+    logits = torch.randn(1, 200, generator=torch.Generator().manual_seed(158))
+    want = logits.sort(descending=True).values[0, 49].item()
+    assert thresholds(logits.tolist(), top_k=50, top_p=0.99999994) == [want]
+
+
+def test_a_top_p_the_float32_sum_never_reaches_keeps_the_whole_row():
+    # an lse 0.01 too large (the sampler's float32 lse is off by rounding, less so) makes the probabilities sum
+    # to 0.99 < top_p: after the full sort nothing is cut
+    row = [float(x) for x in torch.linspace(2.0, -2.0, 100)]
+    lse = torch.logsumexp(torch.tensor([row]), 1) + 0.01
+    assert thresholds([row], top_p=0.995, lse=lse) == [row[-1]]
