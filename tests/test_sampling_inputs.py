@@ -105,7 +105,8 @@ def test_a_refusal_lists_the_first_eight_bad_rows(backend):
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 def test_parameters_as_scalars_zero_dim_or_per_row_tensors_of_any_dtype_sample_alike(backend):
-    """Python numbers, 0-dim tensors and [B] tensors of other dtypes (float64, int32) are the same parameters."""
+    """Python numbers, 0-dim tensors and [B] tensors of other dtypes (float64, int32; a whole-number float top_k)
+    are the same parameters."""
     skip_auto_without_cpp(backend)
     logits = logits_for(batch=4, vocab=64)
     for truncation in (dict(), dict(top_k=5, top_p=0.9)):
@@ -117,7 +118,7 @@ def test_parameters_as_scalars_zero_dim_or_per_row_tensors_of_any_dtype_sample_a
             logits, temperature=torch.tensor(0.7, dtype=wide), seeds=torch.tensor(3, dtype=narrow),
             positions=torch.tensor(2, dtype=narrow), exclude=torch.tensor(1, dtype=narrow), backend=backend,
             **{k: zero_dim[k] for k in truncation})
-        rows = {"top_k": torch.full((4,), 5, dtype=narrow), "top_p": torch.full((4,), 0.9, dtype=wide)}
+        rows = {"top_k": torch.full((4,), 5.0, dtype=wide), "top_p": torch.full((4,), 0.9, dtype=wide)}
         per_row = ettrl_kernels.entropy_sample(
             logits, temperature=torch.full((4,), 0.7, dtype=wide), seeds=torch.full((4,), 3, dtype=narrow),
             positions=torch.full((4,), 2, dtype=narrow), exclude=torch.full((4,), 1, dtype=narrow),
@@ -125,3 +126,16 @@ def test_parameters_as_scalars_zero_dim_or_per_row_tensors_of_any_dtype_sample_a
         for other in (got, per_row):
             for g, w in zip(other, want):
                 assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_k", "top_p", "seeds", "seq_ids", "positions", "exclude"])
+def test_a_parameter_of_the_wrong_shape_is_named(name):
+    with pytest.raises(ValueError) as err:
+        ettrl_kernels.entropy_sample(logits_for(batch=3), **{name: torch.ones(2, dtype=torch.int64)})
+    assert str(err.value) == f"{name} must be a scalar or a tensor of shape [3], got (2,)"
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.5])
+def test_top_p_must_be_above_zero(top_p):
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\]; use top_p=1 to turn it off$"):
+        ettrl_kernels.entropy_sample(logits_for(), top_p=top_p)
