@@ -139,3 +139,23 @@ def test_a_parameter_of_the_wrong_shape_is_named(name):
 def test_top_p_must_be_above_zero(top_p):
     with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\]; use top_p=1 to turn it off$"):
         ettrl_kernels.entropy_sample(logits_for(), top_p=top_p)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-0.5), "temperature must be >= 0 (0 means greedy)"),
+    (dict(temperature=float("nan")), "temperature must be >= 0 (0 means greedy)"),
+    (dict(exclude=-2), "exclude must be -1 (nothing) or a token id in [0, 50)"),
+    (dict(exclude=50), "exclude must be -1 (nothing) or a token id in [0, 50)"),
+])
+def test_bad_parameters_are_refused_with_what_to_pass(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        ettrl_kernels.entropy_sample(logits_for(), **kwargs)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+def test_top_k_1_alone_samples_the_best_token(backend):
+    skip_auto_without_cpp(backend)
+    logits = logits_for(batch=64)
+    tokens = ettrl_kernels.entropy_sample(logits, top_k=1, backend=backend)[0]
+    assert torch.equal(tokens, logits.argmax(1))
