@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import ettrl_kernels
-from ettrl_kernels import sampling_torch
 from ettrl_kernels.noise import U_SCALE, mix32_, row_keys, uniform_bits_
 
 BACKENDS = ["torch", "cpp", "triton"]
@@ -25,15 +24,18 @@ def cpp_available() -> bool:
 
 
 def sample(backend: str, logits, monkeypatch, **kwargs):
+    """entropy_sample on one backend; for "cpp" and "triton" the torch path is disabled (where entropy_sample looks
+    it up), so a fallback cannot answer for them."""
+    if backend in ("cpp", "triton"):
+
+        def no_torch_fallback(*args, **kw):
+            raise AssertionError(f"the {backend} backend fell back to the torch path")
+
+        monkeypatch.setattr(ettrl_kernels.sampling, "entropy_sample_torch", no_torch_fallback)
     if backend == "cpp":
         if not cpp_available():
             pytest.skip("C++ extension not built")
         assert logits.dtype == torch.float32 and kwargs.get("top_k", -1) <= 0 and kwargs.get("top_p", 1.0) >= 1
-
-        def no_torch_fallback(*args, **kw):
-            raise AssertionError("the C++ op declined these logits")
-
-        monkeypatch.setattr(sampling_torch, "entropy_sample_torch", no_torch_fallback)
         return ettrl_kernels.entropy_sample(logits, backend="auto", **kwargs)
     return ettrl_kernels.entropy_sample(logits, backend=backend, **kwargs)
 
