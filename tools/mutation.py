@@ -267,8 +267,8 @@ def summarise(name: str, statuses: dict) -> tuple[str, list[str]]:
     checked = sum(n for k, n in counts.items() if k not in ("not checked", "no tests"))
     killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
     rate = f"{100 * killed / checked:.0f}%" if checked else "-"
-    row = (f"| {name} | {len(statuses)} | {checked} | {killed} | {counts.get('survived', 0)} | "
-           f"{counts.get('no tests', 0)} | {counts.get('not checked', 0)} | {rate} |")
+    row = (f"| {name} | {len(statuses)} | {checked} | {killed} | {counts.get('suspicious', 0)} | "
+           f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {counts.get('not checked', 0)} | {rate} |")
     survivors = [f"{k}\n{v.split(chr(10), 1)[1]}" for k, v in statuses.items() if v.startswith("survived")]
     return row, survivors
 
@@ -303,16 +303,17 @@ def main():
         for i, name in enumerate(names):
             seconds = (deadline - time.time()) / (len(names) - i)
             if seconds < 20:
-                rows.append(f"| {name} | not run (time cap) |||||||")
+                rows.append(f"| {name} | not run (time cap) ||||||||")
                 continue
             statuses = run_mutmut(name, work, seconds, args.children)
             row, surv = summarise(name, statuses)
             print(row, flush=True)
             rows.append(row)
             survivors += [f"- {name}: {s}" for s in surv]
-        report += ["## mutmut per module", "",
-                   "| module | mutants | checked | killed | survived | no tests | not checked (cap) | kill rate |",
-                   "|---|---|---|---|---|---|---|---|", *rows, "", "### Survivors", "", "```", *survivors, "```"]
+        header = ("| module | mutants | checked | killed | crashed (suspicious) | survived | no tests "
+                  "| not checked (cap) | kill rate |")
+        report += ["## mutmut per module", "", header, "|---|---|---|---|---|---|---|---|---|", *rows, "",
+                   "### Survivors", "", "```", *survivors, "```"]
     report.append(f"\n{(time.time() - start) / 60:.1f} min")
     text = "\n".join(report)
     (work / "report.md").write_text(text)
