@@ -103,12 +103,14 @@ def truncation_thresholds(logits: torch.Tensor, lse: torch.Tensor, params: RowPa
 def _mass_without_excluded(logits, excl, k, inv_temp, lse) -> torch.Tensor:
     """Probability mass left after each row's excluded token (1 where nothing is excluded or top-k sums it).
 
-    Summed over the other tokens, not taken as 1 - p(excluded): when the excluded token holds nearly all the mass
-    that difference is smaller than the float32 lse's rounding (an ulp of the top logit), and the top-p cut lands
-    wherever that error puts it.
+    1 - p(excluded), except where the excluded token holds more than half the mass: there the difference can be
+    smaller than the float32 lse's rounding (an ulp of the top logit) and the top-p cut would land wherever that
+    error puts it, so those rows sum the other tokens instead (one pass over their logits).
     """
-    mass = torch.ones(len(excl), device=logits.device)
-    hit = torch.nonzero((excl >= 0) & (k == 0)).flatten()
+    excluded_logit = logits.gather(1, excl.clamp(min=0)[:, None]).float() * inv_temp - lse
+    p_excluded = torch.where(excl[:, None] >= 0, excluded_logit.exp(), 0.0).squeeze(1)
+    mass = 1 - p_excluded
+    hit = torch.nonzero((p_excluded > 0.5) & (k == 0)).flatten()
     if hit.numel():
         x = logits[hit].float() * inv_temp[hit]
         x[torch.arange(len(hit), device=logits.device), excl[hit]] = float("-inf")
