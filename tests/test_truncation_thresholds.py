@@ -62,6 +62,8 @@ def test_excluding_token_zero_with_top_p_renormalises_over_the_rest():
     # without token 0: shares e / (e + e^0.5 + 1) = 0.51, then 0.82 >= 0.6, so tokens 1 and 2 are kept
     assert brute_threshold(row, top_p=0.6, exclude=0) == 0.5
     assert thresholds([row], top_p=0.6, exclude=0) == [0.5]
+    # the same shares at any offset of the logits (the excluded token holds 0.58 of the mass; lse = -47.4)
+    assert thresholds([[x - 50 for x in row]], top_p=0.6, exclude=0) == [0.5 - 50]
 
 
 def test_excluding_another_token_with_top_p():
