@@ -327,12 +327,10 @@ def test_progress_bars_only_when_asked(fresh, capsys):
     assert "update" in shown and "micro-batches" in shown
 
 
-def test_checkpointing_is_seen_only_when_enabled(fresh):
+def test_checkpointing_is_seen_only_when_enabled(fresh, model_dir):
     """With activation checkpointing on, the update runs padded batches (no shared-prompt KV cache)."""
-    model = fresh()
-    assert not _checkpointing(model)
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # load_policy's
-    assert _checkpointing(model)
+    assert not _checkpointing(fresh())
+    assert _checkpointing(load_policy(model_dir, "float32", gradient_checkpointing=True)[0])
 
 
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["padded-batch", "shared-prompt"])

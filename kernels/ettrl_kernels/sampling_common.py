@@ -118,16 +118,17 @@ def _mass_without_excluded(logits, excl, k, inv_temp, lse) -> torch.Tensor:
     return mass
 
 
-def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor) -> None:
-    """Raise a clear error for NaN/+inf logits or rows where no allowed token has nonzero probability (one device
-    read when all is well)."""
+def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor | None = None) -> None:
+    """Raise a clear error for NaN/+inf logits or, given each row's best allowed score, rows where no allowed token
+    has nonzero probability (one device read when all is well). Without `best` (before any token is chosen) only
+    the logits are checked."""
     bad_logits = max_x.isnan() | (max_x == float("inf"))
-    if not bool((bad_logits | (best == float("-inf"))).any()):
+    empty = None if best is None else best == float("-inf")
+    if not bool((bad_logits if empty is None else bad_logits | empty).any()):
         return
     if bool(bad_logits.any()):
         rows = torch.nonzero(bad_logits).flatten().tolist()
         raise ValueError(f"entropy_sample: logits contain NaN or +inf in rows {rows[:8]}")
-    if bool((best == float("-inf")).any()):
-        rows = torch.nonzero(best == float("-inf")).flatten().tolist()
-        raise ValueError(f"entropy_sample: no allowed token with nonzero probability in rows {rows[:8]} "
-                         "(all logits -inf, or `exclude` removed the only one)")
+    rows = torch.nonzero(empty).flatten().tolist()
+    raise ValueError(f"entropy_sample: no allowed token with nonzero probability in rows {rows[:8]} "
+                     "(all logits -inf, or `exclude` removed the only one)")

@@ -148,7 +148,7 @@ def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
         max_x = x.amax(dim=1) if block_max is None else block_max.amax(dim=1)
         lse, entropies[rows] = _entropy_stats(x, max_x, ws["f"][: n * vocab].view(n, vocab),
                                               ws["e"][: n * vocab].view(n, vocab))
-        check_finite_rows(max_x, torch.zeros_like(max_x))  # NaN / +inf now; rows left without a token below
+        check_finite_rows(max_x)  # NaN / +inf now; rows left without an allowed token after sampling
         threshold = None
         if params.truncated:
             threshold = truncation_thresholds(chunk, lse, _slice_params(params, rows))

@@ -130,7 +130,7 @@ def entropy_sample_triton(logits: torch.Tensor, params: RowParams, block: int = 
     launch(True, not params.truncated)
     lse, entropies, max_x = merge_stats(m, z, s, bad)
     if params.truncated:
-        check_finite_rows(max_x, torch.zeros_like(lse))
+        check_finite_rows(max_x)
         threshold = truncation_thresholds(logits, lse, params)
         launch(False, True)
     row_best, tokens = merge_winners(best, token)
