@@ -100,8 +100,15 @@ setup(
         "cuda": ["flashinfer-python==0.6.18.post1"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
+        # ettrl.integrations.verl, the engine as verl's rollout backend (rollout.name=ettrl): the versions it was
+        # written and tested against (the plug-in refuses another verl); the rest is what `import verl` needs
+        # without vLLM or CUDA, and the HTTP pieces our replica uses
+        "verl": ["verl==0.9.1", "ray==2.60.0", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "cachetools", "pyzmq",
+                 "msgspec"],
         # bench/peers.py (optional peers; llama-cpp-python builds llama.cpp from source: ~10 min on 2 cores)
         "peers": ["ctranslate2", "onnxruntime-genai", "onnx", "onnx-ir", "llama-cpp-python"],
     },
-    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"]},
+    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"],
+                  # every `import verl` (in Ray workers too) imports this module, which registers rollout.name=ettrl
+                  "verl.plugins": ["ettrl = ettrl.integrations.verl.plugin"]},
 )
