@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import random
 import zlib
@@ -18,6 +19,11 @@ except ImportError:
     pass
 
 SKIP_ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")
+
+# The tests of ettrl.integrations.verl (marker `verl`) need verl, which pins transformers below the newest release
+# the rest runs on: they run in their own CI stage and venv (README's test section, .ci/run), and are not collected
+# where verl is not installed. That stage selects them with -m verl, so an empty selection fails it (exit code 5).
+collect_ignore_glob = [] if importlib.util.find_spec("verl") else ["test_verl*.py"]
 
 
 def allowed_skip_phrases() -> list[str]:

@@ -4,9 +4,9 @@ For rollouts apart from training without GPUs (verl's NCCL engine needs cupy and
 the NCCL path: the same protocol as verl's NCCLCheckpointEngine. The trainer's rank 0 (is_master) is rank 0 of a
 group of its own with every rollout worker (ranks 1..n); the trainer's other ranks sit out but still walk their
 weight generator (producing a weight is collective over the trainer's ranks). Weights travel in buckets of
-`bucket_size` bytes: a JSON header (names, shapes, dtypes, offsets; no pickle) then the bucket, both broadcast from
-rank 0. The group is its own ProcessGroupGloo over a TCPStore that rank 0 serves, so it never touches the
-process's default group (verl's rollout workers already hold one).
+`bucket_size` bytes (each tensor 16-byte aligned): a JSON header (names, shapes, dtypes, offsets; no pickle), then
+the bucket, both broadcast from rank 0. The group is its own ProcessGroupGloo over a TCPStore that rank 0 serves,
+so it never touches the process's default group (verl's rollout workers already hold one).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from verl.checkpoint_engine.base import CheckpointEngine, TensorMeta, merge_weig
 from verl.workers.rollout.utils import ensure_async_iterator
 
 SITS_OUT = -1
+ALIGN = 16  # bytes: each tensor starts aligned in its bucket, so the receiver can view the bytes as its dtype
 
 
 @dataclass
@@ -91,6 +92,7 @@ class GlooCheckpointEngine(CheckpointEngine):
         bucket = torch.empty(self.bucket_size, dtype=torch.uint8)
         metas, offset = [], 0
         async for meta, chunk in split_weight_chunks(weights, self.bucket_size):
+            offset = -(-offset // ALIGN) * ALIGN
             if offset + meta.chunk_size > self.bucket_size:
                 await asyncio.to_thread(self._broadcast_bucket, bucket, metas, offset, False)
                 metas, offset = [], 0
