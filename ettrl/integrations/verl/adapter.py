@@ -14,6 +14,7 @@ the worker (call_adapter below) and generation through HTTP. One engine process 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 from concurrent.futures import Future
@@ -124,10 +125,11 @@ class EttrlServerAdapter(BaseRollout):
     def weight_version(self) -> str:
         return self.server.weight_version
 
-    def weight_checksums(self) -> dict[str, float]:
-        """sum(|w|) and sum(w) per Hugging Face name, in float64 (tests compare them with the trainer's)."""
+    def weight_digests(self) -> dict[str, str]:
+        """sha256 of each weight's bytes by Hugging Face name (tests compare them with the trainer's)."""
         views = self.llm.engine.runner.model.hf_parameter_views()
-        return {name: (float(v.double().abs().sum()), float(v.double().sum())) for name, v in views.items()}
+        return {name: hashlib.sha256(v.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+                for name, v in views.items()}
 
     def _pause(self, reason: str, mode: str):
         with self._lock:

@@ -21,6 +21,7 @@ from tensordict import TensorDict
 from verl import DataProto
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.ray_utils import auto_await
+from verl.workers.config import HFModelConfig, RolloutConfig
 
 from ettrl.integrations.verl.batch import Leaf, build_fields, pad_group
 from ettrl.integrations.verl.options import EttrlRolloutOptions
@@ -36,8 +37,8 @@ class EttrlAgentLoopManager:
             raise ValueError("EttrlAgentLoopManager does not run on-policy distillation (a teacher client was given)")
         self.config, self.llm_client = config, llm_client
         self.reward_loop_worker_handles = reward_loop_worker_handles
-        self.rollout_config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
-        self.model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+        self.rollout_config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout, RolloutConfig)
+        self.model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model, HFModelConfig)
         self.tokenizer = self.model_config.tokenizer
         self.options = EttrlRolloutOptions.from_rollout_config(self.rollout_config)
         self.options.group_size(self.rollout_config.n)  # checks trees x leaves == rollout.n up front
@@ -83,6 +84,7 @@ class EttrlAgentLoopManager:
         params = {"temperature": source.temperature, "top_p": source.top_p, "top_k": source.top_k}
         if validate and not cfg.val_kwargs.do_sample:
             params = {"temperature": 0.0}
+        params["max_tokens"] = min(cfg.response_length, cfg.prompt_length + cfg.response_length - len(prompt_ids))
         if seed is not None:
             params["seed"] = seed
         tree = self.options.tree_params()
