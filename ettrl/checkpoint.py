@@ -43,6 +43,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, weights: dict | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    if not tmp.is_dir():
+        raise RuntimeError(f"rank {rank} cannot see {tmp}, which rank 0 has just created: a run on several nodes "
+                           f"needs its run directory on a filesystem every node shares (each rank saves its own "
+                           f"optimizer state into the checkpoint)")
     torch.save({"backend": backend_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     barrier()
     if rank == 0:

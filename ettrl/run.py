@@ -56,12 +56,13 @@ def init_distributed(cfg) -> tuple[int, int]:
 
 
 def shared_run_dir(run_dir: Path, world: int) -> Path:
-    """All ranks write into rank 0's run directory (its name holds rank 0's clock)."""
+    """All ranks write into rank 0's run directory (its name holds rank 0's clock), as an absolute path: a launcher
+    on another node may start its processes in another working directory."""
     if world == 1:
         return run_dir
     import torch.distributed as dist
 
-    box = [str(run_dir)]
+    box = [str(run_dir.absolute())]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
 

@@ -80,12 +80,12 @@ def cluster(tmp_path_factory):
         deadline = time.time() + 60
         while any(_alive(p) for p in pids) and time.time() < deadline:
             time.sleep(0.5)
-        assert pids and not [p for p in pids if _alive(p)], "a rollout worker outlived ray.shutdown()"
+        assert len(pids) >= 4 and not [p for p in pids if _alive(p)], "an actor outlived ray.shutdown()"
 
 
 class Cluster:
-    def __init__(self, model_dir, replicas, config):
-        self.model_dir, self.replicas, self.config = model_dir, replicas, config
+    def __init__(self, model_dir, replicas, config, pids: list[int]):
+        self.model_dir, self.replicas, self.config, self.pids = model_dir, replicas, config, pids
         self.trainer_weights: dict[str, torch.Tensor] | None = None
 
 
@@ -108,8 +108,9 @@ def _start_replicas(model_dir: Path, pids: list[int]) -> Cluster:
     async def launch():
         await asyncio.gather(*[r.init_colocated(p) for r, p in zip(replicas, split_resource_pool(pool, 1))])
     asyncio.run(launch())
-    pids.extend(ray.get([r.workers[0].__ray_call__.remote(lambda w: os.getpid()) for r in replicas]))
-    return Cluster(model_dir, replicas, config)
+    actors = [r.workers[0] for r in replicas] + [r.server_handle for r in replicas]
+    pids.extend(ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in actors]))
+    return Cluster(model_dir, replicas, config, pids)
 
 
 @ray.remote(num_cpus=0)
@@ -274,6 +275,7 @@ def manager_for(cluster: Cluster, **rollout_overrides):
 
     config = OmegaConf.merge(cluster.config, {"actor_rollout_ref": {"rollout": rollout_overrides}})
     balancer = get_router_handle(servers={r.server_address: r.server_handle for r in cluster.replicas})
+    cluster.pids.append(ray.get(balancer.__ray_call__.remote(lambda _: os.getpid())))
     return EttrlAgentLoopManager.create(config=config, llm_client=LLMServerClient(config, balancer)), config
 
 
