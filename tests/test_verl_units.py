@@ -299,3 +299,40 @@ def test_gloo_checkpoint_engine_moves_every_tensor_across_buckets():
         engine.finalize()
     with pytest.raises(ValueError, match="is_master=True"):
         type(sender).build_topology(1, 1, [None, None])
+
+
+# ---- the documented config ------------------------------------------------------------------------------------------
+def documented_overrides() -> list[str]:
+    """The overrides of docs/integrations.md's verl command (the block after <!-- verl-overrides -->)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    block = text.split("<!-- verl-overrides -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    words = block.replace("\\\n", " ").split()
+    return [w for w in words[words.index("verl.trainer.main_ppo") + 1:] if "=" in w and not w.endswith("=...")]
+
+
+def test_the_documented_overrides_compose_with_verls_config_and_every_piece_takes_them(tmp_path):
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.utils.import_utils import load_class_from_fqn
+
+    from ettrl.integrations.verl import EttrlAgentLoopManager, EttrlMajorityRewardManager
+    from ettrl.integrations.verl.advantage import advantage_config
+
+    overrides = documented_overrides()
+    assert "actor_rollout_ref.rollout.name=ettrl" in overrides and len(overrides) > 10
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)  # verl's RolloutConfig, as its workers do
+    options = EttrlRolloutOptions.from_rollout_config(rollout)
+    assert (options.trees, options.forks, options.branches) == (4, 2, 2) and options.group_size(rollout.n) == 20
+    manager_class = load_class_from_fqn(rollout.agent.agent_loop_manager_class, "AgentLoopManager")
+    assert manager_class is EttrlAgentLoopManager
+    assert resolve_reward_manager_cls(cfg) is EttrlMajorityRewardManager
+    assert get_adv_estimator_fn(cfg.algorithm.adv_estimator).__name__ == "ettrl_res"
+    assert advantage_config("adv_res", cfg.algorithm).res_beta == 0.2
+    assert not cfg.trainer.use_v1
