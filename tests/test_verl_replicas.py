@@ -4,9 +4,9 @@ reach both replicas through GlooCheckpointEngine (checksums, weight versions); g
 tokens of a single-process engine.LLM holding the same weights, also after sleep / wake_up; EttrlAgentLoopManager
 spreads prompt groups over both replicas and returns verl's batch fields.
 
-Ray and gloo stay on loopback: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (127.0.0.1 as the node address, on
-Linux too) when it is imported, so these variables are set before anything imports it (this module is collected
-before test_verl_units.py). Needs the pinned verl (pip install -e '.[test,verl]'); not collected elsewhere."""
+Ray and gloo stay on loopback: tests/conftest.py sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (127.0.0.1 as the node
+address, on Linux too), GLOO_SOCKET_IFNAME=lo and RAY_AUTH_MODE=disabled before any test module imports Ray, which
+reads them on import. Needs the pinned verl (pip install -e '.[test,verl]'); not collected elsewhere."""
 import asyncio
 import hashlib
 import os
@@ -19,10 +19,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-LOOPBACK_ENV = {"RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"}
-os.environ.update(LOOPBACK_ENV)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_policy  # noqa: E402
