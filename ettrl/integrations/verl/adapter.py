@@ -75,7 +75,8 @@ class EttrlServerAdapter(BaseRollout):
         if wire_format != "named_tensors":
             raise ValueError(f"the ettrl rollout takes full named tensors (wire_format='named_tensors'), got "
                              f"{wire_format!r}: use a checkpoint engine that sends them (naive, nccl, gloo)")
-        tensors = [(name, t.detach().clone()) async for name, t in ensure_async_iterator(weights)]
+        # a host copy: the stream may reuse its buffers, and on a GPU the trainer's memory is not ours to double
+        tensors = [(name, t.detach().to("cpu", copy=True)) async for name, t in ensure_async_iterator(weights)]
         check_named_tensors(self.llm, tensors)
         return await asyncio.wrap_future(self.server.loop.barrier(lambda: self._apply(tensors, global_steps)))
 
@@ -128,7 +129,7 @@ class EttrlServerAdapter(BaseRollout):
     def weight_digests(self) -> dict[str, str]:
         """sha256 of each weight's bytes by Hugging Face name (tests compare them with the trainer's)."""
         views = self.llm.engine.runner.model.hf_parameter_views()
-        return {name: hashlib.sha256(v.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+        return {name: hashlib.sha256(v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()).hexdigest()
                 for name, v in views.items()}
 
     def _pause(self, reason: str, mode: str):

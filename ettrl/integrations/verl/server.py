@@ -175,15 +175,15 @@ class EttrlHttpServer:
 
 
 def engine_sampling(params: dict) -> dict:
-    """verl's sampling params -> the engine route's fields (temperature, top_p, top_k, seed, stop ids, ignore_eos);
-    anything the engine cannot honour is refused rather than ignored."""
+    """verl's sampling params -> the engine route's fields (temperature, top_p, top_k, seed, stop, stop_token_ids,
+    ignore_eos); anything the engine cannot honour is refused rather than ignored."""
     params = dict(params)
     penalty = params.pop("repetition_penalty", 1.0)
     if penalty not in (None, 1.0):
         raise ValueError(f"the ettrl engine has no repetition penalty: set actor_rollout_ref.rollout."
                          f"repetition_penalty=1.0 (got {penalty})")
-    out = {key: params.pop(key) for key in ("temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
-           if key in params and params[key] is not None}
+    out = {key: params.pop(key) for key in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                                            "ignore_eos") if key in params and params[key] is not None}
     if out.get("top_k") == 0:
         out["top_k"] = -1
     params.pop("n", None)
