@@ -55,10 +55,14 @@ class RolloutConfig:
     trees: int = 3  # ETMR: M (3 trees x (1 + 2 x 2) = 15 leaves; 0.66-0.69x the tokens of 16 parallel, measured)
     forks: int = 2  # ETMR: N
     branches: int = 2  # ETMR: B
-    fork_metric: str = "entropy"  # entropy | surprisal
+    fork_metric: str = "entropy"  # entropy | surprisal (Algorithm 1's -log p of the sampled token)
     distinct: bool = False
-    last_number_fallback: bool = False  # let answers without \boxed{} vote with their last number
-    train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL)
+    no_fork_after: list[str] = field(default_factory=lambda: ["\\boxed{"])  # no fork from the first of these on
+    min_gap: int = 1  # fork positions of a root at least this many tokens apart
+    stop_at_answer: bool = True  # end each response at its first complete \boxed{...} (rollouts and evaluation)
+    vote: str = "boxed"  # boxed (last box, equivalence classes) | ttrl (TTRL's answer strings, truncated ones too)
+    last_number_fallback: bool = False  # vote=boxed: untruncated answers without \boxed{} vote with their last number
+    train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL) | stratified
 
 
 @dataclass
@@ -234,6 +238,9 @@ def _coerce(value, typ, key: str):
     elif typ is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(float(v) for v in value)
+    elif typing.get_origin(typ) is list:  # list[str]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
     raise ConfigError(f"{key} must be a {typ.__name__}, got {value!r}")
 
 
@@ -277,7 +284,18 @@ def validate(cfg: Config) -> None:
     _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
     _check(r.fork_metric in ("entropy", "surprisal"),
            f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
-    _check(r.train_pick in ("random", "first"), f"rollout.train_pick={r.train_pick!r}: use random or first")
+    _check(r.train_pick in ("random", "first", "stratified"),
+           f"rollout.train_pick={r.train_pick!r}: use random, first or stratified (round-robin over the trees)")
+    _check(r.vote in ("boxed", "ttrl"), f"rollout.vote={r.vote!r}: use boxed or ttrl (TTRL's string vote)")
+    _check(r.vote == "boxed" or not r.last_number_fallback,
+           "rollout.last_number_fallback is an option of rollout.vote=boxed; vote=ttrl has TTRL's own fallbacks "
+           "(the answer-is phrase, the last number): drop rollout.last_number_fallback")
+    _check(r.vote == "boxed" or method_spec(cfg.method).reward != "dare",
+           f"method={cfg.method} groups the answers itself (DARE); rollout.vote=ttrl is TTRL's majority vote: "
+           "use rollout.vote=boxed")
+    _check(r.min_gap >= 1, f"rollout.min_gap={r.min_gap}: use 1 (any spacing) or more tokens between forks")
+    _check(all(isinstance(m, str) and m for m in r.no_fork_after),
+           f"rollout.no_fork_after={r.no_fork_after!r}: use a list of non-empty strings, e.g. ['\\boxed{{']")
     _check(a.std in ("population", "bessel"), f"algo.std={a.std!r}: use population or bessel")
     _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
     _check(a.res_direction in ("equations", "prose"),

@@ -2,14 +2,29 @@
 from __future__ import annotations
 
 from ettrl.data import Problem
+from ettrl.grading import BOXED_ANSWER_REGEX
 from ettrl.scoring import Group, Response
+
+
+def answer_stop(stop_at_answer: bool) -> dict:
+    """SamplingParams fields that end a response with its first complete \\boxed{...}, kept in the text (the
+    tokens up to the one that completes it train); {} when off (docs/algorithms.md section 1)."""
+    return {"stop_regex": [BOXED_ANSWER_REGEX], "include_stop_str_in_output": True} if stop_at_answer else {}
 
 
 def sampling_params(rcfg, stop: list[str], seed: int, n: int):
     from engine import SamplingParams
 
     return SamplingParams(n=n, temperature=rcfg.temperature, top_p=rcfg.top_p, max_tokens=rcfg.max_tokens,
-                          stop=stop, seed=seed)
+                          stop=stop, seed=seed, **answer_stop(rcfg.stop_at_answer))
+
+
+def tree_params(rcfg):
+    """ETMR's shape and where forks may go (docs/algorithms.md section 4)."""
+    from engine import TreeParams
+
+    return TreeParams(trees=rcfg.trees, forks=rcfg.forks, branches=rcfg.branches, metric=rcfg.fork_metric,
+                      distinct=rcfg.distinct, no_fork_after=list(rcfg.no_fork_after), min_gap=rcfg.min_gap)
 
 
 def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop: list[str], seed: int,
@@ -21,17 +36,14 @@ def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop
         outs = llm.generate(prompt_ids, [sampling_params(r, stop, s, r.n_votes) for s in seeds], use_tqdm=progress)
         return [Group(p, ids, [_response(o) for o in out.outputs], sum(len(o.token_ids) for o in out.outputs))
                 for p, ids, out in zip(problems, prompt_ids, outs)]
-    from engine import TreeParams
-
-    tree_params = TreeParams(trees=r.trees, forks=r.forks, branches=r.branches, metric=r.fork_metric,
-                             distinct=r.distinct)
-    trees = llm.sample_tree(prompt_ids, tree_params, [sampling_params(r, stop, s, 1) for s in seeds], use_tqdm=progress)
-    return [Group(p, ids, [_response(leaf) for leaf in t.leaves], t.stats.decoded_tokens)
+    trees = llm.sample_tree(prompt_ids, tree_params(r), [sampling_params(r, stop, s, 1) for s in seeds],
+                            use_tqdm=progress)
+    return [Group(p, ids, [_response(leaf, leaf.root) for leaf in t.leaves], t.stats.decoded_tokens)
             for p, ids, t in zip(problems, prompt_ids, trees)]
 
 
-def _response(out) -> Response:
-    return Response(list(out.token_ids), out.text, [float(h) for h in out.entropies], out.finish_reason)
+def _response(out, tree: int | None = None) -> Response:
+    return Response(list(out.token_ids), out.text, [float(h) for h in out.entropies], out.finish_reason, tree)
 
 
 def resolve_device(device: str) -> str:

@@ -185,8 +185,10 @@ class Trainer:
     def run_eval(self, tag: str) -> dict | None:
         if not self.eval_problems or self.rank != 0:
             return None
+        r = self.cfg.rollout
         result = evaluate(self.llm, self.eval_problems, self.eval_ids, self.cfg.eval, self.stop,
-                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})")
+                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})", stop_at_answer=r.stop_at_answer,
+                          vote=r.vote)
         self._write({"type": "eval", "step": self.step, **result})
         self.log(f"eval @ step {self.step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()
                                                        if k.split("@")[0] in ("greedy", "avg", "maj", "pass")))

@@ -40,7 +40,7 @@ def test_shipped_configs_load(path):
             assert loaded[key] == value, f"{path.name}: {key} is {value!r} in the file but {loaded[key]!r} loaded"
     assert cfg.name == path.stem
     if "paper" in path.parts:
-        model, data = path.stem.rsplit("-", 1)
+        model, data = path.stem.removesuffix("-ttrl").rsplit("-", 1)  # -ttrl: the TTRL-baseline variant
         assert model in cfg.model.name.lower() and path.stem.startswith(("qwen2.5-math", "llama-3.1"))
         assert written["data.train"] == f"data/{data}.jsonl" and written["data.eval"] == f"data/{data}.jsonl"
         assert cfg.rollout.n_train <= cfg.n_votes and cfg.trainer.backend == "deepspeed"
