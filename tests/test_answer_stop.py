@@ -1,7 +1,7 @@
 """BOXED_ANSWER_REGEX, the stop pattern of rollout.stop_at_answer, run with Python's `re` the way the engine
 runs a stop pattern (the response ends at the first position where the text so far holds a match), against the
-grader's own extract_answer: the cut text must still give the box's content, and the cut must come no earlier
-than the first box closes (a brute-force scan of the braces)."""
+grader's own extract_answer: the cut text must still give the box's content, and the cut must come where the
+first box closes (a brute-force scan of the braces). The engine's own automaton must cut at the same place."""
 import re
 
 from hypothesis import given, settings
@@ -64,7 +64,7 @@ HAND = [
 def test_hand_examples():
     for text, cut, answer in HAND:
         end = stop_point(text)
-        assert text[:end] == cut, text
+        assert text[:end] == cut and engine_stop_point(text) == end, text
         assert extract_answer(text[:end]) == answer, text
 
 
@@ -78,12 +78,25 @@ def test_no_stop_until_the_box_closes():
 PIECES = ["\\boxed{", "\\boxed", "{", "}", "}", "\\frac", "\\{", "\\}", "\\", "\\\\", "1", "x", " ", "\n", "$", "."]
 
 
+def engine_stop_point(text: str) -> int | None:
+    """Where the engine's own stop automaton ends the same text, fed in chunks of 3 characters."""
+    from engine.stop_regex import StopMatcher, compile_stop_patterns
+
+    matcher = StopMatcher(compile_stop_patterns((), (BOXED_ANSWER_REGEX,)))
+    for i in range(0, len(text), 3):
+        end = matcher.feed(text[i : i + 3])
+        if end is not None:
+            return end
+    return None
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=14).map("".join))
 def test_the_cut_is_the_first_closed_box_and_keeps_its_answer(text):
     end = stop_point(text)
-    assert end == first_closed_box(text)
+    assert end == first_closed_box(text) == engine_stop_point(text)
     if end is not None:
         cut = text[:end]
         content = cut[cut.rfind("\\boxed{") + len("\\boxed{") : -1].strip()
-        assert extract_answer(cut) == (content or None)
+        if "\\boxed" not in content:  # the grader reads the last "\\boxed", even a bare one inside the box
+            assert extract_answer(cut) == (content or None)

@@ -58,7 +58,7 @@ def test_ttrl_grading_and_the_answer_stop():
     puts 0.5, 1/2 and \\frac{1}{2} in one class of 3."""
     problems = [Problem("a", "1/2")]
     sampled = {0: [boxed(3), boxed("0.5"), boxed("\\frac{1}{2}"), "TRUNC the answer is 3", boxed("1/2")]}
-    greedy = {0: ["TRUNC so it is 1/2"]}
+    greedy = {0: ["TRUNC the answer is 1/2"]}
     llm = ScriptedLLM(sampled, greedy)
     boxed_vote = evaluate(llm, problems, [[0]], EvalConfig(k=5), [])
     assert (boxed_vote["avg@5"], boxed_vote["maj@5"], boxed_vote["greedy"]) == (3 / 5, 1.0, 0.0)
