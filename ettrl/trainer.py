@@ -21,7 +21,7 @@ from ettrl.config import Config, ConfigError
 from ettrl.data import load_problems
 from ettrl.eval import evaluate
 from ettrl.policy import load_policy
-from ettrl.prompts import encode_prompts, stop_strings
+from ettrl.prompts import encode_prompts, fewshot_examples, stop_strings
 from ettrl.rollout import resolve_device, rollout
 from ettrl.scoring import score_group
 from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
@@ -72,8 +72,10 @@ class Trainer:
                               f"rollout.n_train={cfg.rollout.n_train} samples a step, which do not split into "
                               f"{self.mini_batches} equal mini-batches (prompts_per_step / mini_batch_prompts)")
         self.stop = stop_strings(d.prompt)
-        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
-        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
+        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt,
+                                        fewshot_examples(d.train, d.difficulty))
+        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt,
+                                       fewshot_examples(d.eval, d.difficulty))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padding is masked anyway
         self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
