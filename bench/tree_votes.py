@@ -27,13 +27,12 @@ from pathlib import Path
 
 from ettrl.arithmetic import generate
 from ettrl.data import Problem
-from ettrl.grading import extract_answer
+from ettrl.grading import BOXED_ANSWER_REGEX, extract_answer
 from ettrl.prompts import encode_prompts, fewshot_examples, stop_strings
 from ettrl.rewards import majority_vote, true_rewards
 from ettrl.vote_aware import roots_disagree
 
 BOX = "\\boxed{"
-BOXED_ANSWER = r"\\boxed\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"  # the first complete \boxed{...}
 BIG = (12, 2, 3)  # M, N, B sampled; every smaller shape is a subset
 PARALLEL_N = 32
 OPTIONS = {  # name -> TreeParams fields, plus "stop": stop at the first complete boxed answer
@@ -57,7 +56,7 @@ def problems_of(level: int, count: int, seed: int) -> list[Problem]:
 def sampling(stop: bool, n: int, seed: int, args, stop_strings_: list[str]):
     from engine import SamplingParams
     return SamplingParams(n=n, temperature=args.temperature, max_tokens=args.max_tokens, seed=seed,
-                          stop=stop_strings_, stop_regex=[BOXED_ANSWER] if stop else None,
+                          stop=stop_strings_, stop_regex=[BOXED_ANSWER_REGEX] if stop else None,
                           include_stop_str_in_output=True)
 
 
