@@ -12,8 +12,9 @@ problems. Roots are parallel samples 0..M-1 of the same seed, so the pairing is 
     python bench/tree_votes.py report runs/votes/level1.jsonl runs/votes/level3.jsonl --markdown --plot docs/x.png
 
 Options (fork metric, `distinct`, `no_fork_after`, `min_gap`, stop at the first complete boxed answer) are in
-OPTIONS; a vote-aware tree (branches only for prompts whose roots disagree, `sample_tree(select_roots=...)`) is
-derived from the same trees, since a leaf's tokens do not depend on when it is forked.
+OPTIONS, each one change from the base; a vote-aware tree (branches only for prompts whose roots disagree,
+`sample_tree(select_roots=...)`) is derived from the same trees, since a leaf's tokens do not depend on when it
+is forked.
 """
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ from ettrl.vote_aware import roots_disagree
 BOX = "\\boxed{"
 BIG = (12, 2, 3)  # M, N, B sampled; every smaller shape is a subset
 PARALLEL_N = 32
-OPTIONS = {  # name -> TreeParams fields, plus "stop": stop at the first complete boxed answer
-    "entropy": {"metric": "entropy"},
-    "surprisal": {"metric": "surprisal"},
-    "surprisal+distinct": {"metric": "surprisal", "distinct": True},
-    "surprisal+no_fork_after": {"metric": "surprisal", "no_fork_after": [BOX]},
-    "surprisal+min_gap4": {"metric": "surprisal", "min_gap": 4},
-    "surprisal+stop": {"metric": "surprisal", "no_fork_after": [BOX], "stop": True},
-    "entropy+stop": {"metric": "entropy", "no_fork_after": [BOX], "stop": True},
+OPTIONS = {  # name -> TreeParams fields, plus "stop": stop at the first complete boxed answer. The first is the
+    # base (Algorithm 1's surprisal, the trainer's stop and no_fork_after); each other changes one thing.
+    "base": {"metric": "surprisal", "no_fork_after": [BOX], "stop": True},
+    "entropy": {"metric": "entropy", "no_fork_after": [BOX], "stop": True},
+    "distinct": {"metric": "surprisal", "no_fork_after": [BOX], "stop": True, "distinct": True},
+    "min_gap4": {"metric": "surprisal", "no_fork_after": [BOX], "stop": True, "min_gap": 4},
+    "forks_anywhere": {"metric": "surprisal", "stop": True},  # no no_fork_after
+    "no_stop": {"metric": "surprisal", "no_fork_after": [BOX]},
 }
 SHAPES = [(m, n, b) for m in (2, 3, 4, 6, 8, 12) for n in (1, 2) for b in (1, 2, 3)]
 

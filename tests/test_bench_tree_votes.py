@@ -42,8 +42,8 @@ def test_parallel_curve_and_interpolation_at_equal_tokens():
 
 def test_score_option_pairs_each_problem_at_its_own_tokens():
     record = {"answer": "4", "parallel": {"nostop": [["5", 10], ["4", 10], ["4", 10], ["4", 10]]},
-              "trees": {"surprisal": TREE}}
-    rows = {r["shape"]: r for r in tv.score_option([record], "surprisal")}
+              "trees": {"no_stop": TREE}}
+    rows = {r["shape"]: r for r in tv.score_option([record], "no_stop")}
     # parallel: n=1 [5] wrong, n=2 [5, 4] tie -> the first seen (5) wrong, n=3 and n=4 right; tokens 10 20 30 40.
     # 2,1,1: [4, 5, 4, 5] -> tie, 4 first -> right, 37 tokens; parallel at 37 (between n=3 and 4) right -> 0.
     assert rows["2,1,1"]["acc"] == 1.0 and rows["2,1,1"]["tokens"] == 37 and rows["2,1,1"]["diff"] == 0.0
