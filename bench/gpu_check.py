@@ -506,7 +506,7 @@ def section_trainer(args, device, tmp: Path):
         f"model.name={model_dir}", f"data.train={data}", "data.eval=", "data.prompt=plain", "method=ttrl",
         f"device={device.type}", "rollout.n_votes=4", "rollout.n_train=2", "rollout.max_tokens=16",
         "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.warmup_ratio=0",
-        "model.gpu_memory_utilization=0.3"])
+        "engine.gpu_memory_utilization=0.3"])
     trainer = Trainer(cfg, tmp / "run", log=lambda *a: None)
     trainer.sleep_engine = True  # on the CPU too: the dry run exercises the sleep / wake path
     pools, sleeps = [], []

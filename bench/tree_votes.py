@@ -25,7 +25,7 @@ from ettrl.config import load_config
 from ettrl.data import load_problems
 from ettrl.prompts import encode_prompts, stop_strings
 from ettrl.rewards import majority_vote, true_rewards
-from ettrl.rollout import make_llm, rollout
+from ettrl.rollout import engine_options, make_llm, rollout
 from ettrl.scoring import answers_of
 
 DEFAULT_SHAPES = ["n:16", "n:8", "tree:3,2,2", "tree:4,1,2", "tree:5,1,2", "tree:4,2,1", "tree:8,1,1"]
@@ -74,7 +74,7 @@ def main():
     if any(p.answer is None for p in problems):
         raise SystemExit(f"{d.train}: every problem needs a ground-truth answer ({d.answer_field!r}) to score votes")
     shapes = [(s, parse_shape(s, cfg)) for s in args.shapes]
-    llm, tokenizer = make_llm(cfg.model.name, cfg.model.engine_dtype, cfg.device)
+    llm, tokenizer = make_llm(cfg.model.name, **engine_options(cfg.engine, cfg.device))
     ids, stop = encode_prompts(tokenizer, problems, d.prompt), stop_strings(d.prompt)
     runs = {s: [] for s, _ in shapes}
     for seed in range(args.seeds):

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-greedy", action="store_true")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="the engine's; auto: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the metrics to this JSON file")
