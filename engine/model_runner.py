@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention.registry import select_backend
+from engine.attention.registry import create_backend
 from engine.config import DTYPES, EngineConfig
 from engine.gpu_memory import activation_bytes, check_wake_up, cuda_kv_budget, device_free_bytes, module_bytes
 from engine.kv_cache import KVCache, cdiv
@@ -45,8 +45,8 @@ class ModelRunner:
         a, config = self.args, self.config
         self.kv = KVCache(a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
-        backend = select_backend(config.attention_backend, self.device, self.dtype)
-        self.attn = backend.create(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, config)
+        self.attn = create_backend(config.attention_backend, self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5,
+                                   config, self.device)
         self.model.set_attention(self.attn)
 
     @property
