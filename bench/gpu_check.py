@@ -635,7 +635,7 @@ def section_sleep(args, device, tmp: Path):
     import torch
 
     from engine import LLM, SamplingParams
-    from engine.gpu_memory import module_bytes
+    from engine.gpu_memory import parameter_bytes
     llm = LLM(model_dir(args, tmp, "smollm2-135m"), dtype="bfloat16", device=str(device),
               kv_cache_tokens=4096 if args.dry_run else 128 * 1024, attention_backend=attention_choice(args, device))
     runner = llm.engine.runner
@@ -646,7 +646,7 @@ def section_sleep(args, device, tmp: Path):
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (9, 40, 77)]
     params = SamplingParams(temperature=0, max_tokens=8 if args.dry_run else 32, ignore_eos=True)
     before = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    pool, weights = 2 * runner.kv.k.numel() * runner.kv.k.element_size(), module_bytes(runner.model)
+    pool, weights = 2 * runner.kv.k.numel() * runner.kv.k.element_size(), parameter_bytes(runner.model)
     free_memory()
     awake = held_bytes(device)
     llm.sleep(level=2)

@@ -6,7 +6,14 @@ import torch
 
 from engine.attention.registry import create_backend
 from engine.config import DTYPES, EngineConfig
-from engine.gpu_memory import activation_bytes, check_wake_up, cuda_kv_budget, device_free_bytes, module_bytes
+from engine.gpu_memory import (
+    activation_bytes,
+    check_wake_up,
+    cuda_kv_budget,
+    device_free_bytes,
+    module_bytes,
+    parameter_bytes,
+)
 from engine.kv_cache import KVCache, cdiv
 from engine.models.loader import copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
@@ -69,7 +76,7 @@ class ModelRunner:
         """Brings offloaded weights back to the device (first checks that they fit in its free memory)."""
         if not self.weights_offloaded:
             return
-        check_wake_up(device_free_bytes(self.device), {"weights": module_bytes(self.model)})
+        check_wake_up(device_free_bytes(self.device), {"weights": parameter_bytes(self.model)})
         self._move_weights(self.device)
         self.weights_offloaded = False
 
@@ -83,7 +90,7 @@ class ModelRunner:
                                                                          a.num_kv_heads, a.head_dim, self.dtype),
                 "activations": activation_bytes(a, c.max_num_batched_tokens, c.max_num_seqs, self.dtype)}
         if self.weights_offloaded:  # they come back later and need their room then
-            need["offloaded weights"] = module_bytes(self.model)
+            need["offloaded weights"] = parameter_bytes(self.model)
         check_wake_up(device_free_bytes(self.device), need)
         self._build_kv()
 

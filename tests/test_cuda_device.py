@@ -114,13 +114,13 @@ def test_engine_greedy_matches_transformers(tmp_path):
 
 def test_sleep_level_2_gives_back_pool_and_weights(tmp_path):
     from engine import LLM, SamplingParams
-    from engine.gpu_memory import module_bytes
+    from engine.gpu_memory import parameter_bytes
     make_tiny_model("qwen2", tmp_path)
     llm = LLM(tmp_path, dtype="bfloat16", device="cuda", kv_cache_memory_gb=0.5)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     before = [r.outputs[0].token_ids for r in llm.generate([list(range(10, 30))], params)]
     runner = llm.engine.runner
-    pool, weights = 2 * runner.kv.k.numel() * runner.kv.k.element_size(), module_bytes(runner.model)
+    pool, weights = 2 * runner.kv.k.numel() * runner.kv.k.element_size(), parameter_bytes(runner.model)
     awake = torch.cuda.memory_allocated(CUDA)
     llm.sleep(level=2)
     assert awake - torch.cuda.memory_allocated(CUDA) >= 0.99 * pool + 0.9 * weights
