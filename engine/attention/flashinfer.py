@@ -84,7 +84,6 @@ def split_plan_args(block_size: int) -> dict:
     return {"fixed_split_size": max(1, SPLIT_TOKENS // block_size)}
 
 
-
 class FlashInferPagedAttention(AttentionBackend):
     name = "flashinfer"
 
