@@ -120,9 +120,12 @@ class LLM:
         are in flight. generate() raises until wake_up(); update_weights() works while asleep."""
         self.engine.sleep(level)
 
-    def wake_up(self):
-        """Re-creates the KV pool (same size, empty prefix cache) and brings offloaded weights back."""
-        self.engine.wake_up()
+    def wake_up(self, tags: list[str] | None = None):
+        """Brings back what sleep() gave back, with vLLM's tags: ["weights"] moves offloaded weights back to the
+        device, ["kv_cache"] re-creates the KV pool (same size, empty prefix cache), None does both (weights
+        first). Each checks the device's free memory first and raises DeviceMemoryError, staying asleep, when it
+        does not fit (e.g. an optimizer's state now holds it)."""
+        self.engine.wake_up(tags)
 
     def check_integrity(self):
         self.engine.check_integrity()

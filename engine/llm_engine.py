@@ -23,6 +23,8 @@ from engine.step_tensors import to_device
 from engine.stop_checker import TextStop
 from ettrl_kernels import entropy_sample
 
+WAKE_UP_TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags, in the order wake_up() restores them
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: Path, tokenizer=None, eos_token_ids=()):
@@ -55,8 +57,7 @@ class LLMEngine:
         self.scheduler.add_waiting(seq)
 
     def _check_fits(self, seq: Sequence):
-        if self.kv is None:
-            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+        self._check_awake()
         if (seq.params.stop or seq.params.stop_regex) and self.tokenizer is None:
             raise ValueError("stop strings and stop_regex need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
@@ -232,6 +233,7 @@ class LLMEngine:
     # ---- sleep mode ---------------------------------------------------------------------------------------
     @property
     def asleep(self) -> bool:
+        """No KV pool (sleep() freed it; wake_up() or wake_up(["kv_cache"]) re-creates it)."""
         return self.runner.asleep
 
     def sleep(self, level: int = 1):
@@ -243,11 +245,36 @@ class LLMEngine:
         if live:
             raise RuntimeError(f"sleep() with {live} live sequences (waiting, running, or finished and not freed): "
                                f"their KV cache would be lost; finish and free() them first")
-        if not self.asleep:
-            self.runner.sleep(offload_weights=level == 2)
-            self.kv = self.scheduler.kv = None
+        self.runner.sleep(offload_weights=level == 2)
+        self.kv = self.scheduler.kv = None
 
-    def wake_up(self):
-        """Re-creates the KV pool (same size, empty prefix cache) and brings offloaded weights back."""
-        self.runner.wake_up()
-        self.kv = self.scheduler.kv = self.runner.kv
+    def wake_up(self, tags: list[str] | None = None):
+        """What sleep() gave back, as vLLM's tags name it: "weights" (offloaded at level 2) and "kv_cache" (a new,
+        empty pool of the same size); None is both. Weights come back first, so a trainer can wake them, write new
+        ones and only then re-create the pool. Each part first checks that it fits in the device's free memory and
+        raises DeviceMemoryError (still asleep) when it does not."""
+        tags = wake_up_tags(tags)
+        if "weights" in tags:
+            self.runner.wake_up_weights()
+        if "kv_cache" in tags:
+            self.runner.wake_up_kv_cache()
+            self.kv = self.scheduler.kv = self.runner.kv
+
+    def _check_awake(self):
+        if self.kv is None:
+            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+        if self.runner.weights_offloaded:
+            raise RuntimeError("the engine's weights are offloaded (sleep(level=2)): call wake_up() or "
+                               "wake_up(['weights']) first")
+
+
+def wake_up_tags(tags) -> tuple[str, ...]:
+    """wake_up's tags, checked: None -> every tag, in the order they wake (weights before the KV pool)."""
+    if tags is None:
+        return WAKE_UP_TAGS
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"wake_up tags must be a list of names from {list(WAKE_UP_TAGS)} (or None), got {tags!r}")
+    unknown = sorted(set(tags) - set(WAKE_UP_TAGS))
+    if unknown:
+        raise ValueError(f"unknown wake_up tags {unknown}: use {list(WAKE_UP_TAGS)} or None (both)")
+    return tuple(t for t in WAKE_UP_TAGS if t in tags)

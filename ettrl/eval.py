@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--stop-at-answer", action="store_true", help="end each response at its first complete \\boxed{}")
     ap.add_argument("--vote", default="boxed", choices=["boxed", "ttrl"],
                     help="answers: the last box (boxed) or TTRL's answer string of every response (ttrl)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="the engine's; auto: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the metrics to this JSON file")

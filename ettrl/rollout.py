@@ -54,13 +54,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_llm(model: str, dtype: str = "float32", device: str = "auto", **engine_kwargs):
-    """(engine, tokenizer) for a model spec or directory; the trainer loads its copy from the same directory."""
+def engine_dtype(dtype: str, device: str) -> str:
+    """The trainer's engine dtype: "auto" is bfloat16 on CUDA (flashinfer's kernels, half the memory) and float32
+    on the CPU (where the fp32 engine matches the fp32 trainer best)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def engine_options(engine, device: str) -> dict:
+    """LLM(...) keyword arguments from a config's engine section (ettrl.config.EngineSection: every EngineConfig
+    field but model). Its device "auto" is the run's `device`; its dtype "auto" as engine_dtype says."""
+    from dataclasses import asdict
+
+    options = asdict(engine)
+    options["device"] = resolve_device(device if options["device"] == "auto" else options["device"])
+    options["dtype"] = engine_dtype(options["dtype"], options["device"])
+    return options
+
+
+def make_llm(model: str, dtype: str = "auto", device: str = "auto", **engine_kwargs):
+    """(engine, tokenizer) for a model spec or directory; the trainer loads its copy from the same directory.
+    dtype "auto": bfloat16 on CUDA, float32 on the CPU (engine_dtype)."""
     from transformers import AutoTokenizer
 
     from engine import LLM
     from engine.model_files import resolve_model
 
     model_dir = resolve_model(model)
-    llm = LLM(str(model_dir), dtype=dtype, device=resolve_device(device), **engine_kwargs)
+    device = resolve_device(device)
+    llm = LLM(str(model_dir), dtype=engine_dtype(dtype, device), device=device, **engine_kwargs)
     return llm, AutoTokenizer.from_pretrained(str(model_dir))

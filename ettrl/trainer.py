@@ -22,7 +22,7 @@ from ettrl.data import load_problems
 from ettrl.eval import evaluate
 from ettrl.policy import load_policy
 from ettrl.prompts import encode_prompts, fewshot_examples, stop_strings
-from ettrl.rollout import resolve_device, rollout
+from ettrl.rollout import engine_options, resolve_device, rollout
 from ettrl.scoring import score_group
 from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
 from ettrl.update import policy_update
@@ -94,8 +94,7 @@ class Trainer:
     def _make_engine(self):
         from engine import LLM
 
-        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device,
-                  gpu_memory_utilization=self.cfg.model.gpu_memory_utilization)
+        llm = LLM(str(self.model_dir), **engine_options(self.cfg.engine, self.device))
         self.sleep_engine = torch.device(self.device).type == "cuda"  # on the CPU the pool's memory stays
         if self.step > 0:
             llm.update_weights(self.backend.full_state_dict().items())
@@ -161,9 +160,16 @@ class Trainer:
             metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
                                     self.ref_model, progress=self.rank == 0, mini_batches=self.mini_batches)
             self.llm.update_weights(self.backend.full_state_dict().items())
-        finally:
+        except BaseException as error:  # the update's error is the one to see, not a failed wake-up after it
             if self.sleep_engine:
-                self.llm.wake_up()
+                try:
+                    self.llm.wake_up()
+                except Exception as wake_error:  # noqa: BLE001 - reported on the update's error
+                    error.add_note(f"and the engine could not wake up after it: {type(wake_error).__name__}: "
+                                   f"{wake_error}")
+            raise
+        if self.sleep_engine:
+            self.llm.wake_up()
         return metrics
 
     def train_step(self) -> dict:

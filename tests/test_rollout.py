@@ -154,8 +154,8 @@ def test_resolve_device_and_make_llm(tmp_path, monkeypatch):
     assert tokenizer.decode(tokenizer("ab").input_ids) == "ab"
 
 
-def test_make_llm_defaults_float32_on_the_auto_device(tmp_path, monkeypatch):
-    """make_llm passes dtype (default "float32", not the engine's bfloat16) and the resolved device to LLM."""
+def test_make_llm_defaults_to_the_devices_dtype(tmp_path, monkeypatch):
+    """make_llm passes the resolved device and dtype to LLM: auto is float32 on the CPU, bfloat16 on CUDA."""
     import transformers
 
     import engine
@@ -166,9 +166,9 @@ def test_make_llm_defaults_float32_on_the_auto_device(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "LLM", lambda path, **kw: made.append((path, kw)) or "llm")
     monkeypatch.setattr(transformers, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda path: ("tok", path)))
     resolved = str(tmp_path / "resolved")
-    for cuda, device in ((False, "cpu"), (True, "cuda")):
+    for cuda, device, dtype in ((False, "cpu", "float32"), (True, "cuda", "bfloat16")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         assert make_llm("some/model", block_size=8) == ("llm", ("tok", resolved))
-        assert made.pop() == (resolved, {"dtype": "float32", "device": device, "block_size": 8})
+        assert made.pop() == (resolved, {"dtype": dtype, "device": device, "block_size": 8})
     assert make_llm("some/model", dtype="bfloat16", device="cpu")[0] == "llm"
     assert made.pop() == (resolved, {"dtype": "bfloat16", "device": "cpu"})
