@@ -65,6 +65,8 @@ class LLMEngine:
         vocab = self.runner.args.vocab_size
         if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got a prompt with ids outside it")
+        if seq.params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1: off), got {seq.params.top_k}")
         if len(seq) >= self.max_model_len:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
                              f"{self.max_model_len} with one token to generate; shorten the prompt")
@@ -112,6 +114,13 @@ class LLMEngine:
         if seq.block_table:
             self.kv.release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def park(self, seq: Sequence):
+        """Takes an unfinished sequence out of the batch, keeping its tokens: its KV blocks are released (full ones
+        stay in the prefix cache) and add_sequence() queues it again, alone (no pending siblings), to recompute
+        them; its noise keys make it sample what it would have."""
+        self.free(seq)
+        seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:

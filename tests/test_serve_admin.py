@@ -57,6 +57,9 @@ def on(dirs):
         yield server, httpx.Client(base_url=url, timeout=60)
 
 
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
 def completion_ids(http):
     r = http.post("/v1/completions", json=GREEDY)
     assert r.status_code == 200, r.text
@@ -83,7 +86,7 @@ def test_admin_routes_are_off_without_the_switch(dirs):
         for route in ADMIN_ROUTES:
             r = httpx.post(url + route, json={"model_path": "new"})
             assert r.status_code == 403 and "--enable-weight-updates" in r.json()["error"]["message"], route
-        assert httpx.get(url + "/get_weight_version").json() == {"weight_version": "0"}
+        assert httpx.get(url + "/get_weight_version").json() == {"weight_version": "0", "weight_version_name": None}
     assert torch.equal(embed(server), before)
 
 
@@ -112,7 +115,7 @@ def test_update_from_disk_then_from_tensor_and_no_stale_prefix(on, dirs, old_ids
     assert completion_ids(http) == new_ids          # no prefix computed with the old weights was reused
     old = LLM(dirs / "model", **ENGINE).engine.runner.model.hf_parameter_views()
     body = save({name: t.contiguous() for name, t in old.items()})
-    r = http.post("/update_weights_from_tensor", content=body, headers={"Content-Type": "application/octet-stream"})
+    r = http.post("/update_weights_from_tensor", content=body, headers=OCTET)
     assert r.status_code == 200 and r.json()["weight_version"] == str(version + 2), r.text
     assert completion_ids(http) == old_ids
     idle_and_clean(server)
@@ -124,11 +127,11 @@ def test_bad_tensor_bodies_are_refused(on):
     for body, status, words in [(b"not safetensors", 400, "not a safetensors"),
                                 (save({"model.nope.weight": torch.zeros(2)}), 400, "unknown parameter name"),
                                 (save({"model.embed_tokens.weight": torch.zeros(3, 3)}), 400, "shape")]:
-        r = http.post("/update_weights_from_tensor", content=body)
+        r = http.post("/update_weights_from_tensor", content=body, headers=OCTET)
         assert r.status_code == status and words in r.json()["error"]["message"], r.text
     server.config.max_weights_body_gb = 1e-6  # ~1 KB
     try:
-        r = http.post("/update_weights_from_tensor", content=save({"model.embed_tokens.weight": before}))
+        r = http.post("/update_weights_from_tensor", content=save({"model.embed_tokens.weight": before}), headers=OCTET)
         assert r.status_code == 413
     finally:
         server.config.max_weights_body_gb = 16.0
@@ -162,9 +165,9 @@ def test_updates_refuse_or_wait_while_requests_are_in_flight(on, old_ids, monkey
     long = dict(GREEDY, max_tokens=60)
     thread, result = in_background(lambda: httpx.post(http.base_url.join("/v1/completions"), json=long, timeout=60))
     wait_until(lambda: server.loop.active)
-    r = http.post("/update_weights_from_tensor?if_busy=refuse", content=body)
+    r = http.post("/update_weights_from_tensor?if_busy=refuse", content=body, headers=OCTET)
     assert r.status_code == 409 and "in flight" in r.json()["error"]["message"]
-    r = http.post("/update_weights_from_tensor?if_busy=wait", content=body)
+    r = http.post("/update_weights_from_tensor?if_busy=wait", content=body, headers=OCTET)
     assert r.status_code == 200
     assert not thread.is_alive() or thread.join(5) is None
     done = result["value"]

@@ -25,6 +25,8 @@ class Options:
     return_token_ids: bool
     return_entropies: bool
     stop: list[str]
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
     id: str = field(default_factory=lambda: new_id("cmpl"))
@@ -55,6 +57,23 @@ class Formatter:
             hold = max((len(s) - 1 for s in stop), default=0)
             text = text[:len(text) - hold] if hold else text
         return text
+
+    def stop_reason(self, token_ids: list[int], finish_reason: str | None, opts: Options) -> int | str | None:
+        """vLLM's stop_reason: the stop token id or the stop string that ended the sample; None after EOS or
+        at the length limit."""
+        if finish_reason != "stop" or not token_ids:
+            return None
+        last = token_ids[-1]
+        if not opts.ignore_eos and last in self.llm.engine.eos_token_ids:
+            return None
+        if last in opts.stop_token_ids:
+            return last
+        if opts.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            hits = [(text.find(s), s) for s in opts.stop if s in text]
+            if hits:
+                return min(hits)[1]
+        return None
 
     # ---- logprobs ----------------------------------------------------------------------------------------------
     def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
@@ -110,14 +129,15 @@ class Formatter:
     def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict:
         ids = seq.completion_token_ids
         text = self.text(ids, opts.stop, final=True)
+        stop_reason = self.stop_reason(ids, seq.finish_reason, opts)
         if opts.kind == "chat":
             choice = {"index": index, "message": {"role": "assistant", "content": text},
                       "logprobs": self.chat_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
-                      "finish_reason": seq.finish_reason, "stop_reason": None}
+                      "finish_reason": seq.finish_reason, "stop_reason": stop_reason}
         else:
             choice = {"index": index, "text": text,
                       "logprobs": self.completion_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
-                      "finish_reason": seq.finish_reason, "stop_reason": None}
+                      "finish_reason": seq.finish_reason, "stop_reason": stop_reason}
         if opts.return_token_ids:
             choice["prompt_token_ids"], choice["token_ids"] = list(prompt_ids), list(ids)
         if opts.return_entropies:
@@ -161,7 +181,8 @@ class StreamState:
             if logprobs is not None:
                 self.offset[k] += sum(map(len, logprobs["tokens"]))
             choice = {"index": k, "text": new_text, "logprobs": logprobs}
-        choice["finish_reason"], choice["stop_reason"] = d.finish_reason, None
+        choice["finish_reason"] = d.finish_reason
+        choice["stop_reason"] = self.fmt.stop_reason(self.ids[k], d.finish_reason, opts)
         if opts.return_token_ids:
             if not self.started[k]:
                 choice["prompt_token_ids"] = list(self.prompt_of[k])
