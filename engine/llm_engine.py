@@ -20,9 +20,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.step_tensors import to_device
+from engine.stop_checker import TextStop
 from ettrl_kernels import entropy_sample
-
-STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
 
 
 class LLMEngine:
@@ -58,8 +57,8 @@ class LLMEngine:
     def _check_fits(self, seq: Sequence):
         if self.kv is None:
             raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
-        if seq.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
+        if (seq.params.stop or seq.params.stop_regex) and self.tokenizer is None:
+            raise ValueError("stop strings and stop_regex need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.runner.args.vocab_size
@@ -97,6 +96,10 @@ class LLMEngine:
         child.logprobs = parent.logprobs[:position - parent.num_prompt_tokens]
         child.entropies = parent.entropies[:position - parent.num_prompt_tokens]
         child.exclude_token = -1 if exclude_token is None else exclude_token
+        if params.stop or params.stop_regex:  # the text so far, read once (the parent's when it has the same stops)
+            same = parent.text_stop is not None and parent.text_stop.patterns is params.stop_patterns
+            base = parent.text_stop if same else TextStop(params.stop_patterns, self._decode, parent.num_prompt_tokens)
+            child.text_stop = base.fork(child.token_ids, position - parent.num_prompt_tokens)
         child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
         child.fork_depth = parent.fork_depth + 1
         self._check_fits(child)
@@ -192,20 +195,26 @@ class LLMEngine:
                                      if top is not None else []))
 
     def _check_finished(self, seq: Sequence) -> bool:
+        """EOS, then stop tokens, then stop strings / stop_regex (stop_reason: the token id or the matched text),
+        then the length limits."""
         p, token = seq.params, seq.token_ids[-1]
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+        if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif p.stop and self._stop_string_hit(seq):
-            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif (p.stop or p.stop_regex) and self._text_stop(seq).step(seq.token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", seq.text_stop.matched
         elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _stop_string_hit(self, seq: Sequence) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
-        window = seq.completion_token_ids[-(longest + STOP_WINDOW_TOKENS):]
-        text = self.tokenizer.decode(window, skip_special_tokens=True)
-        return any(s in text for s in seq.params.stop)
+    def _text_stop(self, seq: Sequence) -> TextStop:
+        if seq.text_stop is None:
+            seq.text_stop = TextStop(seq.params.stop_patterns, self._decode, seq.num_prompt_tokens)
+        return seq.text_stop
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def live_sequences(self) -> list[Sequence]:
