@@ -119,11 +119,21 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
 
     def park(self, seq: Sequence):
-        """Takes an unfinished sequence out of the batch, keeping its tokens: its KV blocks are released (full ones
-        stay in the prefix cache) and add_sequence() queues it again, alone (no pending siblings), to recompute
-        them; its noise keys make it sample what it would have."""
+        """Takes an unfinished sequence out of the batch, keeping its tokens, until unpark(seq). One ready to
+        decode keeps its KV blocks; any other (waiting, or part way through its prefill) releases them (full ones
+        stay in the prefix cache) and is prefilled again, alone (no pending siblings). Its noise keys make it
+        sample what it would have."""
+        if seq.status == SequenceStatus.RUNNING and seq.num_cached_tokens == len(seq) - 1:
+            self.scheduler.running.remove(seq)
+            return
         self.free(seq)
         seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
+
+    def unpark(self, seq: Sequence):
+        if seq.block_table:
+            self.scheduler.add_running(seq)
+        else:
+            self.add_sequence(seq)
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:

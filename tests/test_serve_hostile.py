@@ -370,6 +370,40 @@ def test_stop_reason_names_the_stop_token_or_string(url, reference):
     assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
 
 
+def test_stop_regex_and_include_stop_str_in_output_equal_in_process_generate(url, reference):
+    """stop_regex (SGLang's name) and include_stop_str_in_output (vLLM's) through the server, streamed or not,
+    give LLM.generate's text, tokens and stop_reason; a catastrophic pattern costs nothing special."""
+    prompt, seed = "regex stop", 5
+    free = reference.generate([prompt], SamplingParams(max_tokens=30, seed=seed, ignore_eos=True))[0].outputs[0]
+    text = free.text
+    pattern = "".join(f"[{c}]" if c.isalnum() else "." for c in text[3:6])  # three characters seen in the text
+    for include in (False, True):
+        params = SamplingParams(max_tokens=30, seed=seed, ignore_eos=True, stop_regex=[pattern, "(a+)+$"],
+                                include_stop_str_in_output=include)
+        ref = reference.generate([prompt], params)[0].outputs[0]
+        body = {"prompt": prompt, "max_tokens": 30, "seed": seed, "ignore_eos": True, "return_token_ids": True,
+                "stop_regex": [pattern, "(a+)+$"], "include_stop_str_in_output": include}
+        choice = post(url, "/v1/completions", body).json()["choices"][0]
+        assert (choice["text"], choice["token_ids"], choice["finish_reason"], choice["stop_reason"]) == \
+            (ref.text, ref.token_ids, ref.finish_reason, ref.stop_reason)
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
+                          timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        last = chunks[-1]["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == (ref.finish_reason, ref.stop_reason)
+        if ref.stop_reason is None or include:  # a match's start may have streamed before the match completed
+            assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("stop_regex", ["x"] * 17, "at most 16"), ("stop_regex", "a" * 257, "at most 256"),
+    ("stop_regex", "(a)\\1", "stop_regex"), ("stop_regex", "(a{1000}){1000}", "too large"),
+    ("stop", ["x"] * 17, "at most 16"), ("stop", "a" * 257, "at most 256"),
+    ("stop_token_ids", list(range(257)), "at most 256")])
+def test_stop_fields_are_capped_and_checked(url, field, value, words):
+    assert_envelope(post(url, "/v1/completions", {"prompt": [65], "max_tokens": 2, field: value}), 400, words)
+
+
 # ---- 9. smaller ------------------------------------------------------------------------------------------------------
 def test_health_needs_no_key_and_says_only_ok(url):
     r = httpx.get(url + "/health")

@@ -118,7 +118,9 @@ class Server:
         try:
             return SamplingParams(n=req.n if n is None else n, temperature=req.temperature, top_p=req.top_p,
                                   top_k=-1 if req.top_k == 0 else req.top_k,  # vLLM: 0 or -1 disables top-k
-                                  max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
+                                  max_tokens=max_tokens, stop=req.stop, stop_regex=req.stop_regex,
+                                  include_stop_str_in_output=req.include_stop_str_in_output,
+                                  stop_token_ids=req.stop_token_ids or [],
                                   seed=req.seed, ignore_eos=req.ignore_eos, logprobs=self._recorded(logprobs),
                                   logprobs_mode=self.config.logprobs_mode)
         except ValueError as e:
@@ -166,7 +168,6 @@ class Server:
                        raw_logprobs=self.config.logprobs_mode == "raw_logprobs",
                        return_token_ids=req.return_token_ids, return_entropies=req.return_entropies,
                        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-                       stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                        include_usage=bool(req.stream_options and req.stream_options.include_usage),
                        tokens_as_ids=req.return_tokens_as_token_ids,
                        id=new_id("chatcmpl" if kind == "chat" else "cmpl"))
@@ -300,7 +301,8 @@ def build_app(server: Server) -> FastAPI:
             raise ApiError(400, f"sample_tree takes n=1 (the tree's size is trees x (1 + forks x branches)), "
                                 f"got {req.n}")
         try:
-            tree = TreeParams(req.trees, req.forks, req.branches, req.metric, req.distinct)
+            tree = TreeParams(req.trees, req.forks, req.branches, req.metric, req.distinct, req.no_fork_after,
+                              req.min_gap, req.branch_after_all_roots)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         server.check_queue()
@@ -325,7 +327,7 @@ async def _generate(server: Server, request: Request, req, requests, opts: Optio
     stream = req.stream
 
     def make_job(emit):
-        return GenerateJob(requests, emit, stream)
+        return GenerateJob(requests, emit, stream, server.fmt.final_text)
 
     if stream:
         n = len(requests[0][1])

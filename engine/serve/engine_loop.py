@@ -7,11 +7,11 @@ submissions, aborts (a client that disconnects frees its sequences' KV blocks he
 run only when no job is in flight (weight updates, cache resets, pause): while one waits, new jobs are held.
 
 Noise is keyed by (seed, seq_id, position) with seq_id = sample index within its request, so a request's
-tokens do not depend on the other requests in the batch. That is also what confines a failing step to the
-requests that make it fail: every job's sequences are parked (their KV released, their tokens kept), each job is
-run alone until each of its sequences has sampled one more token, a job whose step raises fails alone (500), and
-the others go on, recomputing the KV of their tokens, so they sample what they would have. A one-token canary
-then says whether the model still gives finite logits (`healthy`, GET /health).
+tokens do not depend on the other requests in the batch. A step that raises is confined to the requests that
+make it fail: every job's sequences are parked (out of the batch, their tokens and decode KV kept), each job that
+was in the step runs alone until each of its sequences has sampled one more token, a job whose step raises fails
+alone (500), and the others go on where they were, sampling what they would have. A one-token canary then says
+whether the model still gives finite logits (`healthy`, GET /health).
 """
 from __future__ import annotations
 
@@ -48,13 +48,16 @@ class Delta:
     entropies: list[float]
     top_logprobs: list
     finish_reason: str | None
+    text: str | None = None                 # the whole final text, once finished
+    stop_reason: str | int | None = None
 
 
 class GenerateJob:
     """The samples of one or more prompts (a completions or chat request): requests = [(prompt ids, seqs)]."""
 
-    def __init__(self, requests: list[tuple[list[int], list[Sequence]]], emit: Callable, stream: bool = False):
-        self.requests, self.emit, self.stream = requests, emit, stream
+    def __init__(self, requests: list[tuple[list[int], list[Sequence]]], emit: Callable, stream: bool = False,
+                 final_text: Callable[[Sequence], str] | None = None):
+        self.requests, self.emit, self.stream, self.final_text = requests, emit, stream, final_text
         self.seqs = [s for _, seqs in requests for s in seqs]
         self.uids = {s.uid: k for k, s in enumerate(self.seqs)}
         self.sent = [0] * len(self.seqs)      # tokens already streamed, per sample
@@ -86,8 +89,10 @@ class GenerateJob:
             start, end, reason = self.sent[k], seq.num_completion_tokens, seq.finish_reason
             if end > start or (reason and not self.ended[k]):
                 n0 = seq.num_prompt_tokens
+                text = self.final_text(seq) if reason and self.final_text else None
                 out.append(Delta(k, seq.token_ids[n0 + start:n0 + end], seq.logprobs[start:end],
-                                 seq.entropies[start:end], seq.top_logprobs[start:end], reason))
+                                 seq.entropies[start:end], seq.top_logprobs[start:end], reason, text,
+                                 seq.stop_reason))
                 self.sent[k], self.ended[k] = end, reason is not None
         return out
 
@@ -278,13 +283,14 @@ class EngineLoop:
 
     # ---- after a failed step ------------------------------------------------------------------------------
     def _recover(self, error: Exception):
-        """Parks every job, runs each alone until each of its sequences sampled a token (or it ended): a job
-        whose step raises fails alone; the others are queued again and recompute their KV."""
+        """Parks every job, runs each one that was in the failed step alone until each of its sequences sampled
+        a token (or it ended): a job whose step raises fails alone; the others go on where they were."""
         unreported = list(self.engine.finished.values())  # finished by the failed step before it raised
         if unreported:
             self._after_step(unreported)
-        suspects = list(self.active)
-        for job in suspects:
+        in_step = {seq.uid for seq in self.engine.scheduler.running}
+        suspects = [job for job in self.active if any(seq.uid in in_step for seq in job.sequences())]
+        for job in self.active:
             self._park(job)
         for job in suspects:
             if job not in self.active:
@@ -297,23 +303,25 @@ class EngineLoop:
                 continue
             if job in self.active:
                 self._park(job)
-        for job in self.active:
-            for seq in job.sequences():
-                self.engine.add_sequence(seq)
         self.healthy = self.canary()
         if not self.healthy:
             log.error("the model no longer gives finite logits (after %s: %s); /health answers 503",
                       type(error).__name__, error)
+        for job in self.active:
+            self._unpark(job)
 
     def _park(self, job):
         for seq in job.sequences():
             self.engine.park(seq)
 
+    def _unpark(self, job):
+        for seq in job.sequences():
+            self.engine.unpark(seq)
+
     def _run_alone(self, job):
         seqs = job.sequences()
         marks = {seq.uid: len(seq) for seq in seqs}
-        for seq in seqs:
-            self.engine.add_sequence(seq)
+        self._unpark(job)
         for _ in range(PROBE_STEPS):
             if job.done or all(seq.is_finished or len(seq) > marks[seq.uid] for seq in seqs):
                 return

@@ -25,8 +25,6 @@ class Options:
     return_token_ids: bool
     return_entropies: bool
     stop: list[str]
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
     id: str = field(default_factory=lambda: new_id("cmpl"))
@@ -43,37 +41,19 @@ class Formatter:
             return f"token_id:{token}"
         return self.tokenizer.decode([token])
 
-    def text(self, token_ids: list[int], stop: list[str], final: bool) -> str:
-        """The completion's text, cut at the first stop string; unfinished, the tail that may still become a
-        stop string or an incomplete character is held back."""
+    def partial_text(self, token_ids: list[int], stop: list[str]) -> str:
+        """An unfinished sample's text so far, less the tail that may still become a stop string or is an
+        incomplete character (a stop_regex match can be longer: its start may already have been sent)."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
-        if cuts:
-            return text[:min(cuts)]
-        if not final:
-            text = text.rstrip("\ufffd")
-            hold = max((len(s) - 1 for s in stop), default=0)
-            text = text[:len(text) - hold] if hold else text
-        return text
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd")
+        hold = max((len(s) - 1 for s in stop), default=0)
+        return text[:len(text) - hold] if hold else text
 
-    def stop_reason(self, token_ids: list[int], finish_reason: str | None, opts: Options) -> int | str | None:
-        """vLLM's stop_reason: the stop token id or the stop string that ended the sample; None after EOS or
-        at the length limit."""
-        if finish_reason != "stop" or not token_ids:
-            return None
-        last = token_ids[-1]
-        if not opts.ignore_eos and last in self.llm.engine.eos_token_ids:
-            return None
-        if last in opts.stop_token_ids:
-            return last
-        if opts.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            hits = [(text.find(s), s) for s in opts.stop if s in text]
-            if hits:
-                return min(hits)[1]
-        return None
+    def final_text(self, seq: Sequence) -> str:
+        """A finished sample's text as LLM.generate gives it: cut at a stop match's start, or at its end with
+        include_stop_str_in_output."""
+        return self.llm._completion(seq).text or ""
 
     # ---- logprobs ----------------------------------------------------------------------------------------------
     def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
@@ -128,8 +108,7 @@ class Formatter:
 
     def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict:
         ids = seq.completion_token_ids
-        text = self.text(ids, opts.stop, final=True)
-        stop_reason = self.stop_reason(ids, seq.finish_reason, opts)
+        text, stop_reason = self.final_text(seq), seq.stop_reason
         if opts.kind == "chat":
             choice = {"index": index, "message": {"role": "assistant", "content": text},
                       "logprobs": self.chat_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
@@ -168,7 +147,7 @@ class StreamState:
     def _chunk(self, d) -> str:
         k, opts = d.index, self.opts
         self.ids[k] += d.token_ids
-        text = self.fmt.text(self.ids[k], opts.stop, final=d.finish_reason is not None)
+        text = d.text if d.text is not None else self.fmt.partial_text(self.ids[k], opts.stop)
         new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
         if opts.kind == "chat":
             delta = {"content": new_text}
@@ -181,8 +160,7 @@ class StreamState:
             if logprobs is not None:
                 self.offset[k] += sum(map(len, logprobs["tokens"]))
             choice = {"index": k, "text": new_text, "logprobs": logprobs}
-        choice["finish_reason"] = d.finish_reason
-        choice["stop_reason"] = self.fmt.stop_reason(self.ids[k], d.finish_reason, opts)
+        choice["finish_reason"], choice["stop_reason"] = d.finish_reason, d.stop_reason
         if opts.return_token_ids:
             if not self.started[k]:
                 choice["prompt_token_ids"] = list(self.prompt_of[k])
@@ -214,7 +192,8 @@ def tree_response(results, model: str, formatter: Formatter) -> dict:
     out, prompt_tokens, decoded = [], 0, 0
     for i, r in enumerate(results):
         leaves = [{"index": k, "text": leaf.text, "token_ids": leaf.token_ids, "logprobs": leaf.logprobs,
-                   "entropies": leaf.entropies, "finish_reason": leaf.finish_reason, "seq_id": leaf.seq_id,
+                   "entropies": leaf.entropies, "finish_reason": leaf.finish_reason,
+                   "stop_reason": leaf.stop_reason, "seq_id": leaf.seq_id,
                    "origin": {"root": leaf.root, "fork_position": leaf.fork_position, "branch": leaf.branch}}
                   for k, leaf in enumerate(r.leaves)]
         s = r.stats

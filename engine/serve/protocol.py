@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 4096           # samples per prompt; above it a request is refused (it would only fill the queue)
 MAX_LOGPROBS = 20      # alternatives per token, as OpenAI's limit
-MAX_STOP = 16          # stop strings per request (OpenAI allows 4): each is looked for after every token
-MAX_STOP_CHARS = 256
+MAX_STOP = 16          # stop strings, and stop_regex patterns, per request (OpenAI allows 4 stop strings)
+MAX_STOP_CHARS = 256   # characters of a stop string or pattern (the automaton is bounded: engine/stop_regex.py)
 MAX_STOP_TOKEN_IDS = 256
 INT64 = 2**63
 
@@ -26,7 +26,7 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
     "use_beam_search": (False,), "prompt_logprobs": (None,), "response_format": (None, {"type": "text"}),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "structured_outputs": (None,), "logits_processors": (None, []), "bad_words": (None, []),
-    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (None,),
+    "skip_special_tokens": (True,), "truncate_prompt_tokens": (None,),
     "suffix": (None, ""),
 }
 
@@ -50,6 +50,8 @@ class SamplingFields(_Request):
     top_k: int = Field(-1, ge=-1, lt=INT64)
     max_tokens: int | None = Field(None, ge=1)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_regex: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None  # SGLang's
+    include_stop_str_in_output: bool = False   # vLLM's: the text keeps the matched stop string / regex match
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     seed: int | None = Field(None, ge=0, lt=INT64)
     ignore_eos: bool = False
@@ -72,7 +74,6 @@ class SamplingFields(_Request):
     structured_outputs: Any = None
     logits_processors: Any = None
     bad_words: Any = None
-    include_stop_str_in_output: Any = False
     skip_special_tokens: Any = True
     truncate_prompt_tokens: Any = None
 
@@ -146,6 +147,9 @@ class SampleTreeRequest(SamplingFields):
     branches: int = Field(2, ge=0, le=1024)
     metric: Literal["entropy", "surprisal"] = "entropy"
     distinct: bool = False
+    no_fork_after: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] = []
+    min_gap: int = Field(1, ge=1, le=INT64 - 1)
+    branch_after_all_roots: bool = False
 
 
 class UpdateWeightsFromDiskRequest(_Request):
