@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
@@ -56,11 +57,14 @@ class Server:
         if declared and declared.isdigit() and int(declared) > limit_bytes:
             raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit_bytes}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {limit_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit_bytes:
+                    raise ApiError(413, f"request body exceeds the limit of {limit_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away before sending its whole body") from None
         return b"".join(chunks)
 
     async def parse(self, request: Request, model):
