@@ -207,6 +207,20 @@ def test_tokenizing_runs_off_the_event_loop(url, server, monkeypatch):
     thread.join(30)
 
 
+def test_a_long_stream_decodes_only_its_newest_tokens_per_chunk(url, server, monkeypatch):
+    """A stream of 90 tokens: its chunks decode a few tokens each (the whole text once, at the end), so a long
+    stream does not cost the event loop time quadratic in its length; the text equals the whole response's."""
+    tokenizer = server.llm.tokenizer
+    decode, lengths = tokenizer.decode, []
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: (lengths.append(len(ids)), decode(ids, **kw))[1])
+    body = {"prompt": [65, 66], "max_tokens": 90, "ignore_eos": True, "seed": 2, "stop": ["\x00\x00"]}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                       if line.startswith("data: {"))
+    assert sum(n > 30 for n in lengths) <= 2, sorted(lengths)[-12:]  # the final text; the whole response
+    assert text == post(url, "/v1/completions", body).json()["choices"][0]["text"]
+
+
 # ---- 3. fan-out and floods ---------------------------------------------------------------------------------------
 FAN_OUT = {
     "tree leaves": ("/v1/sample_tree", {"prompts": [[65, 66]], "trees": 64, "forks": 2, "branches": 4,

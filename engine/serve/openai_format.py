@@ -41,15 +41,6 @@ class Formatter:
             return f"token_id:{token}"
         return self.tokenizer.decode([token])
 
-    def partial_text(self, token_ids: list[int], stop: list[str]) -> str:
-        """An unfinished sample's text so far, less the tail that may still become a stop string or is an
-        incomplete character (a stop_regex match can be longer: its start may already have been sent)."""
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd")
-        hold = max((len(s) - 1 for s in stop), default=0)
-        return text[:len(text) - hold] if hold else text
-
     def final_text(self, seq: Sequence) -> str:
         """A finished sample's text as LLM.generate gives it: cut at a stop match's start, or at its end with
         include_stop_str_in_output."""
@@ -129,13 +120,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+class IncrementalText:
+    """A sample's text as its tokens arrive, each chunk decoding only its newest few tokens (vLLM's prefix / read
+    offsets; a token that is part of a multi-byte character waits for the rest), so a long stream costs the event
+    loop what a short one does per token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text = tokenizer, ""
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # token indices
+
+    def extend(self, token_ids: list[int]) -> str:
+        self.ids += token_ids
+        if self.tokenizer is None:
+            return ""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def held_back(text: str, stop: list[str]) -> str:
+    """An unfinished sample's text less the tail that may still become a stop string (a stop_regex match can be
+    longer: its start may already have been sent)."""
+    hold = max((len(s) - 1 for s in stop), default=0)
+    return text[:len(text) - hold] if hold else text
+
+
 class StreamState:
     """Server-sent events of one streaming request: one chunk per sample and step that produced something."""
 
     def __init__(self, formatter: Formatter, opts: Options, prompt_ids: list[list[int]], n: int):
         self.fmt, self.opts = formatter, opts
         self.prompt_of = [ids for ids in prompt_ids for _ in range(n)]
-        self.ids = [[] for _ in self.prompt_of]
+        self.texts = [IncrementalText(formatter.tokenizer) for _ in self.prompt_of]
         self.text_sent = [0] * len(self.prompt_of)
         self.started = [False] * len(self.prompt_of)
         self.offset = [0] * len(self.prompt_of)   # text_offset of the next token (logprobs)
@@ -146,8 +169,8 @@ class StreamState:
 
     def _chunk(self, d) -> str:
         k, opts = d.index, self.opts
-        self.ids[k] += d.token_ids
-        text = d.text if d.text is not None else self.fmt.partial_text(self.ids[k], opts.stop)
+        text = self.texts[k].extend(d.token_ids)
+        text = d.text if d.text is not None else held_back(text, opts.stop)
         new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
         if opts.kind == "chat":
             delta = {"content": new_text}
@@ -174,7 +197,7 @@ class StreamState:
         if not self.opts.include_usage:
             return None
         body = self._envelope([])
-        body["usage"] = usage(self.prompt_tokens, sum(map(len, self.ids)))
+        body["usage"] = usage(self.prompt_tokens, sum(len(t.ids) for t in self.texts))
         return sse(body)
 
     def _envelope(self, choices: list) -> dict:
