@@ -314,7 +314,7 @@ def test_json_routes_need_a_json_content_type(url, server, content_type):
     ("Host", "evil.example", 400), ("Host", "127.0.0.1.evil.example", 400), ("Host", "", 400),
     ("Origin", "http://evil.example", 403), ("Origin", "null", 403), ("Origin", "http://localhost.evil.example", 403),
     ("Host", "localhost:1234", 200), ("Host", "[::1]", 200), ("Origin", "http://127.0.0.1:8000", 200),
-    ("Origin", "https://localhost", 200)])
+    ("Origin", "https://localhost", 200), ("Host", "proxy.example", 400)])
 def test_a_loopback_server_answers_only_loopback_hosts_and_origins(url, header, value, status):
     r = post(url, "/v1/completions", {"prompt": [65], "max_tokens": 2}, headers={header: value})
     assert r.status_code == status, r.text
@@ -335,6 +335,11 @@ def test_a_non_loopback_server_checks_allowed_hosts_and_warns_without_a_key(mode
         r = post(base, "/v1/completions", {"prompt": [65], "max_tokens": 2},
                  headers={"Host": "node-7", "Origin": "http://evil.example"})
         assert r.status_code == 403
+    behind_a_proxy = Server(llm, ServerConfig("tiny", allowed_hosts=["proxy.example"]))  # a loopback bind
+    with running(behind_a_proxy.app) as base:
+        for host, status in [("proxy.example", 200), ("localhost", 200), ("evil.example", 400)]:
+            r = post(base, "/v1/completions", {"prompt": [65], "max_tokens": 2}, headers={"Host": host})
+            assert r.status_code == status, (host, r.text)
 
 
 # ---- 8. compatibility ------------------------------------------------------------------------------------------------

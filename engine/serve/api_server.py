@@ -49,7 +49,7 @@ class Server:
         self.weight_version = 0                  # advances with every weight update
         self.weight_version_name: str | None = None  # the name the last update gave, if any
         self.app = build_app(self)
-        warn_if_open(self.config.host, self.config.api_key)
+        warn_if_open(self.config.host, self.config.api_key, self.config.enable_weight_updates)
 
     # ---- request bodies ------------------------------------------------------------------------------------
     async def read_body(self, request: Request, limit_bytes: int) -> bytes:

@@ -21,8 +21,9 @@ class ServerConfig:
     api_key: str | None = None
     """Every request except GET /health then needs 'Authorization: Bearer KEY' (default: env ETTRL_API_KEY)."""
     allowed_hosts: list[str] | None = None
-    """Non-loopback binds: the host names or addresses requests may name in their Host and Origin headers (e.g.
-    the node address other machines use); default: any. A loopback bind accepts only loopback names."""
+    """Host names or addresses requests may name in their Host and Origin headers: on a loopback bind besides the
+    loopback names (a local reverse proxy's name), on another bind the only ones (e.g. the node address other
+    machines use; default: any)."""
     enable_weight_updates: bool = False
     """Allow the routes that change state (weights, cache reset, pause, sleep); off they answer 403."""
     weights_dir: str | None = None

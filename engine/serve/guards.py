@@ -38,9 +38,10 @@ class ApiKeyMiddleware:
 
 
 class HostOriginMiddleware:
-    """On a loopback bind the Host header (and Origin, when a browser sends one) must name a loopback address,
-    so that a web page the user visits cannot reach the server through its own host name (DNS rebinding) or
-    post to it from its origin. On other binds they must name one of `allowed_hosts` when it is given."""
+    """On a loopback bind the Host header (and Origin, when a browser sends one) must name a loopback address or
+    one of `allowed_hosts` (a local reverse proxy's name), so that a web page the user visits cannot reach the
+    server through its own host name (DNS rebinding) or post to it from its origin. On other binds they must name
+    one of `allowed_hosts` when it is given."""
 
     def __init__(self, app, bind_host: str, allowed_hosts: list[str] | None):
         self.app = app
@@ -68,14 +69,17 @@ class HostOriginMiddleware:
         return None
 
     def _allowed(self, name: str | None) -> bool:
-        if self.loopback:
-            return name is not None and is_loopback(name)
-        return self.allowed is None or "*" in self.allowed or (name or "").lower() in self.allowed
+        if name is None:
+            return False
+        if self.allowed is not None and ("*" in self.allowed or name.lower() in self.allowed):
+            return True
+        return is_loopback(name) if self.loopback else self.allowed is None
 
     def _rule(self) -> str:
+        listed = f" or one of --allowed-hosts {sorted(self.allowed)}" if self.allowed else ""
         if self.loopback:
-            return "the server is bound to a loopback address; use 127.0.0.1, localhost or [::1]"
-        return f"allowed hosts are {sorted(self.allowed)} (--allowed-hosts)"
+            return f"the server is bound to a loopback address; use 127.0.0.1, localhost or [::1]{listed}"
+        return f"use one of --allowed-hosts {sorted(self.allowed)}"
 
 
 def _hostname(host: str) -> str | None:
@@ -95,8 +99,10 @@ def require_content_type(request: Request, expected: str):
         raise ApiError(415, f"send this route's body as Content-Type: {expected}, got {declared or 'none'!r}")
 
 
-def warn_if_open(host: str, api_key: str | None):
+def warn_if_open(host: str, api_key: str | None, weight_updates: bool):
+    """A loud line at start for a server that anyone on the network may use."""
     if not is_loopback(host) and not api_key:
-        log.warning("!" * 100 + "\nThe server listens on %s WITHOUT an API key: anyone who can reach this address can "
-                    "generate with it%s. Give --api-key KEY (or ETTRL_API_KEY) and --allowed-hosts.\n" + "!" * 100,
-                    host, " and, with --enable-weight-updates, replace its weights")
+        rule = "!" * 100
+        power = "generate with it" + (" and replace its weights (--enable-weight-updates)" if weight_updates else "")
+        log.warning("\n%s\nThe server listens on %s WITHOUT an API key: anyone who can reach this address can %s.\n"
+                    "Give --api-key KEY (or ETTRL_API_KEY), and --allowed-hosts.\n%s", rule, host, power, rule)
