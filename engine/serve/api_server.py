@@ -23,9 +23,10 @@ from starlette.requests import ClientDisconnect
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.serve.config import ServerConfig
-from engine.serve.engine_loop import EngineLoop, GenerateJob, TreeJob
+from engine.serve.engine_loop import EngineLoop
 from engine.serve.errors import ApiError, error_response, install_error_handlers
 from engine.serve.guards import ApiKeyMiddleware, HostOriginMiddleware, require_content_type, warn_if_open
+from engine.serve.jobs import GenerateJob, TreeJob
 from engine.serve.limits import Limits, check_unicode
 from engine.serve.openai_format import Formatter, Options, StreamState, new_id, sse, tree_response
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SampleTreeRequest, SamplingFields
