@@ -110,7 +110,9 @@ class LLM:
 
     def update_weights(self, named_tensors) -> int:
         """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties
-        the prefix cache. Refused while sequences are live. Returns the number of tensors written."""
+        the prefix cache. Refused while sequences are live; an unknown name (KeyError), a wrong shape, a dtype that
+        is not floating-point or a NaN / infinite value (ValueError) refuses the whole update before anything is
+        written. Returns the number of tensors written."""
         return self.engine.update_weights(named_tensors)
 
     def sleep(self, level: int = 1):

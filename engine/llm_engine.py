@@ -65,6 +65,8 @@ class LLMEngine:
         vocab = self.runner.args.vocab_size
         if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got a prompt with ids outside it")
+        if seq.params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1: off), got {seq.params.top_k}")
         if len(seq) >= self.max_model_len:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
                              f"{self.max_model_len} with one token to generate; shorten the prompt")
@@ -116,6 +118,23 @@ class LLMEngine:
         if seq.block_table:
             self.kv.release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def park(self, seq: Sequence):
+        """Takes an unfinished sequence out of the batch, keeping its tokens, until unpark(seq). One ready to
+        decode keeps its KV blocks; any other (waiting, or part way through its prefill) releases them (full ones
+        stay in the prefix cache) and is prefilled again, alone (no pending siblings). Its noise keys make it
+        sample what it would have."""
+        if seq.status == SequenceStatus.RUNNING and seq.num_cached_tokens == len(seq) - 1:
+            self.scheduler.running.remove(seq)
+            return
+        self.free(seq)
+        seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
+
+    def unpark(self, seq: Sequence):
+        if seq.block_table:
+            self.scheduler.add_running(seq)
+        else:
+            self.add_sequence(seq)
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:

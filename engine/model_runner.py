@@ -15,7 +15,7 @@ from engine.gpu_memory import (
     parameter_bytes,
 )
 from engine.kv_cache import KVCache, cdiv
-from engine.models.loader import copy_named_tensors, load_weights, read_config
+from engine.models.loader import check_named_tensors, copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.models.registry import model_spec
 from engine.sequence import Sequence
@@ -166,8 +166,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def update_weights(self, named_tensors) -> int:
-        """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        written = len(copy_named_tensors(self.model.hf_parameter_views(), items))
+        """Copies (HF name, tensor) pairs into the model in place, all checked first (check_named_tensors: names,
+        shapes, floating dtypes, finite values), so a refused update writes nothing; returns how many were written."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        views = self.model.hf_parameter_views()
+        check_named_tensors(views, items)
+        written = len(copy_named_tensors(views, items))
         self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
         return written

@@ -1,9 +1,12 @@
 """Per-request sampling settings."""
+import math
 from dataclasses import dataclass, field
 
 from engine.stop_regex import StopPatterns, compile_stop_patterns
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / T can overflow float32: give 0 for greedy
+INT64_LIMIT = 2**63
 
 
 @dataclass
@@ -38,12 +41,13 @@ class SamplingParams:
         self.stop_regex = list(self.stop_regex or [])
         if self.n < 1:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.top_k == 0 or not -1 <= self.top_k < INT64_LIMIT:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or in [1, vocabulary size], got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -59,7 +63,7 @@ class SamplingParams:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"SamplingParams.logprobs_mode must be one of {LOGPROBS_MODES}, "
                              f"got {self.logprobs_mode!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < INT64_LIMIT:
             raise ValueError(f"SamplingParams.seed must be in [0, 2**63), got {self.seed}")
 
     @property
