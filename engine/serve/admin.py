@@ -13,12 +13,14 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from safetensors import safe_open
 
+from engine.gpu_memory import DeviceMemoryError
+from engine.llm_engine import wake_up_tags
 from engine.models.loader import check_named_tensors, safetensors_files
 from engine.serve.engine_loop import Busy
-from engine.serve.errors import ApiError, error_response
+from engine.serve.errors import ApiError
 from engine.serve.guards import require_content_type
 from engine.serve.protocol import UpdateWeightsFromDiskRequest
 
@@ -159,8 +161,6 @@ def add_admin_routes(app: FastAPI, server: Server):
         """vLLM's sleep mode (LLM.sleep: level 1 frees the KV pool, 2 also offloads weights on a GPU); requests
         wait (held) until /wake_up."""
         require_enabled()
-        if not hasattr(server.llm, "sleep"):
-            return error_response(501, "this engine has no LLM.sleep() yet; nothing was changed")
         if level not in (1, 2):
             raise ApiError(400, f"level must be 1 or 2, got {level}")
         await asyncio.wrap_future(server.loop.pause("wait"))
@@ -168,10 +168,20 @@ def add_admin_routes(app: FastAPI, server: Server):
         return {"success": True, "sleeping": True}
 
     @app.post("/wake_up")
-    async def wake_up():
+    async def wake_up(tags: list[str] | None = Query(None)):
+        """vLLM's tags (`?tags=weights`, `?tags=kv_cache`, none: both; weights first). Requests resume once the
+        engine is whole again; 503 when a part does not fit in the device's free memory (still asleep)."""
         require_enabled()
-        if not hasattr(server.llm, "wake_up"):
-            return error_response(501, "this engine has no LLM.wake_up() yet; nothing was changed")
-        await barrier(server, server.llm.wake_up)
-        await asyncio.wrap_future(server.loop.resume())
-        return {"success": True, "sleeping": False}
+        try:
+            wake_up_tags(tags)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        try:
+            await barrier(server, lambda: server.llm.wake_up(tags))
+        except DeviceMemoryError as e:
+            raise ApiError(503, str(e)) from None
+        engine = server.engine
+        sleeping = engine.asleep or engine.runner.weights_offloaded
+        if not sleeping:
+            await asyncio.wrap_future(server.loop.resume())
+        return {"success": True, "sleeping": sleeping}
