@@ -96,8 +96,12 @@ setup(
                  "ruff"],  # tests/test_lint.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
-        # the release engine/attention/flashinfer.py was written against (its wheel, 18 MB, travels to offline GPUs)
-        "cuda": ["flashinfer-python==0.6.18.post1"],
+        # the release engine/attention/flashinfer.py was written against, and the apache-tvm-ffi it imports (a
+        # --no-deps install lacks it: `import flashinfer` fails on tvm_ffi). Offline GPU machines get the wheels
+        # (18 MB + 3.3 MB for cp312, plus nvidia-ml-py and tabulate) installed with
+        # `pip install --no-index --no-deps --target DIR *.whl`, DIR on PYTHONPATH, and CUDA_HOME set to the CUDA
+        # toolkit for its JIT (flashinfer guesses it from `which nvcc`): docs/engine.md, "Carrying flashinfer".
+        "cuda": ["flashinfer-python==0.6.18.post1", "apache-tvm-ffi==0.1.15.post2"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
         # ettrl.integrations.verl, the engine as verl's rollout backend (rollout.name=ettrl): the versions it was

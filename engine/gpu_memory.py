@@ -21,6 +21,11 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters (what sleep level 2 offloads; buffers stay on the device)."""
+    return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in module.parameters()}.values())
+
+
 def activation_bytes(args, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
     """Peak activation estimate of one step: per-token hidden states, qkv, attention output and MLP, plus the
     fp32 logits and the sampler's buffers of the decode batch."""

@@ -18,8 +18,10 @@ class CompletionOutput:
     text: str | None            # None when the model has no tokenizer
     logprobs: list[float]       # log p(token_t) under softmax(logits / T) (T = 1 for greedy)
     entropies: list[float]      # full-vocabulary entropy of that same distribution
-    finish_reason: str          # "stop" (EOS, stop token or stop string) | "length"
+    finish_reason: str          # "stop" (EOS, stop token, stop string or stop_regex) | "length"
     seed: int
+    stop_reason: str | int | None = None  # the stop string or regex match that ended it, or the stop token id;
+                                          # None for EOS and "length" (vLLM's meaning)
 
 
 @dataclass
@@ -99,15 +101,18 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def sample_tree(self, prompts, tree_params, sampling_params: SamplingParams | list[SamplingParams],
-                    use_tqdm: bool = False):
+                    use_tqdm: bool = False, select_roots=None):
         """ETMR tree rollouts (engine/tree.py): M roots per prompt, B branches at each of N fork points.
-        sampling_params: one for all prompts or one per prompt (each its own seed). use_tqdm: a progress bar."""
+        sampling_params: one for all prompts or one per prompt (each its own seed). use_tqdm: a progress bar.
+        select_roots(i, root_leaves) -> roots to fork: called once per prompt when its M roots have finished."""
         from engine.tree import sample_tree
-        return sample_tree(self, prompts, tree_params, sampling_params, use_tqdm=use_tqdm)
+        return sample_tree(self, prompts, tree_params, sampling_params, use_tqdm=use_tqdm, select_roots=select_roots)
 
     def update_weights(self, named_tensors) -> int:
         """Copies HF-named tensors (a state dict or (name, tensor) pairs) into the model in place, then empties
-        the prefix cache. Refused while sequences are live. Returns the number of tensors written."""
+        the prefix cache. Refused while sequences are live; an unknown name (KeyError), a wrong shape, a dtype that
+        is not floating-point or a NaN / infinite value (ValueError) refuses the whole update before anything is
+        written. Returns the number of tensors written."""
         return self.engine.update_weights(named_tensors)
 
     def sleep(self, level: int = 1):
@@ -147,11 +152,12 @@ class LLM:
         return RequestOutput(request_id, prompt, prompt_ids, [self._completion(s) for s in seqs])
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
+        """The text is cut at a stop match's start, or its end with include_stop_str_in_output; the tokens keep
+        every sampled token (the one completing the match last)."""
         text = None
-        if self.tokenizer is not None:
+        if seq.text_stop is not None and seq.text_stop.span is not None:
+            text = seq.text_stop.output_text(seq.params.include_stop_str_in_output)
+        elif self.tokenizer is not None:
             text = self.decode(seq.completion_token_ids)
-            if seq.finish_reason == "stop":
-                cut = [text.find(s) for s in seq.params.stop if s in text]
-                text = text[:min(cut)] if cut else text
         return CompletionOutput(seq.seq_id, seq.completion_token_ids, text, seq.logprobs, seq.entropies,
-                                seq.finish_reason, seq.seed)
+                                seq.finish_reason, seq.seed, seq.stop_reason)

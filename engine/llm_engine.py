@@ -20,10 +20,10 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.step_tensors import to_device
+from engine.stop_checker import TextStop
 from ettrl_kernels import entropy_sample
 
 WAKE_UP_TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags, in the order wake_up() restores them
-STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
 
 
 class LLMEngine:
@@ -58,13 +58,15 @@ class LLMEngine:
 
     def _check_fits(self, seq: Sequence):
         self._check_awake()
-        if seq.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
+        if (seq.params.stop or seq.params.stop_regex) and self.tokenizer is None:
+            raise ValueError("stop strings and stop_regex need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.runner.args.vocab_size
         if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got a prompt with ids outside it")
+        if seq.params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1: off), got {seq.params.top_k}")
         if len(seq) >= self.max_model_len:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
                              f"{self.max_model_len} with one token to generate; shorten the prompt")
@@ -95,6 +97,10 @@ class LLMEngine:
         child.logprobs = parent.logprobs[:position - parent.num_prompt_tokens]
         child.entropies = parent.entropies[:position - parent.num_prompt_tokens]
         child.exclude_token = -1 if exclude_token is None else exclude_token
+        if params.stop or params.stop_regex:  # the text so far, read once (the parent's when it has the same stops)
+            same = parent.text_stop is not None and parent.text_stop.patterns is params.stop_patterns
+            base = parent.text_stop if same else TextStop(params.stop_patterns, self._decode, parent.num_prompt_tokens)
+            child.text_stop = base.fork(child.token_ids, position - parent.num_prompt_tokens)
         child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
         child.fork_depth = parent.fork_depth + 1
         self._check_fits(child)
@@ -112,6 +118,23 @@ class LLMEngine:
         if seq.block_table:
             self.kv.release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def park(self, seq: Sequence):
+        """Takes an unfinished sequence out of the batch, keeping its tokens, until unpark(seq). One ready to
+        decode keeps its KV blocks; any other (waiting, or part way through its prefill) releases them (full ones
+        stay in the prefix cache) and is prefilled again, alone (no pending siblings). Its noise keys make it
+        sample what it would have."""
+        if seq.status == SequenceStatus.RUNNING and seq.num_cached_tokens == len(seq) - 1:
+            self.scheduler.running.remove(seq)
+            return
+        self.free(seq)
+        seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
+
+    def unpark(self, seq: Sequence):
+        if seq.block_table:
+            self.scheduler.add_running(seq)
+        else:
+            self.add_sequence(seq)
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -183,20 +206,26 @@ class LLMEngine:
                                      if top is not None else []))
 
     def _check_finished(self, seq: Sequence) -> bool:
+        """EOS, then stop tokens, then stop strings / stop_regex (stop_reason: the token id or the matched text),
+        then the length limits."""
         p, token = seq.params, seq.token_ids[-1]
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+        if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif p.stop and self._stop_string_hit(seq):
-            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif (p.stop or p.stop_regex) and self._text_stop(seq).step(seq.token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", seq.text_stop.matched
         elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _stop_string_hit(self, seq: Sequence) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
-        window = seq.completion_token_ids[-(longest + STOP_WINDOW_TOKENS):]
-        text = self.tokenizer.decode(window, skip_special_tokens=True)
-        return any(s in text for s in seq.params.stop)
+    def _text_stop(self, seq: Sequence) -> TextStop:
+        if seq.text_stop is None:
+            seq.text_stop = TextStop(seq.params.stop_patterns, self._decode, seq.num_prompt_tokens)
+        return seq.text_stop
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def live_sequences(self) -> list[Sequence]:

@@ -4,11 +4,18 @@ from pathlib import Path
 
 import torch
 
-from engine.attention.registry import select_backend
+from engine.attention.registry import create_backend
 from engine.config import DTYPES, EngineConfig
-from engine.gpu_memory import activation_bytes, check_wake_up, cuda_kv_budget, device_free_bytes, module_bytes
+from engine.gpu_memory import (
+    activation_bytes,
+    check_wake_up,
+    cuda_kv_budget,
+    device_free_bytes,
+    module_bytes,
+    parameter_bytes,
+)
 from engine.kv_cache import KVCache, cdiv
-from engine.models.loader import copy_named_tensors, load_weights, read_config
+from engine.models.loader import check_named_tensors, copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.models.registry import model_spec
 from engine.sequence import Sequence
@@ -45,8 +52,8 @@ class ModelRunner:
         a, config = self.args, self.config
         self.kv = KVCache(a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
-        backend = select_backend(config.attention_backend, self.device, self.dtype)
-        self.attn = backend.create(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, config)
+        self.attn = create_backend(config.attention_backend, self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5,
+                                   config, self.device)
         self.model.set_attention(self.attn)
 
     @property
@@ -69,7 +76,7 @@ class ModelRunner:
         """Brings offloaded weights back to the device (first checks that they fit in its free memory)."""
         if not self.weights_offloaded:
             return
-        check_wake_up(device_free_bytes(self.device), {"weights": module_bytes(self.model)})
+        check_wake_up(device_free_bytes(self.device), {"weights": parameter_bytes(self.model)})
         self._move_weights(self.device)
         self.weights_offloaded = False
 
@@ -83,7 +90,7 @@ class ModelRunner:
                                                                          a.num_kv_heads, a.head_dim, self.dtype),
                 "activations": activation_bytes(a, c.max_num_batched_tokens, c.max_num_seqs, self.dtype)}
         if self.weights_offloaded:  # they come back later and need their room then
-            need["offloaded weights"] = module_bytes(self.model)
+            need["offloaded weights"] = parameter_bytes(self.model)
         check_wake_up(device_free_bytes(self.device), need)
         self._build_kv()
 
@@ -159,8 +166,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def update_weights(self, named_tensors) -> int:
-        """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        written = len(copy_named_tensors(self.model.hf_parameter_views(), items))
+        """Copies (HF name, tensor) pairs into the model in place, all checked first (check_named_tensors: names,
+        shapes, floating dtypes, finite values), so a refused update writes nothing; returns how many were written."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        views = self.model.hf_parameter_views()
+        check_named_tensors(views, items)
+        written = len(copy_named_tensors(views, items))
         self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
         return written

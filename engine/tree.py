@@ -5,6 +5,10 @@ positions are chosen and its B*N branches are forked from its KV cache (full blo
 last block copied, the prefix never prefilled again); they join the running batch at the next step while
 other roots are still decoding. A root is freed as soon as its branches hold their own references.
 
+With `branch_after_all_roots` (or a `select_roots` callback) a prompt's roots keep their KV until all M have
+finished; then `select_roots(prompt_index, root_leaves)` names the roots to fork (all by default) and the rest
+are freed: the engine knows nothing of votes, a caller's vote can decide where branches are worth their tokens.
+
 Noise keys: every sequence of prompt i uses seed_i (the seed of prompt i's SamplingParams, or a random seed
 per prompt when None). Root r has seq_id r; branch b at fork f of root r has seq_id M + (r*N + f)*B + b, so roots match
 parallel samples 0..M-1 of the same seed and every leaf is reproducible whatever the batch composition.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
 
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
@@ -31,6 +36,10 @@ class TreeParams:
     branches: int = 2
     metric: str = "entropy"   # "entropy": full-vocabulary H_t; "surprisal": -log p(sampled token)
     distinct: bool = False     # each branch's first token differs from the root's token at the fork
+    no_fork_after: list[str] = field(default_factory=list)  # no fork at or after the first occurrence of any of
+                                                            # these in the root's text (ettrl: "\\boxed{")
+    min_gap: int = 1           # fork positions of a root at least this many tokens apart (1: any distinct ones)
+    branch_after_all_roots: bool = False  # fork once all M roots of a prompt have finished (see select_roots)
 
     def __post_init__(self):
         if self.trees < 1:
@@ -39,6 +48,13 @@ class TreeParams:
             raise ValueError(f"TreeParams.forks and .branches must be >= 0, got {self.forks}, {self.branches}")
         if self.metric not in METRICS:
             raise ValueError(f"TreeParams.metric must be one of {METRICS}, got {self.metric!r}")
+        if isinstance(self.no_fork_after, str):
+            self.no_fork_after = [self.no_fork_after]
+        self.no_fork_after = list(self.no_fork_after)
+        if any(not isinstance(m, str) or not m for m in self.no_fork_after):
+            raise ValueError(f"TreeParams.no_fork_after must be non-empty strings, got {self.no_fork_after!r}")
+        if self.min_gap < 1:
+            raise ValueError(f"TreeParams.min_gap must be >= 1 (1: any distinct positions), got {self.min_gap}")
 
     @property
     def leaves_per_tree(self) -> int:
@@ -65,6 +81,7 @@ class Leaf:
     fork_position: int | None = None  # response index of the resampled token; None for a root
     branch: int | None = None
     seq_id: int = 0
+    stop_reason: str | int | None = None  # the stop match or stop token id that ended it (CompletionOutput's)
 
     @property
     def origin(self) -> tuple[int, int | None, int | None]:
@@ -95,12 +112,17 @@ class TreeResult:
     stats: TreeStats = field(default_factory=TreeStats)
 
 
+RootSelector = Callable[[int, "list[Leaf]"], Iterable[int]]  # (prompt index, its M root leaves) -> roots to fork
+
+
 def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams | list[SamplingParams],
-                use_tqdm: bool = False) -> list[TreeResult]:
+                use_tqdm: bool = False, select_roots: RootSelector | None = None) -> list[TreeResult]:
     """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring.
 
     `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
-    prompt its own seed when the prompts' samples should not share noise.
+    prompt its own seed when the prompts' samples should not share noise. `select_roots(i, roots)` is called once
+    per prompt when its M roots have finished (implies `branch_after_all_roots`) and returns the indices of the
+    roots to fork.
     """
     prompts, params = per_prompt(prompts, sampling_params)
     for p in params:
@@ -110,7 +132,7 @@ def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: Sampling
     seeds = [p.seed if p.seed is not None else random.getrandbits(63) for p in params]
     progress = Progress(llm.engine, len(prompt_ids) * tree_params.num_leaves, "trees", use_tqdm)
     try:
-        return _TreeRun(llm, tree_params, params, progress).run(prompt_ids, seeds)
+        return _TreeRun(llm, tree_params, params, progress, select_roots).run(prompt_ids, seeds)
     finally:
         progress.close()
 
@@ -118,11 +140,15 @@ def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: Sampling
 class _TreeRun:
     """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
 
-    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress):
+    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress,
+                 select_roots: RootSelector | None = None):
         self.llm, self.engine, self.progress = llm, llm.engine, progress
         self.decode = llm.decode if llm.tokenizer is not None else None
         self.tp, self.params = tree_params, sampling_params  # one SamplingParams per prompt
+        self.select_roots = select_roots
+        self.defer = tree_params.branch_after_all_roots or select_roots is not None
         self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
+        self.held: dict[int, dict[int, tuple[Sequence, Leaf]]] = {}  # deferred: prompt -> root -> finished root
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
         self.begin(prompt_ids, seeds)
@@ -158,10 +184,14 @@ class _TreeRun:
         return not self.owners
 
     def abort(self):
-        """Frees every live sequence of this run."""
+        """Frees every live sequence of this run (and roots held for a later fork)."""
         for seq, *_ in list(self.owners.values()):
             self.engine.free(seq)
+        for roots in self.held.values():
+            for seq, _ in roots.values():
+                self.engine.free(seq)
         self.owners.clear()
+        self.held.clear()
 
     def sorted_results(self) -> list[TreeResult]:
         for result in self.results:
@@ -174,18 +204,44 @@ class _TreeRun:
         leaf = self._leaf(seq, r, None if f is None else result.fork_positions[r][f], b)
         result.leaves.append(leaf)
         self._account(result.stats, leaf)
-        if f is None:
-            self._fork_branches(seq, i, r, leaf)
-        self.engine.free(seq)
+        if f is not None or not self.defer:
+            if f is None:
+                self._fork_branches(seq, i, r, leaf)
+            self.engine.free(seq)
+        else:
+            roots = self.held.setdefault(i, {})
+            roots[r] = (seq, leaf)
+            if len(roots) == self.tp.trees:
+                self._fork_selected_roots(i, self.held.pop(i))
         self.progress.update()
         self.live[i] -= 1
         if self.live[i] == 0:
             result.stats.wall_seconds = time.perf_counter() - self.start
 
+    def _fork_selected_roots(self, i: int, roots: dict[int, tuple[Sequence, Leaf]]):
+        """All M roots of prompt i have finished: fork the chosen ones, free them all."""
+        try:
+            chosen = set(range(self.tp.trees))
+            if self.select_roots is not None:
+                leaves = [roots[r][1] for r in range(self.tp.trees)]
+                chosen = {int(r) for r in self.select_roots(i, leaves)}
+                if not chosen <= set(range(self.tp.trees)):
+                    raise ValueError(f"select_roots returned {sorted(chosen)} for prompt {i}; "
+                                     f"root indices are 0..{self.tp.trees - 1}")
+            for r in range(self.tp.trees):
+                if r in chosen:
+                    self._fork_branches(roots[r][0], i, r, roots[r][1])
+                else:
+                    self.progress.shrink(self.tp.forks * self.tp.branches)
+        finally:
+            for seq, _ in roots.values():
+                self.engine.free(seq)
+
     def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf):
         """B branches at each of the root's top-N positions; they decode from the next step on."""
         metric = leaf.entropies if self.tp.metric == "entropy" else [-lp for lp in leaf.logprobs]
-        positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode)
+        positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode, self.tp.no_fork_after,
+                                   self.tp.min_gap)
         result = self.results[i]
         result.fork_positions[r] = positions
         self.progress.shrink((self.tp.forks - len(positions)) * self.tp.branches)
@@ -202,7 +258,7 @@ class _TreeRun:
         response."""
         out = self.llm._completion(seq)
         return Leaf(out.token_ids, out.text, list(out.logprobs), list(out.entropies), out.finish_reason,
-                    root, fork_position, branch, seq.seq_id)
+                    root, fork_position, branch, seq.seq_id, out.stop_reason)
 
     @staticmethod
     def _account(stats: TreeStats, leaf: Leaf):

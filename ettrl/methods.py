@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ettrl.rewards import Vote, dare_rewards, majority_vote, rent_rewards
+from ettrl.rewards import VOTES, Vote, dare_rewards, rent_rewards
 
 ROLLOUTS = ("parallel", "tree")
 SHAPINGS = ("none", "res", "clip")
@@ -62,9 +62,10 @@ def method_spec(name: str) -> Method:
     return METHODS[name]
 
 
-def method_rewards(name: str, answers, entropies, algo) -> tuple[list[float], Vote]:
-    """The method's rewards for one prompt's responses, and the majority vote (always logged)."""
-    vote = majority_vote(answers)
+def method_rewards(name: str, answers, entropies, algo, vote: str = "boxed") -> tuple[list[float], Vote]:
+    """The method's rewards for one prompt's responses, and the majority vote (always logged); `vote` names the
+    vote (rollout.vote: boxed | ttrl, ettrl/rewards.py VOTES)."""
+    vote = VOTES[vote](answers)
     return REWARDS[method_spec(name).reward](answers, entropies, vote, algo), vote
 
 

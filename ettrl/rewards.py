@@ -1,12 +1,15 @@
 """Pseudo-labels and rewards for test-time RL (docs/algorithms.md sections 1 and 6).
 
     majority_vote(answers) -> Vote(label, ratio, rewards, class_ids, label_class)   unpacks as the 3-tuple
+    ttrl_vote(answers) -> Vote        TTRL's vote: answers are string classes, rewards by equivalence to the label
     vote_then_sample(n_votes, n_train, seed) -> indices of the responses that train
+    stratified_pick(trees, n_train, seed) -> the same, every tree contributing (round-robin over trees)
     rent_rewards(response_entropies, beta) / dare_rewards(answers, response_entropies, ...)
     compute_rewards(answers, RewardConfig, response_entropies) -> the reward the trainer's config picks
     label_accuracy / reward_accuracy: logging-only metrics against a known ground truth
 """
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -40,6 +43,29 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
     return Vote(label, counts[label_class] / len(answers), rewards, class_ids, label_class)
 
 
+def ttrl_vote(answers: Sequence[str | None]) -> Vote:
+    """TTRL's majority vote over answer strings (`ettrl.grading.ttrl_answer` gives them), as PRIME-RL/TTRL's
+    verl/utils/reward_score/ttrl/ttt_metrics.py `test_time_train_metrics`: the label is the most common string
+    (Counter.most_common: ties go to the string seen first), ratio = its count / number of responses, and each
+    response's reward is whether its answer is equivalent to the label (TTRL grades it with its `grade_answer`,
+    here `is_equivalent`), so "0.5" earns 1 under the label "\\frac{1}{2}" though it voted for another class.
+    None (never produced by TTRL's extraction) does not vote and gets 0."""
+    if not answers:
+        raise ValueError("ttrl_vote needs at least one answer (got an empty list)")
+    first_seen: dict[str, int] = {}
+    class_ids = [-1 if a is None else first_seen.setdefault(a, len(first_seen)) for a in answers]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return Vote(None, 0.0, [0.0] * len(answers), class_ids, -1)
+    label, count = counts.most_common(1)[0]
+    reward_of = {a: float(is_equivalent(a, label)) for a in first_seen}
+    rewards = [0.0 if a is None else reward_of[a] for a in answers]
+    return Vote(label, count / len(answers), rewards, class_ids, first_seen[label])
+
+
+VOTES = {"boxed": majority_vote, "ttrl": ttrl_vote}  # rollout.vote
+
+
 def _class_counts(class_ids: list[int]) -> list[int]:
     counts = [0] * (max(class_ids, default=-1) + 1)
     for c in class_ids:
@@ -53,6 +79,24 @@ def vote_then_sample(n_votes: int, n_train: int, seed: int) -> list[int]:
     if not 0 < n_train <= n_votes:
         raise ValueError(f"need 0 < n_train <= n_votes, got n_train={n_train}, n_votes={n_votes}")
     return sorted(random.Random(seed).sample(range(n_votes), n_train))
+
+
+def stratified_pick(trees: Sequence[int], n_train: int, seed: int) -> list[int]:
+    """Indices (sorted) of n_train responses taken round-robin over the trees (`trees[i]`: response i's tree):
+    one from each tree in tree order, then a second from each, ... Within a tree the order is a seeded shuffle.
+    Every tree contributes while n_train >= the number of trees; trees differ by at most one pick. With one
+    response per tree (parallel sampling) this is the first n_train, TTRL's pick (docs/algorithms.md 1)."""
+    if not 0 < n_train <= len(trees):
+        raise ValueError(f"need 0 < n_train <= number of responses, got n_train={n_train}, {len(trees)} responses")
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = {}
+    for i, tree in enumerate(trees):
+        members.setdefault(tree, []).append(i)
+    order = [members[t] for t in sorted(members)]
+    for leaves in order:
+        rng.shuffle(leaves)
+    picked = [leaves[k] for k in range(max(map(len, order))) for leaves in order if k < len(leaves)]
+    return sorted(picked[:n_train])
 
 
 def rent_rewards(response_entropies: Sequence[float], beta: float = 1.0) -> list[float]:

@@ -7,9 +7,9 @@ import torch
 
 from ettrl.advantages import AdvantageConfig, compute_advantages
 from ettrl.data import Problem
-from ettrl.grading import extract_answer
+from ettrl.grading import extract_answer, ttrl_answer
 from ettrl.methods import method_rewards
-from ettrl.rewards import label_accuracy, reward_accuracy, true_rewards, vote_then_sample
+from ettrl.rewards import label_accuracy, reward_accuracy, stratified_pick, true_rewards, vote_then_sample
 from ettrl.update import TrainSample, pad_samples
 
 RESHAPE_METHOD = {"none": "grpo", "res": "adv_res", "clip": "adv_clip"}
@@ -21,6 +21,7 @@ class Response:
     text: str
     entropies: list[float]  # full-vocabulary entropy of the sampling distribution at each token
     finish_reason: str
+    tree: int | None = None  # the root a tree leaf grew from; None for a parallel sample (its own stratum)
 
     @property
     def entropy(self) -> float:
@@ -35,8 +36,11 @@ class Group:
     decoded_tokens: int  # tokens the engine decoded for this prompt (trees reuse shared prefixes)
 
 
-def answers_of(group: Group, last_number_fallback: bool = False) -> list[str | None]:
-    """A response truncated at the length limit has no answer (it never votes)."""
+def answers_of(group: Group, last_number_fallback: bool = False, vote: str = "boxed") -> list[str | None]:
+    """vote=boxed: the last box's content; a response truncated at the length limit has no answer (it never
+    votes). vote=ttrl: TTRL's answer string for every response, truncated or not (docs/algorithms.md 1)."""
+    if vote == "ttrl":
+        return [ttrl_answer(r.text or "") for r in group.responses]
     return [None if r.finish_reason == "length" else extract_answer(r.text, last_number_fallback)
             for r in group.responses]
 
@@ -49,11 +53,16 @@ def advantage_config(cfg) -> AdvantageConfig:
                            entropy_kappa=a.entropy_kappa, std=a.std)
 
 
-def train_indices(n_votes: int, n_train: int, pick: str, seed: int) -> list[int]:
-    """Which responses train: n_train drawn at random (seeded), or the first n_train (TTRL)."""
+def train_indices(n_votes: int, n_train: int, pick: str, seed: int, trees: list[int | None] | None = None) -> list[int]:
+    """Which responses train: n_train drawn at random (seeded), the first n_train (TTRL), or stratified over
+    the trees (`trees[i]`: response i's root; None or a missing list: each response is its own tree)."""
+    n_train = min(n_train, n_votes)
     if pick == "first":
-        return list(range(min(n_train, n_votes)))
-    return vote_then_sample(n_votes, min(n_train, n_votes), seed)
+        return list(range(n_train))
+    if pick == "stratified":
+        trees = trees or [None] * n_votes
+        return stratified_pick([i if t is None else t for i, t in enumerate(trees)], n_train, seed)
+    return vote_then_sample(n_votes, n_train, seed)
 
 
 def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[str, float]]:
@@ -61,10 +70,11 @@ def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[s
 
     A tree with fewer leaves than n_train (it could not fork) gives its real samples, padded to n_train with
     zero-weight fillers (pad_samples); advantages come from the real samples only."""
-    answers = answers_of(group, cfg.rollout.last_number_fallback)
+    rc = cfg.rollout
+    answers = answers_of(group, rc.last_number_fallback, rc.vote)
     entropies = [r.entropy for r in group.responses]
-    rewards, vote = method_rewards(cfg.method, answers, entropies, cfg.algo)
-    keep = train_indices(len(group.responses), cfg.rollout.n_train, cfg.rollout.train_pick, seed)
+    rewards, vote = method_rewards(cfg.method, answers, entropies, cfg.algo, rc.vote)
+    keep = train_indices(len(group.responses), rc.n_train, rc.train_pick, seed, [r.tree for r in group.responses])
     chosen = [group.responses[i] for i in keep]
     token_h = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.entropies, dtype=torch.float32) for r in chosen],
                                               batch_first=True)
@@ -81,7 +91,7 @@ def _per_token(adv: torch.Tensor, n: int) -> list[float]:
 
 def _metrics(group: Group, answers, rewards, vote, entropies) -> dict[str, float]:
     m = {"reward": sum(rewards) / len(rewards), "majority_ratio": vote.ratio,
-         "answered": sum(a is not None for a in answers) / len(answers),
+         "answered": sum(bool(a) for a in answers) / len(answers),  # ttrl's "" is a vote but no answer
          "entropy": sum(entropies) / len(entropies),
          "response_len": sum(len(r.token_ids) for r in group.responses) / len(group.responses),
          "truncated": sum(r.finish_reason == "length" for r in group.responses) / len(group.responses)}

@@ -21,8 +21,8 @@ from ettrl.config import Config, ConfigError
 from ettrl.data import load_problems
 from ettrl.eval import evaluate
 from ettrl.policy import load_policy
-from ettrl.prompts import encode_prompts, stop_strings
-from ettrl.rollout import resolve_device, rollout
+from ettrl.prompts import encode_prompts, fewshot_examples, stop_strings
+from ettrl.rollout import engine_options, resolve_device, rollout
 from ettrl.scoring import score_group
 from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
 from ettrl.update import policy_update
@@ -72,8 +72,10 @@ class Trainer:
                               f"rollout.n_train={cfg.rollout.n_train} samples a step, which do not split into "
                               f"{self.mini_batches} equal mini-batches (prompts_per_step / mini_batch_prompts)")
         self.stop = stop_strings(d.prompt)
-        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
-        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
+        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt,
+                                        fewshot_examples(d.train, d.difficulty))
+        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt,
+                                       fewshot_examples(d.eval, d.difficulty))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padding is masked anyway
         self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
@@ -92,8 +94,7 @@ class Trainer:
     def _make_engine(self):
         from engine import LLM
 
-        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device,
-                  gpu_memory_utilization=self.cfg.model.gpu_memory_utilization)
+        llm = LLM(str(self.model_dir), **engine_options(self.cfg.engine, self.device))
         self.sleep_engine = torch.device(self.device).type == "cuda"  # on the CPU the pool's memory stays
         if self.step > 0:
             llm.update_weights(self.backend.full_state_dict().items())
@@ -159,9 +160,16 @@ class Trainer:
             metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
                                     self.ref_model, progress=self.rank == 0, mini_batches=self.mini_batches)
             self.llm.update_weights(self.backend.full_state_dict().items())
-        finally:
+        except BaseException as error:  # the update's error is the one to see, not a failed wake-up after it
             if self.sleep_engine:
-                self.llm.wake_up()
+                try:
+                    self.llm.wake_up()
+                except Exception as wake_error:  # noqa: BLE001 - reported on the update's error
+                    error.add_note(f"and the engine could not wake up after it: {type(wake_error).__name__}: "
+                                   f"{wake_error}")
+            raise
+        if self.sleep_engine:
+            self.llm.wake_up()
         return metrics
 
     def train_step(self) -> dict:
@@ -185,8 +193,10 @@ class Trainer:
     def run_eval(self, tag: str) -> dict | None:
         if not self.eval_problems or self.rank != 0:
             return None
+        r = self.cfg.rollout
         result = evaluate(self.llm, self.eval_problems, self.eval_ids, self.cfg.eval, self.stop,
-                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})")
+                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})", stop_at_answer=r.stop_at_answer,
+                          vote=r.vote)
         self._write({"type": "eval", "step": self.step, **result})
         self.log(f"eval @ step {self.step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()
                                                        if k.split("@")[0] in ("greedy", "avg", "maj", "pass")))

@@ -171,12 +171,12 @@ def test_wake_up_checks_free_memory_and_stays_asleep(llm, monkeypatch):
     """The pool (and activations, and weights still offloaded) must fit in what is free now: when it does not,
     a clear error and the engine still asleep (nothing allocated), so the caller can free memory and retry."""
     from engine import model_runner
-    from engine.gpu_memory import DeviceMemoryError, activation_bytes, module_bytes
+    from engine.gpu_memory import DeviceMemoryError, activation_bytes, parameter_bytes
     runner = llm.engine.runner
     c = llm.config
     pool = runner.kv.k.numel() * runner.kv.k.element_size() * 2
     activations = activation_bytes(runner.args, c.max_num_batched_tokens, c.max_num_seqs, runner.dtype)
-    weights = module_bytes(runner.model)
+    weights = parameter_bytes(runner.model)
     free = {"bytes": pool + activations - 1}
     monkeypatch.setattr(model_runner, "device_free_bytes", lambda device: free["bytes"])
     llm.sleep()

@@ -3,8 +3,9 @@
 Off unless the server runs with --enable-weight-updates (each answers 403 then). Each runs on the engine loop as
 a barrier, once no request is in flight: `if_busy=wait` (the default, as SGLang's update lock: new requests wait
 behind it) or `if_busy=refuse` (409 while requests are in flight). Weights load only from safetensors files
-under --weights-dir (no '..', no symlink out of it) and are checked against the model's names and shapes before
-any is written; every update empties the prefix cache, so no prefix computed with old weights is reused.
+under --weights-dir (no '..', no symlink out of it) and are checked against the model's names and shapes, and
+for floating dtypes and finite values, before any is written; every update empties the prefix cache, so no
+prefix computed with old weights is reused, advances the weight version and runs the health canary.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from safetensors import safe_open
 
-from engine.models.loader import IGNORED_SUFFIXES, safetensors_files
+from engine.gpu_memory import DeviceMemoryError
+from engine.llm_engine import wake_up_tags
+from engine.models.loader import check_named_tensors, safetensors_files
 from engine.serve.engine_loop import Busy
-from engine.serve.errors import ApiError, error_response
+from engine.serve.errors import ApiError
+from engine.serve.guards import require_content_type
 from engine.serve.protocol import UpdateWeightsFromDiskRequest
 
 if TYPE_CHECKING:  # annotations only: api_server imports this module to add its routes
@@ -27,51 +31,54 @@ IF_BUSY = ("wait", "refuse")
 
 
 def confined_safetensors(weights_dir: str | None, model_path: str) -> list[Path]:
-    """The safetensors files of model_path, each resolved (symlinks followed) inside weights_dir."""
+    """The safetensors files of model_path, each resolved (symlinks followed) inside weights_dir. Messages name
+    paths as the client gave them, never as they resolve on this machine."""
     if weights_dir is None:
         raise ApiError(403, "update_weights_from_disk reads only under --weights-dir, and the server has none")
+    if "\0" in model_path:
+        raise ApiError(400, "model_path holds a null byte; give a directory name under --weights-dir")
     base = Path(weights_dir).resolve(strict=True)
     if ".." in Path(model_path).parts:
         raise ApiError(403, f"model_path {model_path!r} contains '..'; give a directory under --weights-dir")
     target = (base / model_path).resolve()
     if not target.is_relative_to(base):
-        raise ApiError(403, f"model_path {model_path!r} resolves to {target}, outside --weights-dir {base}")
+        raise ApiError(403, f"model_path {model_path!r} resolves outside --weights-dir")
     if not target.is_dir():
         raise ApiError(400, f"model_path {model_path!r} is not a directory under --weights-dir")
     try:
         files = [f.resolve() for f in safetensors_files(target)]
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ApiError(400, f"cannot list the weights of {model_path!r}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a missing or malformed index
+        raise ApiError(400, f"cannot list the weights of {model_path!r}: {type(e).__name__}: {e}") from None
     for f in files:
         if not f.is_relative_to(base):
-            raise ApiError(403, f"weight file {f} is outside --weights-dir {base} (a symlink or an index entry)")
+            raise ApiError(403, f"a weight file of {model_path!r} is outside --weights-dir (a symlink or an "
+                                f"index entry)")
         if f.suffix != ".safetensors" or not f.is_file():
-            raise ApiError(400, f"weight file {f} is not a safetensors file")
+            raise ApiError(400, f"weight file {f.relative_to(base)} is not a safetensors file")
     return files
 
 
-def read_safetensors(files: list[Path]) -> dict:
+def read_safetensors(files: list[Path], base: Path) -> dict:
     tensors = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118 - not a dict
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors.update((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118 - not a dict
+        except Exception as e:  # noqa: BLE001 - truncated, malformed, a header too large: the client's file
+            raise ApiError(400, f"cannot read {path.relative_to(base)} as safetensors: {e}") from None
     return tensors
 
 
 def check_tensors(server: Server, tensors: dict):
-    """Every name known and every shape right, before any weight is written."""
+    """Every name known, every shape right, floating-point and finite, before any weight is written."""
     if not tensors:
         raise ApiError(400, "no tensors to load")
-    views = server.engine.runner.model.hf_parameter_views()
-    for name, tensor in tensors.items():
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        if name not in views:
-            raise ApiError(400, f"unknown parameter name {name!r}; expected Hugging Face names such as "
-                                f"'model.layers.0.self_attn.q_proj.weight'")
-        if tuple(views[name].shape) != tuple(tensor.shape):
-            raise ApiError(400, f"{name}: shape {tuple(tensor.shape)} does not match the model's "
-                                f"{tuple(views[name].shape)}")
+    try:
+        check_named_tensors(server.engine.runner.model.hf_parameter_views(), tensors.items())
+    except KeyError as e:
+        raise ApiError(400, e.args[0]) from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 async def barrier(server: Server, fn, if_busy: str = "wait"):
@@ -83,23 +90,23 @@ async def barrier(server: Server, fn, if_busy: str = "wait"):
         raise ApiError(409, str(e)) from None
 
 
-async def update_weights(server: Server, tensors: dict, if_busy: str, version: str | None) -> dict:
-    check_tensors(server, tensors)
+async def update_weights(server: Server, tensors: dict, if_busy: str, name: str | None) -> dict:
+    await asyncio.to_thread(check_tensors, server, tensors)
 
     def apply():
         written = server.engine.update_weights(tensors)  # also empties the prefix cache
-        server.num_weight_updates += 1
-        server.weight_version = version or str(server.num_weight_updates)
+        server.weight_version += 1
+        server.weight_version_name = name
+        server.loop.healthy = server.loop.canary()
         return written
 
     written = await barrier(server, apply, if_busy)
     return {"success": True, "message": f"updated {written} tensors", "num_tensors": written,
-            "weight_version": server.weight_version}
+            "weight_version": str(server.weight_version), "weight_version_name": server.weight_version_name}
 
 
 def add_admin_routes(app: FastAPI, server: Server):
     cfg = server.config
-    server.num_weight_updates = 0
 
     def require_enabled():
         if not cfg.enable_weight_updates:
@@ -111,17 +118,18 @@ def add_admin_routes(app: FastAPI, server: Server):
         require_enabled()
         req = await server.parse(request, UpdateWeightsFromDiskRequest)
         files = confined_safetensors(cfg.weights_dir, req.model_path)
-        tensors = await asyncio.to_thread(read_safetensors, files)
+        tensors = await asyncio.to_thread(read_safetensors, files, Path(cfg.weights_dir).resolve())
         return await update_weights(server, tensors, req.if_busy, req.weight_version)
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request, if_busy: str = "wait", weight_version: str | None = None):
         """Body: a safetensors file (safetensors.torch.save(state_dict)) of HF-named tensors."""
         require_enabled()
+        require_content_type(request, "application/octet-stream")
         from safetensors.torch import load
         body = await server.read_body(request, int(cfg.max_weights_body_gb * 2**30))
         try:
-            tensors = load(body)
+            tensors = await asyncio.to_thread(load, body)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's
             raise ApiError(400, f"the body is not a safetensors file of named tensors: {e}") from None
         return await update_weights(server, tensors, if_busy, weight_version)
@@ -153,8 +161,6 @@ def add_admin_routes(app: FastAPI, server: Server):
         """vLLM's sleep mode (LLM.sleep: level 1 frees the KV pool, 2 also offloads weights on a GPU); requests
         wait (held) until /wake_up."""
         require_enabled()
-        if not hasattr(server.llm, "sleep"):
-            return error_response(501, "this engine has no LLM.sleep() yet; nothing was changed")
         if level not in (1, 2):
             raise ApiError(400, f"level must be 1 or 2, got {level}")
         await asyncio.wrap_future(server.loop.pause("wait"))
@@ -162,10 +168,20 @@ def add_admin_routes(app: FastAPI, server: Server):
         return {"success": True, "sleeping": True}
 
     @app.post("/wake_up")
-    async def wake_up():
+    async def wake_up(tags: list[str] | None = Query(None)):
+        """vLLM's tags (`?tags=weights`, `?tags=kv_cache`, none: both; weights first). Requests resume once the
+        engine is whole again; 503 when a part does not fit in the device's free memory (still asleep)."""
         require_enabled()
-        if not hasattr(server.llm, "wake_up"):
-            return error_response(501, "this engine has no LLM.wake_up() yet; nothing was changed")
-        await barrier(server, server.llm.wake_up)
-        await asyncio.wrap_future(server.loop.resume())
-        return {"success": True, "sleeping": False}
+        try:
+            wake_up_tags(tags)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        try:
+            await barrier(server, lambda: server.llm.wake_up(tags))
+        except DeviceMemoryError as e:
+            raise ApiError(503, str(e)) from None
+        engine = server.engine
+        sleeping = engine.asleep or engine.runner.weights_offloaded
+        if not sleeping:
+            await asyncio.wrap_future(server.loop.resume())
+        return {"success": True, "sleeping": sleeping}

@@ -41,20 +41,10 @@ class Formatter:
             return f"token_id:{token}"
         return self.tokenizer.decode([token])
 
-    def text(self, token_ids: list[int], stop: list[str], final: bool) -> str:
-        """The completion's text, cut at the first stop string; unfinished, the tail that may still become a
-        stop string or an incomplete character is held back."""
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
-        if cuts:
-            return text[:min(cuts)]
-        if not final:
-            text = text.rstrip("\ufffd")
-            hold = max((len(s) - 1 for s in stop), default=0)
-            text = text[:len(text) - hold] if hold else text
-        return text
+    def final_text(self, seq: Sequence) -> str:
+        """A finished sample's text as LLM.generate gives it: cut at a stop match's start, or at its end with
+        include_stop_str_in_output."""
+        return self.llm._completion(seq).text or ""
 
     # ---- logprobs ----------------------------------------------------------------------------------------------
     def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
@@ -109,15 +99,15 @@ class Formatter:
 
     def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict:
         ids = seq.completion_token_ids
-        text = self.text(ids, opts.stop, final=True)
+        text, stop_reason = self.final_text(seq), seq.stop_reason
         if opts.kind == "chat":
             choice = {"index": index, "message": {"role": "assistant", "content": text},
                       "logprobs": self.chat_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
-                      "finish_reason": seq.finish_reason, "stop_reason": None}
+                      "finish_reason": seq.finish_reason, "stop_reason": stop_reason}
         else:
             choice = {"index": index, "text": text,
                       "logprobs": self.completion_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
-                      "finish_reason": seq.finish_reason, "stop_reason": None}
+                      "finish_reason": seq.finish_reason, "stop_reason": stop_reason}
         if opts.return_token_ids:
             choice["prompt_token_ids"], choice["token_ids"] = list(prompt_ids), list(ids)
         if opts.return_entropies:
@@ -130,13 +120,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+class IncrementalText:
+    """A sample's text as its tokens arrive, each chunk decoding only its newest few tokens (vLLM's prefix / read
+    offsets; a token that is part of a multi-byte character waits for the rest), so a long stream costs the event
+    loop what a short one does per token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text = tokenizer, ""
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # token indices
+
+    def extend(self, token_ids: list[int]) -> str:
+        self.ids += token_ids
+        if self.tokenizer is None:
+            return ""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def held_back(text: str, stop: list[str]) -> str:
+    """An unfinished sample's text less the tail that may still become a stop string (a stop_regex match can be
+    longer: its start may already have been sent)."""
+    hold = max((len(s) - 1 for s in stop), default=0)
+    return text[:len(text) - hold] if hold else text
+
+
 class StreamState:
     """Server-sent events of one streaming request: one chunk per sample and step that produced something."""
 
     def __init__(self, formatter: Formatter, opts: Options, prompt_ids: list[list[int]], n: int):
         self.fmt, self.opts = formatter, opts
         self.prompt_of = [ids for ids in prompt_ids for _ in range(n)]
-        self.ids = [[] for _ in self.prompt_of]
+        self.texts = [IncrementalText(formatter.tokenizer) for _ in self.prompt_of]
         self.text_sent = [0] * len(self.prompt_of)
         self.started = [False] * len(self.prompt_of)
         self.offset = [0] * len(self.prompt_of)   # text_offset of the next token (logprobs)
@@ -147,8 +169,8 @@ class StreamState:
 
     def _chunk(self, d) -> str:
         k, opts = d.index, self.opts
-        self.ids[k] += d.token_ids
-        text = self.fmt.text(self.ids[k], opts.stop, final=d.finish_reason is not None)
+        text = self.texts[k].extend(d.token_ids)
+        text = d.text if d.text is not None else held_back(text, opts.stop)
         new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
         if opts.kind == "chat":
             delta = {"content": new_text}
@@ -161,7 +183,7 @@ class StreamState:
             if logprobs is not None:
                 self.offset[k] += sum(map(len, logprobs["tokens"]))
             choice = {"index": k, "text": new_text, "logprobs": logprobs}
-        choice["finish_reason"], choice["stop_reason"] = d.finish_reason, None
+        choice["finish_reason"], choice["stop_reason"] = d.finish_reason, d.stop_reason
         if opts.return_token_ids:
             if not self.started[k]:
                 choice["prompt_token_ids"] = list(self.prompt_of[k])
@@ -175,7 +197,7 @@ class StreamState:
         if not self.opts.include_usage:
             return None
         body = self._envelope([])
-        body["usage"] = usage(self.prompt_tokens, sum(map(len, self.ids)))
+        body["usage"] = usage(self.prompt_tokens, sum(len(t.ids) for t in self.texts))
         return sse(body)
 
     def _envelope(self, choices: list) -> dict:
@@ -193,7 +215,8 @@ def tree_response(results, model: str, formatter: Formatter) -> dict:
     out, prompt_tokens, decoded = [], 0, 0
     for i, r in enumerate(results):
         leaves = [{"index": k, "text": leaf.text, "token_ids": leaf.token_ids, "logprobs": leaf.logprobs,
-                   "entropies": leaf.entropies, "finish_reason": leaf.finish_reason, "seq_id": leaf.seq_id,
+                   "entropies": leaf.entropies, "finish_reason": leaf.finish_reason,
+                   "stop_reason": leaf.stop_reason, "seq_id": leaf.seq_id,
                    "origin": {"root": leaf.root, "fork_position": leaf.fork_position, "branch": leaf.branch}}
                   for k, leaf in enumerate(r.leaves)]
         s = r.stats

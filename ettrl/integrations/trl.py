@@ -174,9 +174,7 @@ class _Remote:
 
     def trees(self, prompt_ids, counts, tree_params, base: SamplingParams, seeds) -> list[list[dict]]:
         def one(ids, n, seed):
-            body = {**_sampling_body(base), "prompts": [ids], "seed": seed, "trees": tree_params.trees,
-                    "forks": tree_params.forks, "branches": tree_params.branches, "metric": tree_params.metric,
-                    "distinct": tree_params.distinct}
+            body = {**_sampling_body(base), "prompts": [ids], "seed": seed, **vars(tree_params)}
             leaves = self._post("/v1/sample_tree", json=body)["results"][0]["leaves"]
             return fill([{"token_ids": leaf["token_ids"], "logprobs": leaf["logprobs"],
                           "entropies": leaf["entropies"], "origin": tuple(leaf["origin"].values())}
@@ -192,4 +190,7 @@ class _Remote:
 
 
 def _sampling_body(p: SamplingParams) -> dict:
-    return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "max_tokens": p.max_tokens}
+    """The request fields of SamplingParams (what the server's routes take under the same names)."""
+    return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "max_tokens": p.max_tokens,
+            "stop": p.stop, "stop_regex": p.stop_regex, "stop_token_ids": p.stop_token_ids,
+            "include_stop_str_in_output": p.include_stop_str_in_output, "ignore_eos": p.ignore_eos}
