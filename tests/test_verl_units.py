@@ -336,3 +336,57 @@ def test_the_documented_overrides_compose_with_verls_config_and_every_piece_take
     assert get_adv_estimator_fn(cfg.algorithm.adv_estimator).__name__ == "ettrl_res"
     assert advantage_config("adv_res", cfg.algorithm).res_beta == 0.2
     assert not cfg.trainer.use_v1
+
+
+# ---- the adapter in this process --------------------------------------------------------------------------------
+@pytest.fixture
+def adapter(tmp_path):
+    from verl.workers.config import HFModelConfig
+
+    from ettrl.integrations.verl import EttrlServerAdapter
+    from tiny_models import make_tiny_policy
+
+    model = HFModelConfig(path=str(make_tiny_policy(tmp_path / "model")))
+    engine = {"kv_cache_memory_gb": 0.02}
+    a = EttrlServerAdapter(rollout_config(dtype="float32", engine_kwargs={"ettrl": {"engine": engine}}), model)
+    yield a
+    a.shutdown()
+
+
+def test_a_bad_weight_stream_writes_nothing_and_names_the_problem(adapter):
+    before = adapter.weight_digests()
+    good = torch.zeros_like(adapter.llm.engine.runner.model.hf_parameter_views()["model.norm.weight"])
+    with pytest.raises(ValueError, match="unknown parameter name 'model.nope'.*nothing was written"):
+        asyncio.run(adapter.update_weights(iter([("model.norm.weight", good), ("model.nope", good)])))
+    with pytest.raises(ValueError, match="wire_format='named_tensors'"):
+        asyncio.run(adapter.update_weights(iter([]), wire_format="delta_flush"))
+    assert adapter.weight_digests() == before and adapter.weight_version() == "0"
+    assert asyncio.run(adapter.update_weights(iter([("model.norm.weight", good)]), global_steps=7)) == 1
+    assert adapter.weight_version() == "1" and adapter.weight_digests() != before
+
+
+def test_sleep_and_wake_up_follow_verls_tags_and_requests_wait_meanwhile(adapter):
+    loop = adapter.server.loop
+    asyncio.run(adapter.release())                      # LLM.sleep(2): no KV pool, requests held
+    assert adapter.llm.engine.asleep and loop.paused
+    asyncio.run(adapter.resume(["weights"]))            # weights back (on the CPU they never left), still no pool
+    assert adapter.llm.engine.asleep and loop.paused
+    asyncio.run(adapter.resume(["kv_cache"]))           # whole again: requests flow
+    assert not adapter.llm.engine.asleep and not loop.paused
+    adapter.abort_all_requests()
+    adapter.release_kv_cache()                          # a weight sync: both reasons hold the requests
+    adapter.resume_kv_cache()
+    assert loop.paused, "still held: generation has not been resumed"
+    adapter.resume_generation()
+    assert not loop.paused
+
+
+def test_sampling_parameters_the_engine_cannot_honour_are_refused():
+    from ettrl.integrations.verl.server import engine_sampling
+
+    assert engine_sampling({"temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0, "seed": 3}) == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": -1, "seed": 3}
+    with pytest.raises(ValueError, match="no repetition penalty"):
+        engine_sampling({"repetition_penalty": 1.1})
+    with pytest.raises(ValueError, match=r"\['min_p'\]"):
+        engine_sampling({"min_p": 0.1})

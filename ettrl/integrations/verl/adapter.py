@@ -24,8 +24,10 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.utils import ensure_async_iterator
 
 from engine import LLM
-from engine.models.loader import IGNORED_SUFFIXES
-from engine.serve.api_server import Server, ServerConfig, model_name
+from engine.serve import admin
+from engine.serve.api_server import Server, ServerConfig
+from engine.serve.errors import ApiError
+from ettrl.integrations.verl.net import node_address
 from ettrl.integrations.verl.options import EttrlRolloutOptions
 
 SLEEP_LEVEL = 2  # vLLM's in verl: weights leave the device too (on the CPU they stay where they are)
@@ -44,20 +46,20 @@ class EttrlServerAdapter(BaseRollout):
         self.replica_rank = replica_rank if device_mesh is None else device_mesh["dp"].get_local_rank()
         self.is_leader_rank = True
         self.llm = LLM(self.model_config.local_path, **engine_options(self.config, self.options))
-        self.server = Server(self.llm, ServerConfig(model_name=model_name(self.model_config.local_path),
+        self.host = node_address()
+        self.server = Server(self.llm, ServerConfig(host=self.host,
                                                     logprobs_mode=self.config.logprobs_mode or "processed_logprobs"))
         self.server.loop.start()  # the HTTP app runs with lifespan off: the loop lives as long as the adapter
-        self.num_weight_updates = 0
         self._pauses: set[str] = set()
         self._lock = threading.Lock()
         self._http: _HttpThread | None = None
 
     # ---- HTTP ---------------------------------------------------------------------------------------------------
-    def serve(self, host: str) -> int:
-        """Serves the engine's routes on host (once); returns the port."""
+    def serve(self) -> tuple[str, int]:
+        """Serves the engine's routes on this node's address (once): (host, port)."""
         if self._http is None:
-            self._http = _HttpThread(self.server.app, host)
-        return self._http.port
+            self._http = _HttpThread(self.server.app, self.host)
+        return self.host, self._http.port
 
     # ---- verl's BaseRollout -------------------------------------------------------------------------------------
     async def resume(self, tags: list[str]):
@@ -70,21 +72,20 @@ class EttrlServerAdapter(BaseRollout):
 
     async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps: int | None = None,
                              **kwargs):
-        """Copies the named tensors in once no request is in flight; all are checked (names, shapes) before any is
-        written, so a bad stream leaves the old weights whole. Returns the number of tensors written."""
+        """The named tensors go in as the server's own weight routes put them (engine.serve.admin.update_weights):
+        once no request is in flight, every name, shape and value checked before any is written, so a bad stream
+        leaves the old weights whole; the weight version advances by one, named after verl's global step."""
         if wire_format != "named_tensors":
             raise ValueError(f"the ettrl rollout takes full named tensors (wire_format='named_tensors'), got "
                              f"{wire_format!r}: use a checkpoint engine that sends them (naive, nccl, gloo)")
         # a host copy: the stream may reuse its buffers, and on a GPU the trainer's memory is not ours to double
-        tensors = [(name, t.detach().to("cpu", copy=True)) async for name, t in ensure_async_iterator(weights)]
-        check_named_tensors(self.llm, tensors)
-        return await asyncio.wrap_future(self.server.loop.barrier(lambda: self._apply(tensors, global_steps)))
-
-    def _apply(self, tensors, global_steps: int | None) -> int:
-        written = self.llm.update_weights(tensors)
-        self.num_weight_updates += 1
-        self.server.weight_version = str(global_steps if global_steps is not None else self.num_weight_updates)
-        return written
+        tensors = {name: t.detach().to("cpu", copy=True) async for name, t in ensure_async_iterator(weights)}
+        name = None if global_steps is None else str(global_steps)
+        try:
+            reply = await admin.update_weights(self.server, tensors, "wait", name)
+        except ApiError as e:
+            raise ValueError(f"update_weights: {e.message}; nothing was written") from None
+        return reply["num_tensors"]
 
     # ---- control, from EttrlHttpServer (sync: they wait on the engine loop) --------------------------------------
     def sleep(self, level: int = SLEEP_LEVEL):
@@ -124,7 +125,7 @@ class EttrlServerAdapter(BaseRollout):
         _wait(self.server.loop.barrier(reset))
 
     def weight_version(self) -> str:
-        return self.server.weight_version
+        return str(self.server.weight_version)
 
     def weight_digests(self) -> dict[str, str]:
         """sha256 of each weight's bytes by Hugging Face name (tests compare them with the trainer's)."""
@@ -170,22 +171,6 @@ def engine_options(config, options: EttrlRolloutOptions) -> dict:
     if torch.cuda.is_available():
         out["gpu_memory_utilization"] = config.gpu_memory_utilization
     return {**out, **options.engine}
-
-
-def check_named_tensors(llm: LLM, tensors: list[tuple[str, torch.Tensor]]):
-    """Every name known and every shape right, before any weight is written."""
-    if not tensors:
-        raise ValueError("update_weights got no tensors")
-    views = llm.engine.runner.model.hf_parameter_views()
-    for name, tensor in tensors:
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        if name not in views:
-            raise ValueError(f"update_weights: unknown parameter name {name!r}; the engine takes Hugging Face names "
-                             f"such as 'model.layers.0.self_attn.q_proj.weight'. Nothing was written")
-        if tuple(views[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(views[name].shape)}. Nothing was written")
 
 
 def _wait(future: Future, timeout_s: float = 3600.0):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +19,8 @@ import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 from verl.checkpoint_engine.base import CheckpointEngine, TensorMeta, merge_weight_chunks, split_weight_chunks
 from verl.workers.rollout.utils import ensure_async_iterator
+
+from ettrl.integrations.verl.net import free_port, node_address
 
 SITS_OUT = -1
 ALIGN = 16  # bytes: each tensor starts aligned in its bucket, so the receiver can view the bytes as its dtype
@@ -154,15 +155,3 @@ def _meta_from_json(d: dict) -> TensorMeta:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {d['dtype']!r} in a weight bucket header")
     return TensorMeta(d["name"], torch.Size(d["shape"]), dtype, d["chunk_offset"], d["chunk_size"], d["offset"])
-
-
-def node_address() -> str:
-    """This node's address as Ray knows it (verl's placement); 127.0.0.1 outside Ray."""
-    import ray
-    return ray.util.get_node_ip_address().strip("[]") if ray.is_initialized() else "127.0.0.1"
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -50,5 +50,5 @@ def _serve_from_worker(worker) -> tuple[str, str, int]:
     """In the rollout worker: serve the adapter's routes on this node's address."""
     from ettrl.integrations.verl.adapter import call_adapter
 
-    host = ray.util.get_node_ip_address().strip("[]")
-    return ray.get_runtime_context().get_node_id(), host, call_adapter(worker, "serve", host)
+    host, port = call_adapter(worker, "serve")
+    return ray.get_runtime_context().get_node_id(), host, port
