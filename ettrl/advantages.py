@@ -6,6 +6,9 @@
     entropy_term(advantages, token_entropies, ...)         Cheng et al. per-token bonus, [N, T]
     compute_advantages(rewards, AdvantageConfig, ...)      the combination the trainer picks by config
 
+The shapings are named by SHAPINGS: "none" (plain GRPO), "res" (Adv-Res), "clip" (Adv-Clip), the names the config
+(algo.reshape) and the methods table (ettrl/methods.py) use.
+
 Groups are given either as a constant `group_size` (consecutive responses, N divisible by it) or as a group
 id per response (`groups`: any hashable ids, e.g. prompt ids, or an integer tensor); with neither, all
 responses form one group.
@@ -15,14 +18,14 @@ from typing import Sequence
 
 import torch
 
-METHODS = ("grpo", "adv_res", "adv_clip")
+SHAPINGS = ("none", "res", "clip")
 RES_DIRECTIONS = ("equations", "prose")
 STDS = ("population", "bessel")
 
 
 @dataclass
 class AdvantageConfig:
-    method: str = "grpo"        # "grpo" | "adv_res" | "adv_clip"
+    shaping: str = "none"       # "none" (GRPO) | "res" (Adv-Res) | "clip" (Adv-Clip)
     res_alpha: float = 0.2      # Adv-Res: Y clipped to [1 - res_alpha, 1 + res_beta]
     res_beta: float = 0.2
     res_direction: str = "equations"  # Adv-Res: "equations" (Eqs. 12-14) or "prose" (the text after Eq. 14)
@@ -33,8 +36,8 @@ class AdvantageConfig:
     std: str = "population"     # GRPO std: "population" (docs/algorithms.md 2) or "bessel" (n - 1, as verl/TTRL)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"advantage method must be one of {METHODS}, got {self.method!r}")
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"shaping must be one of {SHAPINGS}, got {self.shaping!r}")
         if self.res_direction not in RES_DIRECTIONS:
             raise ValueError(f"res_direction must be one of {RES_DIRECTIONS}, got {self.res_direction!r}")
         if self.std not in STDS:
@@ -150,19 +153,19 @@ def entropy_term(advantages, token_entropies, alpha: float = 0.4, kappa: float =
 def compute_advantages(rewards, config: AdvantageConfig | None = None, group_size: int | None = None, groups=None,
                        response_entropies: Sequence[float] | torch.Tensor | None = None,
                        token_entropies: torch.Tensor | None = None) -> torch.Tensor:
-    """GRPO advantages reshaped by `config.method`, then the optional per-token entropy term.
+    """GRPO advantages reshaped by `config.shaping`, then the optional per-token entropy term.
 
     Returns [N] per-response advantages, or [N, T] per-token ones when config.entropy_alpha > 0.
-    E.g. ETTRL = ETMR rollouts + AdvantageConfig(method="adv_res").
+    E.g. ETTRL = ETMR rollouts + AdvantageConfig(shaping="res").
     """
     config = config or AdvantageConfig()
     a = grpo_advantages(rewards, group_size, groups, config.eps, config.std)
-    if config.method == "adv_res":
+    if config.shaping == "res":
         if response_entropies is None:
-            raise ValueError("method 'adv_res' needs response_entropies (mean token entropy per response)")
+            raise ValueError("shaping 'res' needs response_entropies (mean token entropy per response)")
         a = adv_res(a, response_entropies, group_size, groups, config.res_alpha, config.res_beta,
                     config.res_direction)
-    elif config.method == "adv_clip":
+    elif config.shaping == "clip":
         a = adv_clip(a, config.clip_beta)
     if config.entropy_alpha > 0:
         if token_entropies is None:

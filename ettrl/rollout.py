@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ettrl.data import Problem
 from ettrl.grading import BOXED_ANSWER_REGEX
-from ettrl.scoring import Group, Response
+from ettrl.samples import Group, Response
 
 
 def answer_stop(stop_at_answer: bool) -> dict:

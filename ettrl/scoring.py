@@ -1,39 +1,13 @@
 """From one prompt's rollouts to training samples: answers, vote, rewards, vote-then-sample, advantages."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ettrl.advantages import AdvantageConfig, compute_advantages
-from ettrl.data import Problem
 from ettrl.grading import extract_answer, ttrl_answer
 from ettrl.methods import method_rewards
 from ettrl.rewards import label_accuracy, reward_accuracy, stratified_pick, true_rewards, vote_then_sample
-from ettrl.update import TrainSample, pad_samples
-
-RESHAPE_METHOD = {"none": "grpo", "res": "adv_res", "clip": "adv_clip"}
-
-
-@dataclass
-class Response:
-    token_ids: list[int]
-    text: str
-    entropies: list[float]  # full-vocabulary entropy of the sampling distribution at each token
-    finish_reason: str
-    tree: int | None = None  # the root a tree leaf grew from; None for a parallel sample (its own stratum)
-
-    @property
-    def entropy(self) -> float:
-        return sum(self.entropies) / max(1, len(self.entropies))
-
-
-@dataclass
-class Group:
-    problem: Problem
-    prompt_ids: list[int]
-    responses: list[Response]
-    decoded_tokens: int  # tokens the engine decoded for this prompt (trees reuse shared prefixes)
+from ettrl.samples import Group, TrainSample, pad_samples
 
 
 def answers_of(group: Group, last_number_fallback: bool = False, vote: str = "boxed") -> list[str | None]:
@@ -47,7 +21,7 @@ def answers_of(group: Group, last_number_fallback: bool = False, vote: str = "bo
 
 def advantage_config(cfg) -> AdvantageConfig:
     a = cfg.algo
-    return AdvantageConfig(method=RESHAPE_METHOD[cfg.reshape], res_alpha=a.res_alpha, res_beta=a.res_beta,
+    return AdvantageConfig(shaping=cfg.shaping, res_alpha=a.res_alpha, res_beta=a.res_beta,
                            res_direction=a.res_direction,
                            clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if cfg.entropy_term else 0.0,
                            entropy_kappa=a.entropy_kappa, std=a.std)

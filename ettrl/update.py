@@ -15,39 +15,16 @@ data-parallel backends average gradients over ranks. Padding samples (`pad_sampl
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from ettrl.loss import grpo_loss
 from ettrl.policy import pad_batch, response_stats, shared_prompt_stats
+from ettrl.samples import TrainSample
 
 MEANS = ("loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl",
          "ratio_mean", "kl_ref", "policy_entropy", "grad_norm")
-
-
-@dataclass
-class TrainSample:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    advantages: list[float]  # one per response token
-    padding: bool = False  # a zero-weight filler (pad_samples): no token of it counts, it moves no gradient
-
-
-def pad_samples(samples: list[TrainSample], count: int) -> list[TrainSample]:
-    """`samples` filled up to `count` with zero-weight copies of the last one.
-
-    A prompt whose trees could not fork has fewer responses than n_train; a fixed sample count keeps every
-    rank's micro-batch count fixed (DeepSpeed needs it) and the mini-batches aligned with prompts. The filler
-    changes no gradient and no advantage (compute advantages from the real samples before padding)."""
-    if not samples:
-        raise ValueError("pad_samples needs at least one real sample to copy")
-    if len(samples) > count:
-        raise ValueError(f"{len(samples)} samples are more than the {count} to pad to")
-    last = samples[-1]
-    filler = replace(last, advantages=[0.0] * len(last.response_ids), padding=True)
-    return samples + [filler] * (count - len(samples))
 
 
 def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float, pad_id: int,
