@@ -49,6 +49,7 @@ MODULES = {
     "sampling_common": ("kernels/ettrl_kernels/sampling_common.py", SAMPLER_TESTS, SAMPLER_ARGS),
     "sampling_torch": ("kernels/ettrl_kernels/sampling_torch.py", SAMPLER_TESTS, SAMPLER_ARGS),
     "sampling_cpu": ("kernels/ettrl_kernels/sampling_cpu.py", SAMPLER_TESTS, SAMPLER_ARGS),
+    "backend": ("kernels/ettrl_kernels/backend.py", SAMPLER_TESTS, SAMPLER_ARGS),
     "sampling_triton": ("kernels/ettrl_kernels/sampling_triton.py", SAMPLER_TESTS, SAMPLER_ARGS),
     "noise": ("kernels/ettrl_kernels/noise.py", SAMPLER_TESTS, SAMPLER_ARGS),
 }
@@ -106,6 +107,10 @@ HAND_MUTANTS = [
          "the engine's sampling call: nothing excluded (distinct branches may repeat the root)"),
     Hand("engine-one-seq-id", ENGINE, "[s.seq_id for s in seqs]", "[0 for s in seqs]", [ES],
          "the engine's sampling call: all samples share one noise stream"),
+    # the backend table
+    Hand("cpp-takes-top-p", "kernels/ettrl_kernels/backend.py", '        return "it does no top-k / top-p"\n',
+         "        pass\n", ["tests/test_sampling_backends.py", "tests/test_entropy_sample_cpu.py"],
+         "the backend table lets the C++ op (no top-k / top-p) sample truncated rows"),
     # the torch path
     Hand("bf16-product-rounded", T, "    if chunk.dtype == torch.float32:\n        return torch.mul(",
          "    if True:\n        return torch.mul(", ["tests/test_sampling_backends.py"],

@@ -1,10 +1,14 @@
 """What every `entropy_sample` backend shares: per-row parameters as tensors, the top-k / top-p thresholds and the
 checks on the logits (sampling.py documents the semantics)."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
 
 from ettrl_kernels.noise import row_keys
+
+SampleResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (tokens int64 [B], logprobs, entropies float32 [B])
 
 
 @dataclass
