@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -182,7 +183,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and what to change."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -289,8 +290,8 @@ def _validate_engine(section: EngineSection) -> None:
     options = {**asdict(section), "device": "cpu"}  # the device is resolved when the engine is built
     try:
         EngineConfig(model="", **options)
-    except ValueError as e:
-        raise ConfigError(f"engine.{e}") from None
+    except ValueError as error:
+        raise ConfigError(f"engine.{error}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -311,8 +312,8 @@ def validate(cfg: Config) -> None:
         try:
             if source:
                 check_source(source, key)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+        except DataError as error:
+            raise ConfigError(str(error)) from None
     _check(r.n_votes >= 1 and r.n_train >= 1, "rollout.n_votes and rollout.n_train must be >= 1")
     if cfg.tree:
         _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1,

@@ -15,7 +15,7 @@ from ettrl.data import Problem
 @dataclass
 class Response:
     token_ids: list[int]
-    text: str
+    text: str | None  # None where the engine has no tokenizer
     entropies: list[float]  # full-vocabulary entropy of the sampling distribution at each token
     finish_reason: str
     tree: int | None = None  # the root a tree leaf grew from; None for a parallel sample (its own stratum)

@@ -15,6 +15,7 @@ import torch
 
 from ettrl_kernels.backend import implementation, resolve_backend
 from ettrl_kernels.sampling_common import (
+    Param,
     RowParams,
     SampleResult,
     check_finite_rows,
@@ -22,9 +23,8 @@ from ettrl_kernels.sampling_common import (
     truncation_thresholds,
 )
 
-__all__ = ["entropy_sample", "RowParams", "SampleResult", "row_params", "truncation_thresholds", "check_finite_rows"]
-
-Param = float | int | torch.Tensor  # a python scalar, a 0-dim tensor or one value per row [B]
+__all__ = ["entropy_sample", "Param", "RowParams", "SampleResult", "row_params", "truncation_thresholds",
+           "check_finite_rows"]
 
 
 def entropy_sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = -1, top_p: Param = 1.0,
