@@ -43,7 +43,7 @@ def _triton_refusal(logits: torch.Tensor, truncated: bool) -> str | None:
 
 
 def _cpp_refusal(logits: torch.Tensor, truncated: bool) -> str | None:
-    if logits.device.type != "cpu":
+    if not logits.is_cpu:
         return f"it samples CPU tensors, the logits are on {logits.device}"
     if logits.dtype != torch.float32:
         return f"it takes float32 logits, got {logits.dtype}"
@@ -85,11 +85,14 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (  # in auto's order of prefe
 )}
 
 
+_NAMES = {kernel: ("auto", *(name for name, b in BACKENDS.items() if kernel in b.kernels)) for kernel in KERNELS}
+
+
 def backend_names(kernel: str) -> tuple[str, ...]:
     """The names `kernel`'s backend= takes: "auto" and every backend that implements it."""
-    if kernel not in KERNELS:
+    if kernel not in _NAMES:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return ("auto", *(name for name, b in BACKENDS.items() if kernel in b.kernels))
+    return _NAMES[kernel]
 
 
 def resolve_backend(kernel: str, backend: str, logits: torch.Tensor, truncated: bool = False) -> str:
