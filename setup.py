@@ -93,7 +93,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25",
                  "pandas", "pyarrow",  # the parquet loader's tests
-                 "ruff"],  # tests/test_lint.py
+                 "ruff",  # tests/test_lint.py
+                 "mypy"],  # tests/test_mypy.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
         # the release engine/attention/flashinfer.py was written against, and the apache-tvm-ffi it imports (a
