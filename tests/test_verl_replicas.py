@@ -151,7 +151,8 @@ def grpo_step(cluster: Cluster) -> dict[str, torch.Tensor]:
     from ettrl.backends.torch_backend import TorchBackend
     from ettrl.config import TrainerConfig
     from ettrl.policy import load_policy
-    from ettrl.update import TrainSample, policy_update
+    from ettrl.samples import TrainSample
+    from ettrl.update import policy_update
 
     prompt = [72, 105, 33, 32]
     result = ray.get(cluster.replicas[0].server_handle.generate_group.remote(prompt, {"temperature": 1.0,
@@ -335,7 +336,7 @@ def test_the_manager_pads_trees_that_cannot_fork_and_ettrl_res_skips_the_fillers
     got = compute_advantage(out, adv_estimator="ettrl_res", config=OmegaConf.create({}))
     real = [0, 1, 6, 7]
     entropies = out.batch["rollout_entropies"][real, 0]
-    want = compute_advantages(rewards[real], AdvantageConfig(method="adv_res", std="bessel"),
+    want = compute_advantages(rewards[real], AdvantageConfig(shaping="res", std="bessel"),
                               groups=["a", "a", "b", "b"], response_entropies=entropies)
     assert got.batch["advantages"][real, 0].tolist() == pytest.approx(want.tolist(), abs=1e-6)
     assert got.batch["advantages"][[2, 3, 4, 5, 8, 9, 10, 11]].abs().sum() == 0

@@ -334,7 +334,7 @@ def test_the_documented_overrides_compose_with_verls_config_and_every_piece_take
     assert manager_class is EttrlAgentLoopManager
     assert resolve_reward_manager_cls(cfg) is EttrlMajorityRewardManager
     assert get_adv_estimator_fn(cfg.algorithm.adv_estimator).__name__ == "ettrl_res"
-    assert advantage_config("adv_res", cfg.algorithm).res_beta == 0.2
+    assert advantage_config("res", cfg.algorithm).res_beta == 0.2
     assert not cfg.trainer.use_v1
 
 

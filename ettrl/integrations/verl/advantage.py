@@ -27,7 +27,7 @@ ENTROPY_KEY = "rollout_entropies"
 PARAMS = ("res_alpha", "res_beta", "res_direction", "clip_beta")
 
 
-def advantage_config(method: str, config) -> AdvantageConfig:
+def advantage_config(shaping: str, config) -> AdvantageConfig:
     if config is not None and not _get(config, "norm_adv_by_std_in_grpo", True):
         raise ValueError("ettrl_res / ettrl_clip reshape GRPO advantages normalised by the group's std; "
                          "algorithm.norm_adv_by_std_in_grpo=False (Dr. GRPO) is not supported")
@@ -35,13 +35,13 @@ def advantage_config(method: str, config) -> AdvantageConfig:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ValueError(f"unknown keys {unknown} under algorithm.ettrl; known: {list(PARAMS)}")
-    return AdvantageConfig(method=method, std="bessel", **params)
+    return AdvantageConfig(shaping=shaping, std="bessel", **params)
 
 
-def estimate(method: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+def estimate(shaping: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
              config=None, response_entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row advantages from the real rows of each uid group, spread over the response tokens."""
-    cfg = advantage_config(method, config)
+    cfg = advantage_config(shaping, config)
     real = (response_mask.sum(-1) > 0).nonzero().flatten().tolist()
     scores = token_level_rewards.sum(-1).float()
     advantages = torch.zeros_like(scores)
@@ -61,7 +61,7 @@ def mean_response_entropy(token_entropies: torch.Tensor, response_mask: torch.Te
 
 def ettrl_clip(token_level_rewards, response_mask, index, config=None, **kwargs):
     """EAR Adv-Clip: clip(A, -clip_beta, clip_beta) on GRPO advantages."""
-    return estimate("adv_clip", token_level_rewards, response_mask, index, config)
+    return estimate("clip", token_level_rewards, response_mask, index, config)
 
 
 def ettrl_res(token_level_rewards, response_mask, index, config=None, response_entropies=None, **kwargs):
@@ -69,7 +69,7 @@ def ettrl_res(token_level_rewards, response_mask, index, config=None, response_e
     token entropy. `response_entropies` ([rows]) when a caller has them; else from verl's compute_advantage."""
     if response_entropies is None:
         response_entropies = mean_response_entropy(_entropies_of_caller(), response_mask)
-    return estimate("adv_res", token_level_rewards, response_mask, index, config,
+    return estimate("res", token_level_rewards, response_mask, index, config,
                     torch.as_tensor(response_entropies, dtype=torch.float32))
 
 
