@@ -1,6 +1,4 @@
 """User-facing API: LLM(model).generate(prompts, SamplingParams(...)) -> list[RequestOutput]."""
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus, per_prompt
 from engine.tree import RootSelector, TreeParams, TreeResult, sample_tree
 
-if TYPE_CHECKING:  # annotations only: transformers loads on first use
+if TYPE_CHECKING:  # quoted where used, so that LLM's signatures hold real types at run time
     from transformers import PreTrainedTokenizerBase
 
 Prompt = str | list[int]                                          # a text, or its token ids
@@ -43,14 +41,14 @@ class RequestOutput:
     outputs: list[CompletionOutput]
 
 
-def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
+def _load_tokenizer(model_dir: Path) -> "PreTrainedTokenizerBase | None":
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def _eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+def _eos_token_ids(model_dir: Path, tokenizer: "PreTrainedTokenizerBase | None") -> set[int]:
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         path = model_dir / name
@@ -153,7 +151,7 @@ class LLM:
     def decode(self, token_ids: list[int]) -> str:
         return self._need_tokenizer("decoding").decode(token_ids, skip_special_tokens=True)
 
-    def _need_tokenizer(self, what: str) -> PreTrainedTokenizerBase:
+    def _need_tokenizer(self, what: str) -> "PreTrainedTokenizerBase":
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer and {self.model_dir} has none; pass token-id lists")
         return self.tokenizer
