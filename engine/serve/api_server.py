@@ -71,6 +71,11 @@ class Server:
         assert self.config.model_name is not None
         return self.config.model_name
 
+    @property
+    def weight_version(self) -> int:
+        """The weights' version counter (self.weights.number), read-only: weight updates advance it."""
+        return self.weights.number
+
     # ---- request bodies ------------------------------------------------------------------------------------
     async def read_body(self, request: Request, limit_bytes: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -265,7 +270,7 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     if not prompt:
         raise ApiError(400, "prompt is empty: give a text, a list of texts, token ids or a list of token-id lists")
     if isinstance(prompt[0], int):
-        return [cast("list[int]", prompt)]
+        return [prompt]
     return cast("list[Prompt]", list(prompt))
 
 
