@@ -93,7 +93,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25",
                  "pandas", "pyarrow",  # the parquet loader's tests
-                 "ruff"],  # tests/test_lint.py
+                 "ruff",  # tests/test_lint.py
+                 "mypy"],  # tests/test_mypy.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
         # the release engine/attention/flashinfer.py was written against, and the apache-tvm-ffi it imports (a
@@ -104,8 +105,15 @@ setup(
         "cuda": ["flashinfer-python==0.6.18.post1", "apache-tvm-ffi==0.1.15.post2"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
+        # ettrl.integrations.verl, the engine as verl's rollout backend (rollout.name=ettrl): the versions it was
+        # written and tested against (the plug-in refuses another verl); the rest is what `import verl` needs
+        # without vLLM or CUDA, and the HTTP pieces our replica uses
+        "verl": ["verl==0.9.1", "ray==2.60.0", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "cachetools", "pyzmq",
+                 "msgspec"],
         # bench/peers.py (optional peers; llama-cpp-python builds llama.cpp from source: ~10 min on 2 cores)
         "peers": ["ctranslate2", "onnxruntime-genai", "onnx", "onnx-ir", "llama-cpp-python"],
     },
-    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"]},
+    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"],
+                  # every `import verl` (in Ray workers too) imports this module, which registers rollout.name=ettrl
+                  "verl.plugins": ["ettrl = ettrl.integrations.verl.plugin"]},
 )

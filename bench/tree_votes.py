@@ -9,7 +9,7 @@ interpolated to the same decoded tokens; the tables give the mean difference +- 
 problems. Roots are parallel samples 0..M-1 of the same seed, so the pairing is tight.
 
     python bench/tree_votes.py sample --level 1 --problems 200 --out runs/votes/level1.jsonl   # resumable
-    python bench/tree_votes.py report runs/votes/level1.jsonl runs/votes/level3.jsonl --markdown --plot docs/x.png
+    python bench/tree_votes.py report runs/votes/level1.jsonl runs/votes/level3.jsonl --plot docs/tree-votes.png
 
 Options (fork metric, `distinct`, `no_fork_after`, `min_gap`, stop at the first complete boxed answer) are in
 OPTIONS, each one change from the base; a vote-aware tree (branches only for prompts whose roots disagree,
@@ -286,6 +286,34 @@ def report(args):
         print(f"\nwall seconds (each batch's time shared by its problems, summed): {shares}")
 
 
+def plot(by_level: dict[int, list[dict]], path: str) -> None:
+    """Label accuracy against decoded tokens per prompt: parallel n = 1..32 as curves, tree shapes as points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_level), figsize=(6.5 * len(by_level), 4.8), squeeze=False)
+    for ax, (level, records) in zip(axes[0], sorted(by_level.items())):
+        for stop, style in (("nostop", "k--"), ("stop", "k-")):
+            cache: dict = {}
+            curves = [parallel_curve(r["parallel"][stop], r["answer"], cache) for r in records]
+            ns = range(1, PARALLEL_N + 1)
+            ax.plot([statistics.fmean(c.tokens[n - 1] for c in curves) for n in ns],
+                    [statistics.fmean(c.correct[n - 1] for c in curves) for n in ns], style,
+                    label=f"parallel n=1..32 ({'stop at answer' if stop == 'stop' else 'no stop'})")
+        for option, marker in zip(OPTIONS, "os^vDx"):
+            rows = comparable(score_option(records, option))
+            ax.scatter([r["tokens"] for r in rows], [r["acc"] for r in rows], marker=marker, s=18, label=option)
+        ax.set_xscale("log")
+        ax.set_xlabel("decoded tokens per prompt")
+        ax.set_ylabel("label accuracy (majority == truth)")
+        ax.set_title(f"level {level}: {len(records)} problems, SmolLM2-135M")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -304,9 +332,14 @@ def main():
     r = sub.add_parser("report", help="tables from sampled files")
     r.add_argument("files", nargs="+")
     r.add_argument("--shapes", nargs="*", default=[], help="options to print per shape")
-    r.add_argument("--markdown", action="store_true")
+    r.add_argument("--plot", help="write the accuracy-vs-tokens figure here (PNG)")
     args = ap.parse_args()
-    sample(args) if args.command == "sample" else report(args)
+    if args.command == "sample":
+        sample(args)
+    else:
+        report(args)
+        if args.plot:
+            plot(load(args.files), args.plot)
 
 
 if __name__ == "__main__":

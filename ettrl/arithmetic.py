@@ -66,7 +66,8 @@ def n_train_reserved() -> int:
 
 
 def _draw(n: int, difficulty: int, rng: random.Random, taken: set) -> list[dict]:
-    out, seen = [], set(taken)
+    out: list[dict] = []
+    seen = set(taken)
     for _ in range(100 * n + 1000):
         if len(out) == n:
             return out

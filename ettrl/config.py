@@ -7,17 +7,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from ettrl.advantages import SHAPINGS
 from ettrl.data import DataError, check_source
-from ettrl.methods import METHODS as METHOD_TABLE
-from ettrl.methods import method_spec
-
-METHODS = tuple(METHOD_TABLE)  # ettrl/methods.py is the table; these names are kept for callers
-TREE_METHODS = tuple(m.name for m in METHOD_TABLE.values() if m.rollout == "tree")
+from ettrl.methods import METHODS, method_spec
 
 
 @dataclass
@@ -93,7 +91,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    reshape: str = "auto"  # auto (from method) | none | res | clip
+    reshape: str = "auto"  # auto (the method's shaping) | a name in ettrl/advantages.py SHAPINGS: none | res | clip
     res_alpha: float = 0.2
     res_beta: float = 0.2
     res_direction: str = "equations"  # Adv-Res: equations (Eqs. 12-14, docs/algorithms.md 5) | prose (the paper's text)
@@ -169,7 +167,8 @@ class Config:
         return r.trees * (1 + r.forks * r.branches) if self.tree else r.n_votes
 
     @property
-    def reshape(self) -> str:
+    def shaping(self) -> str:
+        """The advantage shaping (ettrl/advantages.py SHAPINGS): algo.reshape, or the method's."""
         if self.algo.reshape != "auto":
             return self.algo.reshape
         return method_spec(self.method).shaping
@@ -184,7 +183,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and what to change."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -291,14 +290,14 @@ def _validate_engine(section: EngineSection) -> None:
     options = {**asdict(section), "device": "cpu"}  # the device is resolved when the engine is built
     try:
         EngineConfig(model="", **options)
-    except ValueError as e:
-        raise ConfigError(f"engine.{e}") from None
+    except ValueError as error:
+        raise ConfigError(f"engine.{error}") from None
 
 
 def validate(cfg: Config) -> None:
     """Reject configs that cannot run, before any model is loaded."""
     r, t, a, e = cfg.rollout, cfg.trainer, cfg.algo, cfg.eval
-    _check(cfg.method in METHOD_TABLE, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHOD_TABLE)}")
+    _check(cfg.method in METHODS, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
            f"device={cfg.device!r}: use auto, cpu or cuda")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -313,8 +312,8 @@ def validate(cfg: Config) -> None:
         try:
             if source:
                 check_source(source, key)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+        except DataError as error:
+            raise ConfigError(str(error)) from None
     _check(r.n_votes >= 1 and r.n_train >= 1, "rollout.n_votes and rollout.n_train must be >= 1")
     if cfg.tree:
         _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1,
@@ -342,7 +341,8 @@ def validate(cfg: Config) -> None:
     _check(all(isinstance(m, str) and m for m in r.no_fork_after),
            f"rollout.no_fork_after={r.no_fork_after!r}: use a list of non-empty strings, e.g. ['\\boxed{{']")
     _check(a.std in ("population", "bessel"), f"algo.std={a.std!r}: use population or bessel")
-    _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
+    _check(a.reshape in ("auto", *SHAPINGS),
+           f"algo.reshape={a.reshape!r}: use auto, {', '.join(SHAPINGS[:-1])} or {SHAPINGS[-1]}")
     _check(a.res_direction in ("equations", "prose"),
            f"algo.res_direction={a.res_direction!r}: use equations (the paper's Eqs. 12-14) or prose (its text)")
     _check(t.backend in ("torch", "deepspeed"), f"trainer.backend={t.backend!r}: use torch or deepspeed")

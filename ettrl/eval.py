@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -18,16 +19,20 @@ from ettrl.metrics import avg_at_k, maj_at_k, pass_at_k
 from ettrl.rewards import true_rewards, ttrl_vote
 from ettrl.rollout import answer_stop
 
+if TYPE_CHECKING:
+    from engine import LLM, CompletionOutput
+    from ettrl.config import EvalConfig
 
-def evaluate(llm, problems: list[Problem], prompt_ids: list[list[int]], ecfg, stop: list[str], seed: int = 0,
-             desc: str = "eval", stop_at_answer: bool = False, vote: str = "boxed") -> dict[str, float]:
+
+def evaluate(llm: LLM, problems: list[Problem], prompt_ids: list[list[int]], ecfg: EvalConfig, stop: list[str],
+             seed: int = 0, desc: str = "eval", stop_at_answer: bool = False, vote: str = "boxed") -> dict[str, float]:
     """Accuracy metrics over the problems that have a ground-truth answer; tokens count every response.
 
     stop_at_answer ends each response at its first complete \\boxed{...}; vote=ttrl grades TTRL's answer
     string of every response (truncated ones too) instead of the last box (docs/algorithms.md section 7)."""
     from engine import SamplingParams
 
-    labeled = [(p, ids) for p, ids in zip(problems, prompt_ids) if p.answer is not None]
+    labeled = [(p.answer, ids) for p, ids in zip(problems, prompt_ids) if p.answer is not None]
     if not labeled:
         raise ValueError("evaluation needs ground-truth answers; the eval data has none (check data.answer_field)")
     k = ecfg.k
@@ -44,15 +49,15 @@ def evaluate(llm, problems: list[Problem], prompt_ids: list[list[int]], ecfg, st
         ids = [x[1] for x in part]
         outs = llm.generate(ids, sampled)
         greedy_outs = llm.generate(ids, greedy) if ecfg.greedy else [None] * len(part)
-        for (problem, _), out, g in zip(part, outs, greedy_outs):
+        for (truth, _), out, g in zip(part, outs, greedy_outs):
             answers = [answer_of(o) for o in out.outputs]
-            correct = true_rewards(answers, problem.answer)
+            correct = true_rewards(answers, truth)
             sums[f"avg@{k}"] += avg_at_k(correct)
-            sums[f"maj@{k}"] += majority_correct(answers, problem.answer)
+            sums[f"maj@{k}"] += majority_correct(answers, truth)
             sums[f"pass@{k}"] += pass_at_k(k, int(sum(correct)), k)
             tokens += sum(len(o.token_ids) for o in out.outputs)
             if g is not None:
-                sums["greedy"] += true_rewards([answer_of(g.outputs[0])], problem.answer)[0]
+                sums["greedy"] += true_rewards([answer_of(g.outputs[0])], truth)[0]
                 tokens += len(g.outputs[0].token_ids)
         bar.update(len(part))
     bar.close()
@@ -61,20 +66,20 @@ def evaluate(llm, problems: list[Problem], prompt_ids: list[list[int]], ecfg, st
     return {**result, "eval_problems": n, "eval_tokens": tokens, "eval_seconds": time.perf_counter() - start}
 
 
-def _answer(out) -> str | None:
+def _answer(out: CompletionOutput) -> str | None:
     return None if out.finish_reason == "length" else extract_answer(out.text)
 
 
-def _ttrl_answer(out) -> str:
+def _ttrl_answer(out: CompletionOutput) -> str:
     return ttrl_answer(out.text or "")
 
 
-def _ttrl_maj(answers: list[str], truth: str) -> bool:
+def _ttrl_maj(answers: list[str | None], truth: str) -> bool:
     """maj@k under TTRL's vote: the most common answer string (qwen_eval.majority_vote in PRIME-RL/TTRL)."""
     return is_equivalent(ttrl_vote(answers).label, truth)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     from ettrl.config import EvalConfig
     from ettrl.data import DataError, load_problems
     from ettrl.prompts import encode_prompts, stop_strings

@@ -7,6 +7,14 @@ instruction.  `chat`: the tokenizer's chat template with the usual "reason step 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ettrl.data import Problem
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 FEWSHOT = (
@@ -38,7 +46,8 @@ def fewshot_examples(source: str, difficulty: int) -> str:
 STOP = {"fewshot": ["\nQuestion:", "\n\n\n"], "plain": [], "chat": []}
 
 
-def build_prompt(problem: str, style: str = "fewshot", tokenizer=None, examples: str = FEWSHOT) -> str:
+def build_prompt(problem: str, style: str = "fewshot", tokenizer: PreTrainedTokenizerBase | None = None,
+                 examples: str = FEWSHOT) -> str:
     """`examples`: the few-shot template (style fewshot), with `{problem}` where the question goes."""
     if style == "fewshot":
         return examples.replace("{problem}", problem.strip())
@@ -56,7 +65,8 @@ def stop_strings(style: str) -> list[str]:
     return list(STOP[style])
 
 
-def encode_prompts(tokenizer, problems, style: str = "fewshot", examples: str = FEWSHOT) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], style: str = "fewshot",
+                   examples: str = FEWSHOT) -> list[list[int]]:
     """Token ids of each problem's prompt (a chat template already holds its special tokens)."""
     texts = [build_prompt(p.text, style, tokenizer, examples) for p in problems]
     return [tokenizer(t, add_special_tokens=style != "chat").input_ids for t in texts]

@@ -5,13 +5,17 @@
     vote_then_sample(n_votes, n_train, seed) -> indices of the responses that train
     stratified_pick(trees, n_train, seed) -> the same, every tree contributing (round-robin over trees)
     rent_rewards(response_entropies, beta) / dare_rewards(answers, response_entropies, ...)
-    compute_rewards(answers, RewardConfig, response_entropies) -> the reward the trainer's config picks
+    REWARDS[name](answers, response_entropies, vote, params) -> one reward per response, by reward name
+    compute_rewards(answers, RewardConfig, response_entropies) -> the reward a RewardConfig picks
     label_accuracy / reward_accuracy: logging-only metrics against a known ground truth
 """
+from __future__ import annotations
+
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol
 
 from ettrl.grading import group_answers, is_equivalent
 
@@ -24,7 +28,7 @@ class Vote:
     class_ids: list[int]   # equivalence class per response, -1 for None
     label_class: int       # class id of the label, -1 if nobody answered
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[object]:
         """Unpacks as (label, ratio, rewards), the contract of the trainer; the rest are attributes."""
         return iter((self.label, self.ratio, self.rewards))
 
@@ -179,29 +183,54 @@ def reward_accuracy(answers: Sequence[str | None], rewards: Sequence[float], gro
     return sum(float(r) == t for r, t in zip(rewards, truth)) / len(answers)
 
 
-REWARD_METHODS = ("ttrl", "rent", "dare")
+class RewardParams(Protocol):
+    """The reward parameters a reward function reads (ettrl.config.AlgoConfig and RewardConfig have them)."""
+    rent_beta: float
+    dare_alpha: float
+    dare_tau: float
+
+
+RewardFn = Callable[[Sequence[str | None], Sequence[float], Vote, RewardParams], list[float]]
+
+
+def _majority(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote,
+              params: RewardParams) -> list[float]:
+    return list(vote.rewards)
+
+
+def _rent(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote, params: RewardParams) -> list[float]:
+    return rent_rewards(entropies, params.rent_beta)
+
+
+def _dare(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote, params: RewardParams) -> list[float]:
+    return dare_rewards(answers, entropies, params.dare_alpha, params.dare_tau)
+
+
+# reward name -> fn(answers, response entropies, the majority Vote, RewardParams) -> one reward per response:
+# "majority" (the TTRL vote), "rent" (negative response entropy), "dare" (entropy-weighted vote)
+REWARDS: dict[str, RewardFn] = {"majority": _majority, "rent": _rent, "dare": _dare}
 
 
 @dataclass
 class RewardConfig:
-    method: str = "ttrl"     # "ttrl" (majority vote) | "rent" (negative entropy) | "dare"
+    reward: str = "majority"  # a name in REWARDS: majority | rent | dare
     rent_beta: float = 1.0
     dare_alpha: float = 0.5
     dare_tau: float = 0.05
 
-    def __post_init__(self):
-        if self.method not in REWARD_METHODS:
-            raise ValueError(f"reward method must be one of {REWARD_METHODS}, got {self.method!r}")
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {tuple(REWARDS)}, got {self.reward!r}")
 
 
 def compute_rewards(answers: Sequence[str | None], config: RewardConfig | None = None,
                     response_entropies: Sequence[float] | None = None) -> list[float]:
-    """Per-response rewards of one prompt's group under `config.method`."""
+    """Per-response rewards of one prompt's group under `config.reward`."""
     config = config or RewardConfig()
-    if config.method == "ttrl":
+    if config.reward == "majority":
         return majority_vote(answers).rewards
     if response_entropies is None:
-        raise ValueError(f"reward method {config.method!r} needs response_entropies (mean token entropy per response)")
-    if config.method == "rent":
+        raise ValueError(f"reward {config.reward!r} needs response_entropies (mean token entropy per response)")
+    if config.reward == "rent":
         return rent_rewards(response_entropies, config.rent_beta)
     return dare_rewards(answers, response_entropies, config.dare_alpha, config.dare_tau)

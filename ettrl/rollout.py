@@ -1,25 +1,34 @@
 """Rollouts through the engine: parallel sampling (n_votes per prompt) or ETMR entropy-fork trees."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ettrl.data import Problem
 from ettrl.grading import BOXED_ANSWER_REGEX
-from ettrl.scoring import Group, Response
+from ettrl.samples import Group, Response
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine import LLM, CompletionOutput, SamplingParams, TreeParams
+    from engine.tree import Leaf
+    from ettrl.config import Config, EngineSection, RolloutConfig
 
 
-def answer_stop(stop_at_answer: bool) -> dict:
+def answer_stop(stop_at_answer: bool) -> dict[str, Any]:
     """SamplingParams fields that end a response with its first complete \\boxed{...}, kept in the text (the
     tokens up to the one that completes it train); {} when off (docs/algorithms.md section 1)."""
     return {"stop_regex": [BOXED_ANSWER_REGEX], "include_stop_str_in_output": True} if stop_at_answer else {}
 
 
-def sampling_params(rcfg, stop: list[str], seed: int, n: int):
+def sampling_params(rcfg: RolloutConfig, stop: list[str], seed: int, n: int) -> SamplingParams:
     from engine import SamplingParams
 
     return SamplingParams(n=n, temperature=rcfg.temperature, top_p=rcfg.top_p, max_tokens=rcfg.max_tokens,
                           stop=stop, seed=seed, **answer_stop(rcfg.stop_at_answer))
 
 
-def tree_params(rcfg):
+def tree_params(rcfg: RolloutConfig) -> TreeParams:
     """ETMR's shape and where forks may go (docs/algorithms.md section 4)."""
     from engine import TreeParams
 
@@ -27,7 +36,7 @@ def tree_params(rcfg):
                       distinct=rcfg.distinct, no_fork_after=list(rcfg.no_fork_after), min_gap=rcfg.min_gap)
 
 
-def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop: list[str], seed: int,
+def rollout(llm: LLM, problems: list[Problem], prompt_ids: list[list[int]], cfg: Config, stop: list[str], seed: int,
             progress: bool = False) -> list[Group]:
     """One Group per problem; `decoded_tokens` is what the engine actually decoded for it. progress: a bar."""
     r = cfg.rollout
@@ -42,7 +51,8 @@ def rollout(llm, problems: list[Problem], prompt_ids: list[list[int]], cfg, stop
             for p, ids, t in zip(problems, prompt_ids, trees)]
 
 
-def _response(out, tree: int | None = None) -> Response:
+def _response(out: CompletionOutput | Leaf, tree: int | None = None) -> Response:
+    assert out.finish_reason is not None, "a finished response has a finish reason"
     return Response(list(out.token_ids), out.text, [float(h) for h in out.entropies], out.finish_reason, tree)
 
 
@@ -62,7 +72,7 @@ def engine_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def engine_options(engine, device: str) -> dict:
+def engine_options(engine: EngineSection, device: str) -> dict[str, Any]:
     """LLM(...) keyword arguments from a config's engine section (ettrl.config.EngineSection: every EngineConfig
     field but model). Its device "auto" is the run's `device`; its dtype "auto" as engine_dtype says."""
     from dataclasses import asdict
@@ -73,7 +83,8 @@ def engine_options(engine, device: str) -> dict:
     return options
 
 
-def make_llm(model: str, dtype: str = "auto", device: str = "auto", **engine_kwargs):
+def make_llm(model: str, dtype: str = "auto", device: str = "auto",
+             **engine_kwargs: Any) -> tuple[LLM, PreTrainedTokenizerBase]:
     """(engine, tokenizer) for a model spec or directory; the trainer loads its copy from the same directory.
     dtype "auto": bfloat16 on CUDA, float32 on the CPU (engine_dtype)."""
     from transformers import AutoTokenizer

@@ -1,39 +1,19 @@
 """From one prompt's rollouts to training samples: answers, vote, rewards, vote-then-sample, advantages."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ettrl.advantages import AdvantageConfig, compute_advantages
-from ettrl.data import Problem
 from ettrl.grading import extract_answer, ttrl_answer
 from ettrl.methods import method_rewards
-from ettrl.rewards import label_accuracy, reward_accuracy, stratified_pick, true_rewards, vote_then_sample
-from ettrl.update import TrainSample, pad_samples
+from ettrl.rewards import Vote, label_accuracy, reward_accuracy, stratified_pick, true_rewards, vote_then_sample
+from ettrl.samples import Group, TrainSample, pad_samples
 
-RESHAPE_METHOD = {"none": "grpo", "res": "adv_res", "clip": "adv_clip"}
-
-
-@dataclass
-class Response:
-    token_ids: list[int]
-    text: str
-    entropies: list[float]  # full-vocabulary entropy of the sampling distribution at each token
-    finish_reason: str
-    tree: int | None = None  # the root a tree leaf grew from; None for a parallel sample (its own stratum)
-
-    @property
-    def entropy(self) -> float:
-        return sum(self.entropies) / max(1, len(self.entropies))
-
-
-@dataclass
-class Group:
-    problem: Problem
-    prompt_ids: list[int]
-    responses: list[Response]
-    decoded_tokens: int  # tokens the engine decoded for this prompt (trees reuse shared prefixes)
+if TYPE_CHECKING:
+    from ettrl.config import Config
 
 
 def answers_of(group: Group, last_number_fallback: bool = False, vote: str = "boxed") -> list[str | None]:
@@ -45,9 +25,9 @@ def answers_of(group: Group, last_number_fallback: bool = False, vote: str = "bo
             for r in group.responses]
 
 
-def advantage_config(cfg) -> AdvantageConfig:
+def advantage_config(cfg: Config) -> AdvantageConfig:
     a = cfg.algo
-    return AdvantageConfig(method=RESHAPE_METHOD[cfg.reshape], res_alpha=a.res_alpha, res_beta=a.res_beta,
+    return AdvantageConfig(shaping=cfg.shaping, res_alpha=a.res_alpha, res_beta=a.res_beta,
                            res_direction=a.res_direction,
                            clip_beta=a.clip_beta, entropy_alpha=a.entropy_alpha if cfg.entropy_term else 0.0,
                            entropy_kappa=a.entropy_kappa, std=a.std)
@@ -65,7 +45,7 @@ def train_indices(n_votes: int, n_train: int, pick: str, seed: int, trees: list[
     return vote_then_sample(n_votes, n_train, seed)
 
 
-def score_group(group: Group, cfg, seed: int) -> tuple[list[TrainSample], dict[str, float]]:
+def score_group(group: Group, cfg: Config, seed: int) -> tuple[list[TrainSample], dict[str, float]]:
     """The n_train samples of this prompt, with per-token advantages, and the prompt's metrics.
 
     A tree with fewer leaves than n_train (it could not fork) gives its real samples, padded to n_train with
@@ -89,7 +69,8 @@ def _per_token(adv: torch.Tensor, n: int) -> list[float]:
     return [float(adv)] * n if adv.dim() == 0 else adv[:n].tolist()
 
 
-def _metrics(group: Group, answers, rewards, vote, entropies) -> dict[str, float]:
+def _metrics(group: Group, answers: Sequence[str | None], rewards: Sequence[float], vote: Vote,
+             entropies: Sequence[float]) -> dict[str, float]:
     m = {"reward": sum(rewards) / len(rewards), "majority_ratio": vote.ratio,
          "answered": sum(bool(a) for a in answers) / len(answers),  # ttrl's "" is a vote but no answer
          "entropy": sum(entropies) / len(entropies),

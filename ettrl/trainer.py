@@ -10,7 +10,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +29,12 @@ from ettrl.scoring import score_group
 from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
 from ettrl.update import policy_update
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from engine import LLM
+    from ettrl.samples import TrainSample
+
 SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_acc", "label_acc {:.2f}"),
          ("rollout_acc", "acc {:.2f}"), ("entropy", "H {:.3f}"), ("loss", "loss {:+.4f}"), ("grad_norm", "|g| {:.3f}"),
          ("clip_frac", "clip {:.3f}"), ("kl_ref", "kl {:.4f}"),
@@ -34,7 +42,7 @@ SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log: Callable[..., None] = print) -> None:
         from engine.model_files import resolve_model
 
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
@@ -53,7 +61,7 @@ class Trainer:
         ckpt = self._latest_checkpoint() if resume else None
         if ckpt is not None:  # weights go in before the backend wraps (and under ZeRO-3 partitions) the model
             self._load_weights(ckpt)
-        self.ref_model = None
+        self.ref_model: PreTrainedModel | None = None
         if cfg.trainer.kl_coef > 0:
             self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
         t = cfg.trainer
@@ -78,7 +86,8 @@ class Trainer:
                                        fewshot_examples(d.eval, d.difficulty))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padding is masked anyway
-        self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
+        self.step, self.rollout_tokens, self.wall_s = 0, 0, 0.0
+        self.eval_before: dict[str, float] | None = None
         if ckpt is not None:
             self._restore(ckpt)
         self.llm = self._make_engine()
@@ -91,7 +100,7 @@ class Trainer:
         seqs = t.prompts_per_step * self.cfg.rollout.n_train // world // mini_batches_per_step(t)
         return max(1, math.ceil(seqs / t.micro_batch_size))
 
-    def _make_engine(self):
+    def _make_engine(self) -> LLM:
         from engine import LLM
 
         llm = LLM(str(self.model_dir), **engine_options(self.cfg.engine, self.device))
@@ -135,7 +144,7 @@ class Trainer:
         """Prompts of a step: epoch-wise seeded shuffles, a pure function of the step (so resume is exact)."""
         return step_prompts(step, len(self.train_problems), self.cfg.trainer, self.cfg.seed)
 
-    def collect(self, step: int):
+    def collect(self, step: int) -> tuple[list[TrainSample], list[dict[str, float]], float]:
         """Roll out this rank's prompts of `step` and score them: (training samples, per-prompt metrics, seconds)."""
         cfg = self.cfg
         mine = self.batch_indices(step)[self.rank :: self.world]
@@ -143,14 +152,15 @@ class Trainer:
         groups = rollout(self.llm, [self.train_problems[i] for i in mine], [self.train_ids[i] for i in mine], cfg,
                          self.stop, mix_seed(cfg.seed, step, 1), progress=self.rank == 0)
         rollout_s = time.perf_counter() - t0
-        samples, per_prompt = [], []
+        samples: list[TrainSample] = []
+        per_prompt: list[dict[str, float]] = []
         for i, g in zip(mine, groups):
             s, m = score_group(g, cfg, mix_seed(cfg.seed, step, i, 2))
             samples += s
             per_prompt.append({**m, "rollout_tokens": g.decoded_tokens})
         return samples, per_prompt, rollout_s
 
-    def update(self, samples) -> dict:
+    def update(self, samples: list[TrainSample]) -> dict[str, Any]:
         """The optimizer steps of the rollout batch (one per mini-batch and PPO epoch), then the engine gets the
         new weights. "inner" holds each optimizer step's metrics."""
         cfg = self.cfg
@@ -172,7 +182,7 @@ class Trainer:
             self.llm.wake_up()
         return metrics
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         samples, per_prompt, rollout_s = self.collect(self.step)
         t1 = time.perf_counter()
@@ -185,12 +195,12 @@ class Trainer:
         return {"step": self.step, **record, **upd, "rollout_tokens_total": self.rollout_tokens,
                 "rollout_s": rollout_s, "score_s": t1 - t0 - rollout_s, "update_s": t2 - t1}
 
-    def _reduce(self, rows: list[dict]) -> dict:
+    def _reduce(self, rows: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted(rows[0])
         sums = self.backend.all_reduce_sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
         return {k: v / sums[-1] for k, v in zip(keys, sums)}
 
-    def run_eval(self, tag: str) -> dict | None:
+    def run_eval(self, tag: str) -> dict[str, float] | None:
         if not self.eval_problems or self.rank != 0:
             return None
         r = self.cfg.rollout
@@ -202,7 +212,7 @@ class Trainer:
                                                        if k.split("@")[0] in ("greedy", "avg", "maj", "pass")))
         return result
 
-    def fit(self) -> dict:
+    def fit(self) -> dict[str, Any]:
         cfg, start = self.cfg, time.perf_counter()
         wall0 = self.wall_s
         if self.step == 0 and cfg.eval.before:
@@ -227,7 +237,7 @@ class Trainer:
         self.wall_s = wall0 + time.perf_counter() - start
         return self.summary(after)
 
-    def summary(self, after: dict | None) -> dict:
+    def summary(self, after: dict[str, float] | None) -> dict[str, Any]:
         return {"method": self.cfg.method, "steps": self.step, "rollout_tokens": self.rollout_tokens,
                 "wall_s": round(self.wall_s, 1), "before": self.eval_before, "after": after}
 
@@ -241,17 +251,17 @@ class Trainer:
 
     # -- output ---------------------------------------------------------------------------------------------
 
-    def _write(self, row: dict) -> None:
+    def _write(self, row: dict[str, Any]) -> None:
         if self.rank == 0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _line(self, r: dict) -> str:
+    def _line(self, r: dict[str, Any]) -> str:
         shown = [fmt.format(r[k]) for k, fmt in SHOWN if k in r]
         return f"step {r['step']:>4}/{self.total_steps}  " + "  ".join(shown)
 
 
-def _unwrap(model):
+def _unwrap(model: PreTrainedModel) -> PreTrainedModel:
     return getattr(model, "module", model)
 
 

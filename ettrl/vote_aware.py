@@ -6,13 +6,17 @@ limit has no answer) are not one unanimous class, and none when they are. The en
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from ettrl.grading import extract_answer
 from ettrl.rewards import majority_vote
 
+if TYPE_CHECKING:
+    from engine.tree import Leaf
 
-def leaf_answer(leaf) -> str | None:
+
+def leaf_answer(leaf: Leaf) -> str | None:
     """A finished response's answer as the trainer votes it: none when the length limit cut it."""
     return None if leaf.finish_reason == "length" else extract_answer(leaf.text)
 
@@ -23,8 +27,8 @@ def roots_disagree(answers: Sequence[str | None]) -> bool:
     return not (vote.label is not None and vote.ratio == 1.0)
 
 
-def branch_where_roots_disagree(answer_of: Callable[[object], str | None] = leaf_answer
-                                ) -> Callable[[int, list], Iterable[int]]:
-    def select(prompt_index: int, roots: list) -> Iterable[int]:
+def branch_where_roots_disagree(answer_of: Callable[[Leaf], str | None] = leaf_answer
+                                ) -> Callable[[int, list[Leaf]], Iterable[int]]:
+    def select(prompt_index: int, roots: list[Leaf]) -> Iterable[int]:
         return range(len(roots)) if roots_disagree([answer_of(r) for r in roots]) else []
     return select

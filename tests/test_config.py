@@ -12,7 +12,7 @@ def test_defaults_and_overrides():
     cfg = load_config(None, ["method=ettrl", "trainer.lr=1e-6", "rollout.trees=3", "data.train_size=10"])
     assert cfg.method == "ettrl" and cfg.trainer.lr == 1e-6 and cfg.data.train_size == 10
     assert cfg.tree and cfg.n_votes == 3 * (1 + cfg.rollout.forks * cfg.rollout.branches)
-    assert cfg.reshape == "res" and load_config(None, ["method=ttrl"]).reshape == "none"
+    assert cfg.shaping == "res" and load_config(None, ["method=ttrl"]).shaping == "none"
 
 
 def test_yaml_roundtrip(tmp_path):

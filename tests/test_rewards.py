@@ -192,7 +192,7 @@ def test_compute_rewards_by_config():
     assert compute_rewards(answers, RewardConfig("dare", dare_tau=0.0), h) == dare_rewards(answers, h, 0.5, 0.0)
     with pytest.raises(ValueError, match="response_entropies"):
         compute_rewards(answers, RewardConfig("dare"))
-    with pytest.raises(ValueError, match="reward method"):
+    with pytest.raises(ValueError, match="reward must be one of"):
         RewardConfig("maj")
 
 
@@ -201,7 +201,7 @@ def test_rent_default_beta_is_one_and_compute_rewards_passes_dares_tau():
     assert rent_rewards([0.5, 2.0]) == [-0.5, -2.0]
     answers, h = ["4", "5", "4", None, "7", None], [0.3, 1.0, 0.5, 2.0, 1.5, 1.0]
     # p ~ n / u: "4" 2/0.4, "5" 1/1, "7" 1/1.5 -> 0.75, 0.15, 0.10; tau 0.12 prunes "7" -> 5/6, 1/6; bonus "4" 0.4
-    got = compute_rewards(answers, RewardConfig(method="dare", dare_alpha=0.5, dare_tau=0.12), h)
+    got = compute_rewards(answers, RewardConfig(reward="dare", dare_alpha=0.5, dare_tau=0.12), h)
     assert got == pytest.approx([5 / 6 + 0.2, 1 / 6, 5 / 6 + 0.2, 0.0, 0.0, 0.0], abs=1e-5)
 
 

@@ -22,7 +22,8 @@ import torch
 from ettrl.config import Config
 from ettrl.data import Problem
 from ettrl.rewards import vote_then_sample
-from ettrl.scoring import Group, Response, score_group
+from ettrl.samples import Group, Response
+from ettrl.scoring import score_group
 
 SEED = 6
 KEEP = [0, 3, 4]
@@ -159,7 +160,7 @@ METHOD_ADVANTAGES = {
 
 
 def test_every_method_of_the_table_is_checked_here():
-    from ettrl.config import METHODS
+    from ettrl.methods import METHODS
     assert set(METHODS) == set(METHOD_ADVANTAGES)
 
 

@@ -9,8 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import SamplingParams  # noqa: E402
-from ettrl.config import METHODS, load_config  # noqa: E402
+from ettrl.config import load_config  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
+from ettrl.methods import METHODS  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
 from ettrl.trainer import Trainer  # noqa: E402
 from tiny_models import make_tiny_task  # noqa: E402
@@ -45,7 +46,7 @@ def surrogate(model, samples, temperature, logp_old=None):
     return grpo_loss(split(logp), split(old), adv, mask)[0].item(), logp
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_one_step_of_each_method(workdir, tmp_path, method):
     trainer = Trainer(tiny_config(workdir, method), tmp_path)
     samples, per_prompt, _ = trainer.collect(0)
