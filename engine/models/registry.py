@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -75,7 +75,7 @@ class Model(Protocol):
 @dataclass(frozen=True)
 class ModelSpec:
     model_class: type[Model]
-    parse_args: Callable[[dict], ModelArgsLike]  # config.json as a dict -> the args model_class takes
+    parse_args: Callable[[dict[str, Any]], ModelArgsLike]  # config.json as a dict -> the args model_class takes
 
 
 def _llama(kind: str) -> ModelSpec:
@@ -92,9 +92,9 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
                "qwen3": "Qwen3ForCausalLM"}  # for a config.json without `architectures`
 
 
-def model_spec(hf_config: dict) -> ModelSpec:
+def model_spec(hf_config: dict[str, Any]) -> ModelSpec:
     """The spec of the first of the config's architectures that is registered; a clear error if none is."""
-    names = hf_config.get("architectures") or [MODEL_TYPES.get(hf_config.get("model_type"))]
+    names = hf_config.get("architectures") or [MODEL_TYPES.get(hf_config.get("model_type", ""))]
     for name in names:
         if name in MODELS:
             return MODELS[name]
