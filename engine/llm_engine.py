@@ -8,8 +8,12 @@ generate() and tree sampling are built on.
 
 Finished sequences keep their KV blocks until free(), so a finished root can still be forked.
 """
+from __future__ import annotations
+
 import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,11 +27,16 @@ from engine.step_tensors import to_device
 from engine.stop_checker import TextStop
 from ettrl_kernels import entropy_sample
 
+if TYPE_CHECKING:  # annotations only: transformers loads with the model's tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+NamedTensors = dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or (HF name, tensor) pairs
 WAKE_UP_TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags, in the order wake_up() restores them
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer=None, eos_token_ids=()):
+    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                 eos_token_ids: Iterable[int] = ()) -> None:
         self.config = config
         self.runner = ModelRunner(config, model_dir)
         self.kv = self.runner.kv
@@ -51,7 +60,7 @@ class LLMEngine:
         seqs[0].pending_siblings = seqs[1:]  # they start from the first one's prefill logits
         return seqs
 
-    def add_sequence(self, seq: Sequence):
+    def add_sequence(self, seq: Sequence) -> None:
         """Queues a sequence (and its pending n>1 siblings) for prefill."""
         self._check_fits(seq)
         self.scheduler.add_waiting(seq)
@@ -108,7 +117,7 @@ class LLMEngine:
         self.scheduler.add_running(child)
         return child
 
-    def free(self, seq: Sequence):
+    def free(self, seq: Sequence) -> None:
         """Releases a sequence's KV blocks (its full blocks stay in the prefix cache). Aborts it if unfinished."""
         if seq.status == SequenceStatus.WAITING and seq in self.scheduler.waiting:
             self.scheduler.waiting.remove(seq)
@@ -119,7 +128,7 @@ class LLMEngine:
             self.kv.release(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def park(self, seq: Sequence):
+    def park(self, seq: Sequence) -> None:
         """Takes an unfinished sequence out of the batch, keeping its tokens, until unpark(seq). One ready to
         decode keeps its KV blocks; any other (waiting, or part way through its prefill) releases them (full ones
         stay in the prefix cache) and is prefilled again, alone (no pending siblings). Its noise keys make it
@@ -130,7 +139,7 @@ class LLMEngine:
         self.free(seq)
         seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
 
-    def unpark(self, seq: Sequence):
+    def unpark(self, seq: Sequence) -> None:
         if seq.block_table:
             self.scheduler.add_running(seq)
         else:
@@ -235,11 +244,11 @@ class LLMEngine:
         """Sequences whose KV is or will be in the pool: waiting, running, and finished but not freed."""
         return len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
 
-    def check_integrity(self):
+    def check_integrity(self) -> None:
         if self.kv is not None:
             self.kv.check_integrity(self.live_sequences())
 
-    def update_weights(self, named_tensors) -> int:
+    def update_weights(self, named_tensors: NamedTensors) -> int:
         live = self.num_live_sequences()
         if live:
             raise RuntimeError(f"update_weights with {live} live sequences: their KV was computed with the old "
@@ -255,7 +264,7 @@ class LLMEngine:
         """No KV pool (sleep() freed it; wake_up() or wake_up(["kv_cache"]) re-creates it)."""
         return self.runner.asleep
 
-    def sleep(self, level: int = 1):
+    def sleep(self, level: int = 1) -> None:
         """Frees the KV pool (the prefix cache with it); level 2 also moves the weights to CPU memory (GPU only).
         Refused while sequences are live: their KV would be lost."""
         if level not in (1, 2):
@@ -267,7 +276,7 @@ class LLMEngine:
         self.runner.sleep(offload_weights=level == 2)
         self.kv = self.scheduler.kv = None
 
-    def wake_up(self, tags: list[str] | None = None):
+    def wake_up(self, tags: list[str] | None = None) -> None:
         """What sleep() gave back, as vLLM's tags name it: "weights" (offloaded at level 2) and "kv_cache" (a new,
         empty pool of the same size); None is both. Weights come back first, so a trainer can wake them, write new
         ones and only then re-create the pool. Each part first checks that it fits in the device's free memory and
@@ -287,7 +296,7 @@ class LLMEngine:
                                "wake_up(['weights']) first")
 
 
-def wake_up_tags(tags) -> tuple[str, ...]:
+def wake_up_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     """wake_up's tags, checked: None -> every tag, in the order they wake (weights before the KV pool)."""
     if tags is None:
         return WAKE_UP_TAGS

@@ -32,7 +32,7 @@ class SamplingParams:
     logprobs_mode: str = "processed_logprobs"  # their distribution, as vLLM's: "raw_logprobs" = softmax(logits),
                                                # "processed_logprobs" = softmax(logits / T) (T = 1 for greedy)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

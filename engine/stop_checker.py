@@ -6,7 +6,7 @@ stop patterns' automaton (engine/stop_regex.py), so the cost of a step does not 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from engine.stop_regex import StopMatcher, StopPatterns
 
@@ -16,7 +16,7 @@ Decode = Callable[[list[int]], str]
 class TextStop:
     """The completion's text, its stop matcher, and per token where the text stood after it (for forks)."""
 
-    def __init__(self, patterns: StopPatterns, decode: Decode, start: int):
+    def __init__(self, patterns: StopPatterns, decode: Decode, start: int) -> None:
         self.patterns, self.decode, self.start = patterns, decode, start
         self.matcher = StopMatcher(patterns)
         self.text = ""  # of the tokens from index `start` (the completion) on

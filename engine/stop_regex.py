@@ -14,7 +14,9 @@ match reported is the one that ends there and starts leftmost.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 try:  # Python >= 3.11
     from re import _constants as C
@@ -27,18 +29,20 @@ MAX_NFA_NODES = 20_000     # bounds `x{1000}{1000}` before it is built
 MAX_CACHED_TRANSITIONS = 100_000  # the lazy DFA's cache is dropped (and rebuilt on demand) beyond this
 
 CHAR, SPLIT, BEGIN, END, MATCH = range(5)
+Predicate = Callable[[str], bool]  # does a CHAR node take this character
+Parsed = Any  # the private sre_parse types: a SubPattern, its (op, arg) items and their args
 
 
 class _Nfa:
     """Nodes as parallel lists: kind, out1, out2 (SPLIT only), predicate (CHAR only)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.kind: list[int] = []
         self.out1: list[int] = []
         self.out2: list[int] = []
-        self.pred: list = []
+        self.pred: list[Predicate | None] = []
 
-    def add(self, kind: int, out1: int = -1, out2: int = -1, pred=None) -> int:
+    def add(self, kind: int, out1: int = -1, out2: int = -1, pred: Predicate | None = None) -> int:
         if len(self.kind) >= MAX_NFA_NODES:
             raise ValueError(f"stop pattern too large: its automaton exceeds {MAX_NFA_NODES} states "
                              f"(lower the repetition counts)")
@@ -58,7 +62,7 @@ _NEGATED = {C.CATEGORY_NOT_DIGIT: C.CATEGORY_DIGIT, C.CATEGORY_NOT_SPACE: C.CATE
             C.CATEGORY_NOT_WORD: C.CATEGORY_WORD}
 
 
-def _category(code, ascii_only: bool):
+def _category(code: Parsed, ascii_only: bool) -> Predicate:
     """\\d \\s \\w and their negations; under the ASCII flag only ASCII characters are in the positive ones."""
     test = _CATEGORIES.get(_NEGATED.get(code, code))
     if test is None:
@@ -70,15 +74,15 @@ def _category(code, ascii_only: bool):
 class _Compiler:
     """sre_parse tree -> NFA, built back to front (each item gets the node that follows it)."""
 
-    def __init__(self, nfa: _Nfa, reverse: bool):
+    def __init__(self, nfa: _Nfa, reverse: bool) -> None:
         self.nfa, self.reverse = nfa, reverse
 
-    def sequence(self, items, nxt: int, flags: int) -> int:
+    def sequence(self, items: Parsed, nxt: int, flags: int) -> int:
         for op, arg in (items if self.reverse else reversed(list(items))):
             nxt = self.item(op, arg, nxt, flags)
         return nxt
 
-    def item(self, op, arg, nxt: int, flags: int) -> int:
+    def item(self, op: Parsed, arg: Parsed, nxt: int, flags: int) -> int:
         nfa = self.nfa
         if op in (C.LITERAL, C.NOT_LITERAL, C.ANY, C.IN):
             return nfa.add(CHAR, nxt, pred=self.predicate(op, arg, flags))
@@ -102,7 +106,7 @@ class _Compiler:
         raise ValueError(f"{str(op).lower()} is not supported in stop patterns (no backreferences, lookarounds, "
                          f"possessive or atomic groups)")
 
-    def repeat(self, low: int, high, sub, nxt: int, flags: int) -> int:
+    def repeat(self, low: int, high: int, sub: Parsed, nxt: int, flags: int) -> int:
         if high is C.MAXREPEAT or high == C.MAXREPEAT:
             loop = self.nfa.add(SPLIT, -1, nxt)
             self.nfa.out1[loop] = self.sequence(sub, loop, flags)
@@ -115,7 +119,7 @@ class _Compiler:
         return nxt
 
     @staticmethod
-    def predicate(op, arg, flags: int):
+    def predicate(op: Parsed, arg: Parsed, flags: int) -> Predicate:
         if op is C.ANY:
             return (lambda c: True) if flags & sre_parse.SRE_FLAG_DOTALL else (lambda c: c != "\n")
         items = {C.LITERAL: [(C.LITERAL, arg)], C.NOT_LITERAL: [(C.NEGATE, None), (C.LITERAL, arg)]}.get(op, arg)
@@ -125,11 +129,11 @@ class _Compiler:
         return test
 
 
-def _in_test(items, ascii_only: bool):
+def _in_test(items: Parsed, ascii_only: bool) -> Predicate:
     negate = bool(items) and items[0][0] is C.NEGATE
     chars: set[str] = set()
     ranges: list[tuple[int, int]] = []
-    tests = []
+    tests: list[Predicate] = []
     for op, arg in items[1:] if negate else items:
         if op is C.LITERAL:
             chars.add(chr(arg))
@@ -149,7 +153,7 @@ def _in_test(items, ascii_only: bool):
 class Automaton:
     """One NFA run as a lazily built DFA. `reverse` builds the mirror image (for finding where a match starts)."""
 
-    def __init__(self, patterns: tuple[str, ...], reverse: bool = False):
+    def __init__(self, patterns: tuple[str, ...], reverse: bool = False) -> None:
         self.nfa = _Nfa()
         match = self.nfa.add(MATCH)
         starts = []
@@ -161,13 +165,14 @@ class Automaton:
             head = self.nfa.add(SPLIT, start, head)
         self.start = head
         self.has_end_anchor = END in self.nfa.kind
-        self._cache: dict = {}
+        self._cache: dict[tuple[frozenset[int], str, frozenset[int] | None], frozenset[int]] = {}
 
-    def closure(self, nodes, at_begin: bool, at_end: bool) -> frozenset[int]:
+    def closure(self, nodes: Iterable[int], at_begin: bool, at_end: bool) -> frozenset[int]:
         """Nodes reachable without reading a character; BEGIN / END pass only where they hold. CHAR, MATCH and
         the assertions that did not pass (they may pass later) are kept."""
         kind, out1, out2 = self.nfa.kind, self.nfa.out1, self.nfa.out2
-        seen, stack, kept = set(), list(nodes), []
+        seen: set[int] = set()
+        stack, kept = list(nodes), []
         while stack:
             n = stack.pop()
             if n in seen:
@@ -208,7 +213,7 @@ class Automaton:
         return nxt
 
 
-def _parse(pattern: str):
+def _parse(pattern: str) -> Parsed:
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"stop patterns must be non-empty strings, got {pattern!r}")
     try:
@@ -282,7 +287,7 @@ def compile_stop_patterns(strings: tuple[str, ...], regexes: tuple[str, ...]) ->
 class StopMatcher:
     """Streams a sequence's generated text through its patterns; `feed` reports where the first match ends."""
 
-    def __init__(self, patterns: StopPatterns):
+    def __init__(self, patterns: StopPatterns) -> None:
         self.patterns = patterns
         self.auto = patterns.forward
         self.restart = self.auto.closure([self.auto.start], False, False)

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, per_prompt
 from engine.tree_select import fork_positions
+
+if TYPE_CHECKING:  # annotations only: engine.llm imports this module
+    from engine.llm import LLM, Prompts
 
 METRICS = ("entropy", "surprisal")
 
@@ -36,12 +40,13 @@ class TreeParams:
     branches: int = 2
     metric: str = "entropy"   # "entropy": full-vocabulary H_t; "surprisal": -log p(sampled token)
     distinct: bool = False     # each branch's first token differs from the root's token at the fork
-    no_fork_after: list[str] = field(default_factory=list)  # no fork at or after the first occurrence of any of
-                                                            # these in the root's text (ettrl: "\\boxed{")
+    no_fork_after: list[str] | str = field(default_factory=list)  # no fork at or after the first occurrence of
+                                                                  # any of these in the root's text (ettrl:
+                                                                  # "\\boxed{"); one string is a list of one
     min_gap: int = 1           # fork positions of a root at least this many tokens apart (1: any distinct ones)
     branch_after_all_roots: bool = False  # fork once all M roots of a prompt have finished (see select_roots)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.trees < 1:
             raise ValueError(f"TreeParams.trees must be >= 1, got {self.trees}")
         if self.forks < 0 or self.branches < 0:
@@ -112,11 +117,13 @@ class TreeResult:
     stats: TreeStats = field(default_factory=TreeStats)
 
 
-RootSelector = Callable[[int, "list[Leaf]"], Iterable[int]]  # (prompt index, its M root leaves) -> roots to fork
+Owner = tuple[Sequence, int, int, int | None, int | None]  # (sequence, prompt, root, fork, branch)
+RootSelector = Callable[[int, list[Leaf]], Iterable[int]]  # (prompt index, its M root leaves) -> roots to fork
 
 
-def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams | list[SamplingParams],
-                use_tqdm: bool = False, select_roots: RootSelector | None = None) -> list[TreeResult]:
+def sample_tree(llm: LLM, prompts: Prompts, tree_params: TreeParams,
+                sampling_params: SamplingParams | list[SamplingParams], use_tqdm: bool = False,
+                select_roots: RootSelector | None = None) -> list[TreeResult]:
     """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring.
 
     `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
@@ -124,30 +131,33 @@ def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: Sampling
     per prompt when its M roots have finished (implies `branch_after_all_roots`) and returns the indices of the
     roots to fork.
     """
-    prompts, params = per_prompt(prompts, sampling_params)
+    prompt_list, params = per_prompt(prompts, sampling_params)
     for p in params:
         if p.n != 1:
             raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={p.n}")
-    prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompt_list]
     seeds = [p.seed if p.seed is not None else random.getrandbits(63) for p in params]
     progress = Progress(llm.engine, len(prompt_ids) * tree_params.num_leaves, "trees", use_tqdm)
     try:
-        return _TreeRun(llm, tree_params, params, progress, select_roots).run(prompt_ids, seeds)
+        return TreeRun(llm, tree_params, params, progress, select_roots).run(prompt_ids, seeds)
     finally:
         progress.close()
 
 
-class _TreeRun:
-    """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
+class TreeRun:
+    """One sample_tree call's trees: run() drives the engine's step loop to the end. A caller that owns the step
+    loop (engine/serve's engine loop, where many requests share each step) uses the pieces instead: begin(), then
+    on_step(finished) after every engine.step() until done, then sorted_results(); abort() frees what is live.
+    `owners` maps a live sequence to its place in the trees."""
 
-    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress,
-                 select_roots: RootSelector | None = None):
+    def __init__(self, llm: LLM, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress,
+                 select_roots: RootSelector | None = None) -> None:
         self.llm, self.engine, self.progress = llm, llm.engine, progress
         self.decode = llm.decode if llm.tokenizer is not None else None
         self.tp, self.params = tree_params, sampling_params  # one SamplingParams per prompt
         self.select_roots = select_roots
         self.defer = tree_params.branch_after_all_roots or select_roots is not None
-        self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
+        self.owners: dict[int, Owner] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
         self.held: dict[int, dict[int, tuple[Sequence, Leaf]]] = {}  # deferred: prompt -> root -> finished root
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
@@ -160,8 +170,8 @@ class _TreeRun:
             raise
         return self.sorted_results()
 
-    # The pieces of run() for a caller that owns the step loop (engine/serve's engine loop).
-    def begin(self, prompt_ids: list[list[int]], seeds: list[int]):
+    # The pieces of run() for a caller that owns the step loop.
+    def begin(self, prompt_ids: list[list[int]], seeds: list[int]) -> None:
         """Queues every prompt's M roots (validated before any is queued)."""
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)])
                         for ids, seed in zip(prompt_ids, seeds)]
@@ -173,7 +183,7 @@ class _TreeRun:
             self.owners.update((seq.uid, (seq, i, r, None, None)) for r, seq in enumerate(roots))
             self.engine.add_sequence(roots[0])
 
-    def on_step(self, finished: list[Sequence]):
+    def on_step(self, finished: list[Sequence]) -> None:
         """Takes this run's sequences among a step's finished ones (records them, forks roots' branches)."""
         for seq in finished:
             if seq.uid in self.owners:
@@ -183,7 +193,7 @@ class _TreeRun:
     def done(self) -> bool:
         return not self.owners
 
-    def abort(self):
+    def abort(self) -> None:
         """Frees every live sequence of this run (and roots held for a later fork)."""
         for seq, *_ in list(self.owners.values()):
             self.engine.free(seq)
@@ -198,7 +208,7 @@ class _TreeRun:
             result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
         return self.results
 
-    def _on_finished(self, seq: Sequence):
+    def _on_finished(self, seq: Sequence) -> None:
         _, i, r, f, b = self.owners.pop(seq.uid)
         result = self.results[i]
         leaf = self._leaf(seq, r, None if f is None else result.fork_positions[r][f], b)
@@ -218,7 +228,7 @@ class _TreeRun:
         if self.live[i] == 0:
             result.stats.wall_seconds = time.perf_counter() - self.start
 
-    def _fork_selected_roots(self, i: int, roots: dict[int, tuple[Sequence, Leaf]]):
+    def _fork_selected_roots(self, i: int, roots: dict[int, tuple[Sequence, Leaf]]) -> None:
         """All M roots of prompt i have finished: fork the chosen ones, free them all."""
         try:
             chosen = set(range(self.tp.trees))
@@ -237,7 +247,7 @@ class _TreeRun:
             for seq, _ in roots.values():
                 self.engine.free(seq)
 
-    def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf):
+    def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf) -> None:
         """B branches at each of the root's top-N positions; they decode from the next step on."""
         metric = leaf.entropies if self.tp.metric == "entropy" else [-lp for lp in leaf.logprobs]
         positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode, self.tp.no_fork_after,
@@ -261,7 +271,7 @@ class _TreeRun:
                     root, fork_position, branch, seq.seq_id, out.stop_reason)
 
     @staticmethod
-    def _account(stats: TreeStats, leaf: Leaf):
+    def _account(stats: TreeStats, leaf: Leaf) -> None:
         reused = leaf.fork_position or 0
         stats.leaves += 1
         stats.decoded_tokens += len(leaf.token_ids) - reused

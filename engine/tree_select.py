@@ -6,7 +6,7 @@ answer is already being written there). Chosen positions are at least `min_gap` 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Decode = Callable[[list[int]], str]
 

@@ -10,7 +10,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["ettrl", "kernels/ettrl_kernels"]
+CHECKED = ["ettrl", "kernels/ettrl_kernels", "engine/serve", "engine/tree.py", "engine/tree_select.py", "engine/llm.py",
+           "engine/sampling_params.py", "engine/stop_regex.py", "engine/stop_checker.py", "engine/models/registry.py"]
 EXCLUDED = ["ettrl/integrations/verl"]
 
 

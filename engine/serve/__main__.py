@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from engine import env
 from engine.config import EngineConfig
 from engine.dataclass_args import add_dataclass_args, dataclass_kwargs
 from engine.serve.config import ServerConfig
+
+if TYPE_CHECKING:  # annotations only: the server (and FastAPI) load in build_server
+    from engine.serve.api_server import Server
 
 ENGINE_ALIASES = {"enable_prefix_caching": ["--prefix-caching"]}  # --no-prefix-caching, the older spelling
 SERVER_ALIASES = {"model_name": ["--served-model-name"]}
@@ -23,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
@@ -31,14 +35,14 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     return EngineConfig(**dataclass_kwargs(EngineConfig, args)), ServerConfig(**dataclass_kwargs(ServerConfig, args))
 
 
-def build_server(args: argparse.Namespace):
+def build_server(args: argparse.Namespace) -> Server:
     from engine import LLM
     from engine.serve.api_server import Server
     engine_config, server_config = configs(args)  # both checked before the model loads
     return Server(LLM(**asdict(engine_config)), server_config)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     try:
         import uvicorn
     except ImportError:

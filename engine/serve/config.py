@@ -45,7 +45,7 @@ class ServerConfig:
     log_level: LOG_LEVELS = "info"
     """Logging level of the server and uvicorn."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("max_sequences_per_request", "max_queued_requests"):
             value = getattr(self, name)
             if value is not None and value < 1:

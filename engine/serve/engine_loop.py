@@ -22,13 +22,21 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
+from engine.serve.jobs import Event, Job
+
+if TYPE_CHECKING:  # annotations only
+    from engine.llm import LLM
 
 log = logging.getLogger("engine.serve")
 IDLE_POLL_S = 0.5
 PROBE_STEPS = 64    # a job alone after a failed step: at most this many steps for each sequence to sample a token
+IfBusy = Literal["wait", "refuse"]
+PauseMode = Literal["wait", "abort"]
+Future = concurrent.futures.Future
 
 
 class Busy(RuntimeError):
@@ -40,34 +48,34 @@ class Aborted(RuntimeError):
 
 
 class EngineLoop:
-    def __init__(self, llm):
+    def __init__(self, llm: LLM) -> None:
         self.llm, self.engine = llm, llm.engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.active: list = []                 # jobs whose sequences are in the engine
-        self.held: deque = deque()             # submitted, not yet admitted (paused, or a barrier waits)
-        self.barriers: deque = deque()         # (fn, future) to run once no job is in flight
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.active: list[Job] = []            # jobs whose sequences are in the engine
+        self.held: deque[Job] = deque()        # submitted, not yet admitted (paused, or a barrier waits)
+        self.barriers: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # to run once no job is in flight
         self.paused = False
         self.healthy = True                    # the model gave finite logits at the last canary
         self._stopping = False
         self.num_steps = 0
-        self._queued: set = set()              # submitted jobs none of whose sequences has been scheduled yet
+        self._queued: set[Job] = set()         # submitted jobs none of whose sequences has been scheduled yet
         self._queued_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # ---- called from any thread ------------------------------------------------------------------------
-    def start(self):
+    def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0):
+    def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
-    def submit(self, job):
+    def submit(self, job: Job) -> None:
         with self._queued_lock:
             self._queued.add(job)
         self._inbox.put(("submit", job))
 
-    def abort(self, job):
+    def abort(self, job: Job) -> None:
         self._inbox.put(("abort", job))
 
     @property
@@ -75,22 +83,22 @@ class EngineLoop:
         """Jobs submitted whose sequences have not started (held, or waiting in the engine's queue)."""
         return len(self._queued)
 
-    def barrier(self, fn: Callable, if_busy: str = "wait") -> concurrent.futures.Future:
+    def barrier(self, fn: Callable[[], Any], if_busy: IfBusy = "wait") -> Future[Any]:
         """Runs fn() on the loop thread once no job is in flight; new jobs wait meanwhile. if_busy="refuse":
         fails at once with Busy when jobs are in flight (or held)."""
-        future = concurrent.futures.Future()
+        future: Future[Any] = Future()
         self._inbox.put(("barrier", (fn, future, if_busy)))
         return future
 
-    def pause(self, mode: str) -> concurrent.futures.Future:
+    def pause(self, mode: PauseMode) -> Future[None]:
         """mode "wait": new jobs are held and the future resolves when the jobs in flight have finished;
         "abort": the jobs in flight are aborted (their clients get an error) and held jobs stay held."""
-        future = concurrent.futures.Future()
+        future: Future[None] = Future()
         self._inbox.put(("pause", (mode, future)))
         return future
 
-    def resume(self) -> concurrent.futures.Future:
-        future = concurrent.futures.Future()
+    def resume(self) -> Future[None]:
+        future: Future[None] = Future()
         self._inbox.put(("resume", future))
         return future
 
@@ -99,7 +107,7 @@ class EngineLoop:
         return self._thread.is_alive()
 
     # ---- the loop thread ----------------------------------------------------------------------------------
-    def _run(self):
+    def _run(self) -> None:
         while not self._stopping:
             self._drain(block=not self._has_work())
             self._run_barriers()
@@ -111,7 +119,7 @@ class EngineLoop:
     def _has_work(self) -> bool:
         return bool(self.active or self.barriers or (self.held and not self.paused))
 
-    def _drain(self, block: bool):
+    def _drain(self, block: bool) -> None:
         try:
             message = self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()
             while True:
@@ -120,7 +128,7 @@ class EngineLoop:
         except queue.Empty:
             pass
 
-    def _handle(self, kind: str, payload):
+    def _handle(self, kind: str, payload: Any) -> None:
         if kind == "submit":
             self.held.append(payload)
         elif kind == "abort":
@@ -145,7 +153,7 @@ class EngineLoop:
         elif kind == "stop":
             self._stopping = True
 
-    def _run_barriers(self):
+    def _run_barriers(self) -> None:
         while self.barriers and not self.active:
             fn, future = self.barriers.popleft()
             if future.set_running_or_notify_cancel():
@@ -154,7 +162,7 @@ class EngineLoop:
                 except BaseException as e:  # noqa: BLE001 - reported to the caller
                     future.set_exception(e)
 
-    def _admit(self):
+    def _admit(self) -> None:
         while self.held and not self.paused and not self.barriers:
             job = self.held.popleft()
             try:
@@ -166,7 +174,7 @@ class EngineLoop:
                 continue
             self.active.append(job)
 
-    def _step(self):
+    def _step(self) -> None:
         try:
             finished = self.engine.step()
         except Exception as e:  # noqa: BLE001 - confined to the jobs that cause it
@@ -175,7 +183,7 @@ class EngineLoop:
             return
         self._after_step(finished)
 
-    def _after_step(self, finished: list[Sequence]):
+    def _after_step(self, finished: list[Sequence]) -> None:
         self.num_steps += 1
         for job in list(self.active):
             job.on_step(self.engine, finished)
@@ -191,7 +199,7 @@ class EngineLoop:
                 _emit(job, ("done", job.result()))
 
     # ---- after a failed step ------------------------------------------------------------------------------
-    def _recover(self, error: Exception):
+    def _recover(self, error: Exception) -> None:
         """Parks every job, runs each one that was in the failed step alone until each of its sequences sampled
         a token (or it ended): a job whose step raises fails alone; the others go on where they were."""
         unreported = list(self.engine.finished.values())  # finished by the failed step before it raised
@@ -212,22 +220,21 @@ class EngineLoop:
                 continue
             if job in self.active:
                 self._park(job)
-        self.healthy = self.canary()
-        if not self.healthy:
+        if not self.check_health():
             log.error("the model no longer gives finite logits (after %s: %s); /health answers 503",
                       type(error).__name__, error)
         for job in self.active:
             self._unpark(job)
 
-    def _park(self, job):
+    def _park(self, job: Job) -> None:
         for seq in job.sequences():
             self.engine.park(seq)
 
-    def _unpark(self, job):
+    def _unpark(self, job: Job) -> None:
         for seq in job.sequences():
             self.engine.unpark(seq)
 
-    def _run_alone(self, job):
+    def _run_alone(self, job: Job) -> None:
         seqs = job.sequences()
         marks = {seq.uid: len(seq) for seq in seqs}
         self._unpark(job)
@@ -235,6 +242,11 @@ class EngineLoop:
             if job.done or all(seq.is_finished or len(seq) > marks[seq.uid] for seq in seqs):
                 return
             self._after_step(self.engine.step())
+
+    def check_health(self) -> bool:
+        """Runs the canary and records what it says in `healthy` (on the loop thread: in a barrier)."""
+        self.healthy = self.canary()
+        return self.healthy
 
     def canary(self) -> bool:
         """One greedy token of a one-token prompt, alone: True when it comes with finite statistics. Runs on
@@ -256,11 +268,11 @@ class EngineLoop:
             self.engine.free(seq)
 
     # ---- ending jobs ----------------------------------------------------------------------------------------
-    def _unqueue(self, job):
+    def _unqueue(self, job: Job) -> None:
         with self._queued_lock:
             self._queued.discard(job)
 
-    def _abort(self, job):
+    def _abort(self, job: Job) -> None:
         self._unqueue(job)
         if job in self.held:
             self.held.remove(job)
@@ -268,23 +280,23 @@ class EngineLoop:
             self.active.remove(job)
             job.abort(self.engine)
 
-    def _fail(self, job, error: Exception, status: int = 503):
+    def _fail(self, job: Job, error: BaseException, status: int = 503) -> None:
         self._abort(job)
         _emit(job, ("error", (status, f"{type(error).__name__}: {error}")))
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         for job in [*self.active, *self.held]:
             self._fail(job, Aborted("the server is shutting down"))
         for fn, future in self.barriers:
             future.cancel()
 
 
-def _started(job) -> bool:
+def _started(job: Job) -> bool:
     """Some sequence of the job has been scheduled (it holds KV, runs or has finished)."""
     return any(seq.status is not SequenceStatus.WAITING for seq in job.sequences()) or job.done
 
 
-def _emit(job, event):
+def _emit(job: Job, event: Event) -> None:
     try:
         job.emit(event)
     except Exception:

@@ -9,6 +9,7 @@ import logging
 from urllib.parse import urlsplit
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.serve.config import is_loopback
 from engine.serve.errors import ApiError, error_response
@@ -21,17 +22,17 @@ class ApiKeyMiddleware:
     """Every request but GET /health needs `Authorization: Bearer KEY` (the scheme in any case), compared in
     constant time."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, api_key.encode()
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES and not self._authorized(scope):
             response = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         value = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, key = value.strip().partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.expected)
@@ -43,12 +44,12 @@ class HostOriginMiddleware:
     server through its own host name (DNS rebinding) or post to it from its origin. On other binds they must name
     one of `allowed_hosts` when it is given."""
 
-    def __init__(self, app, bind_host: str, allowed_hosts: list[str] | None):
+    def __init__(self, app: ASGIApp, bind_host: str, allowed_hosts: list[str] | None) -> None:
         self.app = app
         self.loopback = is_loopback(bind_host)
         self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             problem = self._problem(dict(scope["headers"]))
             if problem is not None:
@@ -60,9 +61,9 @@ class HostOriginMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         if not self._allowed(_hostname(host)):
             return 400, (f"the Host header {host!r} is not allowed: {self._rule()}")
-        origin = headers.get(b"origin")
-        if origin is not None:
-            origin = origin.decode("latin-1")
+        raw_origin = headers.get(b"origin")
+        if raw_origin is not None:
+            origin = raw_origin.decode("latin-1")
             name = urlsplit(origin).hostname if origin != "null" else None
             if name is None or not self._allowed(name):
                 return 403, f"requests from the web origin {origin!r} are not allowed: {self._rule()}"
@@ -79,7 +80,7 @@ class HostOriginMiddleware:
         listed = f" or one of --allowed-hosts {sorted(self.allowed)}" if self.allowed else ""
         if self.loopback:
             return f"the server is bound to a loopback address; use 127.0.0.1, localhost or [::1]{listed}"
-        return f"use one of --allowed-hosts {sorted(self.allowed)}"
+        return f"use one of --allowed-hosts {sorted(self.allowed or ())}"
 
 
 def _hostname(host: str) -> str | None:
@@ -92,14 +93,14 @@ def _hostname(host: str) -> str | None:
         return None
 
 
-def require_content_type(request: Request, expected: str):
+def require_content_type(request: Request, expected: str) -> None:
     """415 unless the body is declared as `expected` (parameters such as charset allowed)."""
     declared = request.headers.get("content-type", "")
     if declared.split(";")[0].strip().lower() != expected:
         raise ApiError(415, f"send this route's body as Content-Type: {expected}, got {declared or 'none'!r}")
 
 
-def warn_if_open(host: str, api_key: str | None, weight_updates: bool):
+def warn_if_open(host: str, api_key: str | None, weight_updates: bool) -> None:
     """A loud line at start for a server that anyone on the network may use."""
     if not is_loopback(host) and not api_key:
         rule = "!" * 100

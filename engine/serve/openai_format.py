@@ -7,8 +7,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.llm import LLM
+    from engine.serve.jobs import Delta, Requests, TopLogprobs
+    from engine.tree import TreeResult
 
 
 def new_id(prefix: str) -> str:
@@ -32,7 +40,9 @@ class Options:
 
 
 class Formatter:
-    def __init__(self, llm):
+    """Token texts, logprobs objects and whole responses of one model (its tokenizer and its stop rules)."""
+
+    def __init__(self, llm: LLM) -> None:
         self.llm, self.tokenizer = llm, llm.tokenizer
 
     # ---- text ------------------------------------------------------------------------------------------------
@@ -47,15 +57,16 @@ class Formatter:
         return self.llm._completion(seq).text or ""
 
     # ---- logprobs ----------------------------------------------------------------------------------------------
-    def token_logprobs(self, logprobs: list[float], top: list, opts: Options) -> list[float]:
+    def token_logprobs(self, logprobs: list[float], top: list[TopLogprobs], opts: Options) -> list[float]:
         return [t[0] for t in top] if opts.raw_logprobs else list(logprobs)
 
     @staticmethod
-    def _top(logprobs: list[float], top: list) -> list:
+    def _top(logprobs: list[float], top: list[TopLogprobs]) -> list[TopLogprobs]:
         """No alternatives recorded (logprobs=0 in the sampler's own distribution): the sampled token's only."""
         return top if len(top) == len(logprobs) else [(lp, []) for lp in logprobs]
 
-    def completion_logprobs(self, token_ids, logprobs, top, opts: Options, offset: int = 0) -> dict | None:
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[float], top: list[TopLogprobs], opts: Options,
+                            offset: int = 0) -> dict[str, Any] | None:
         if opts.logprobs is None:
             return None
         top = self._top(logprobs, top)
@@ -73,7 +84,8 @@ class Formatter:
         return {"text_offset": offsets, "token_logprobs": self.token_logprobs(logprobs, top, opts),
                 "tokens": tokens, "top_logprobs": alternatives}
 
-    def chat_logprobs(self, token_ids, logprobs, top, opts: Options) -> dict | None:
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[float], top: list[TopLogprobs],
+                      opts: Options) -> dict[str, Any] | None:
         if opts.logprobs is None:
             return None
         top = self._top(logprobs, top)
@@ -86,8 +98,9 @@ class Formatter:
         return {"content": content}
 
     # ---- whole responses -----------------------------------------------------------------------------------------
-    def response(self, requests: list[tuple[list[int], list[Sequence]]], opts: Options) -> dict:
-        choices, completion_tokens = [], 0
+    def response(self, requests: Requests, opts: Options) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        completion_tokens = 0
         for prompt_ids, seqs in requests:
             for seq in seqs:
                 choices.append(self._choice(len(choices), prompt_ids, seq, opts))
@@ -97,11 +110,11 @@ class Formatter:
                 "created": opts.created, "model": opts.model, "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens)}
 
-    def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict:
+    def _choice(self, index: int, prompt_ids: list[int], seq: Sequence, opts: Options) -> dict[str, Any]:
         ids = seq.completion_token_ids
         text, stop_reason = self.final_text(seq), seq.stop_reason
         if opts.kind == "chat":
-            choice = {"index": index, "message": {"role": "assistant", "content": text},
+            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": text},
                       "logprobs": self.chat_logprobs(ids, seq.logprobs, seq.top_logprobs, opts),
                       "finish_reason": seq.finish_reason, "stop_reason": stop_reason}
         else:
@@ -115,7 +128,7 @@ class Formatter:
         return choice
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -125,7 +138,7 @@ class IncrementalText:
     offsets; a token that is part of a multi-byte character waits for the rest), so a long stream costs the event
     loop what a short one does per token."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.tokenizer, self.text = tokenizer, ""
         self.ids: list[int] = []
         self.prefix = self.read = 0  # token indices
@@ -142,6 +155,7 @@ class IncrementalText:
         return self.text
 
     def _decode(self, ids: list[int]) -> str:
+        assert self.tokenizer is not None  # extend() decodes only with a tokenizer
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -155,7 +169,7 @@ def held_back(text: str, stop: list[str]) -> str:
 class StreamState:
     """Server-sent events of one streaming request: one chunk per sample and step that produced something."""
 
-    def __init__(self, formatter: Formatter, opts: Options, prompt_ids: list[list[int]], n: int):
+    def __init__(self, formatter: Formatter, opts: Options, prompt_ids: list[list[int]], n: int) -> None:
         self.fmt, self.opts = formatter, opts
         self.prompt_of = [ids for ids in prompt_ids for _ in range(n)]
         self.texts = [IncrementalText(formatter.tokenizer) for _ in self.prompt_of]
@@ -164,19 +178,19 @@ class StreamState:
         self.offset = [0] * len(self.prompt_of)   # text_offset of the next token (logprobs)
         self.prompt_tokens = sum(len(ids) for ids in prompt_ids)
 
-    def chunks(self, deltas) -> list[str]:
+    def chunks(self, deltas: list[Delta]) -> list[str]:
         return [self._chunk(d) for d in deltas]
 
-    def _chunk(self, d) -> str:
+    def _chunk(self, d: Delta) -> str:
         k, opts = d.index, self.opts
         text = self.texts[k].extend(d.token_ids)
         text = d.text if d.text is not None else held_back(text, opts.stop)
         new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
         if opts.kind == "chat":
-            delta = {"content": new_text}
+            delta: dict[str, str] = {"content": new_text}
             if not self.started[k]:
                 delta["role"] = "assistant"
-            choice = {"index": k, "delta": delta,
+            choice: dict[str, Any] = {"index": k, "delta": delta,
                       "logprobs": self.fmt.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs, opts)}
         else:
             logprobs = self.fmt.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, opts, self.offset[k])
@@ -200,17 +214,17 @@ class StreamState:
         body["usage"] = usage(self.prompt_tokens, sum(len(t.ids) for t in self.texts))
         return sse(body)
 
-    def _envelope(self, choices: list) -> dict:
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.opts.kind == "chat" else "text_completion"
         return {"id": self.opts.id, "object": kind, "created": self.opts.created, "model": self.opts.model,
                 "choices": choices}
 
 
-def sse(body: dict | str) -> str:
+def sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
-def tree_response(results, model: str, formatter: Formatter) -> dict:
+def tree_response(results: list[TreeResult], model: str, formatter: Formatter) -> dict[str, Any]:
     """POST /v1/sample_tree: per prompt, every leaf with its origin, and the tree's stats."""
     out, prompt_tokens, decoded = [], 0, 0
     for i, r in enumerate(results):

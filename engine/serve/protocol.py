@@ -31,7 +31,8 @@ NOT_IMPLEMENTED: dict[str, tuple] = {
 }
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    """Every request body: unknown fields kept aside (model_extra) for the server to ignore or refuse."""
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     def unknown_fields(self) -> list[str]:
@@ -42,7 +43,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(RequestBody):
     """The sampling fields every generation route shares (SamplingParams' names)."""
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0)
@@ -87,7 +88,7 @@ class SamplingFields(_Request):
 
 
 
-def _is_default(value, defaults: tuple) -> bool:
+def _is_default(value: object, defaults: tuple[Any, ...]) -> bool:
     return any(value == d and isinstance(value, bool) == isinstance(d, bool) for d in defaults)
 
 
@@ -116,7 +117,7 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
 
-    def flat(self) -> dict:
+    def flat(self) -> dict[str, Any]:
         """The message as a chat template takes it: content parts joined by newlines (vLLM's rule)."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
@@ -152,7 +153,10 @@ class SampleTreeRequest(SamplingFields):
     branch_after_all_roots: bool = False
 
 
-class UpdateWeightsFromDiskRequest(_Request):
+GenerationRequest = CompletionRequest | ChatCompletionRequest  # the routes that answer in OpenAI's shapes
+
+
+class UpdateWeightsFromDiskRequest(RequestBody):
     model_path: str
     weight_version: str | None = None   # SGLang's: a name for the new weights, reported beside the version counter
     if_busy: Literal["wait", "refuse"] = "wait"
