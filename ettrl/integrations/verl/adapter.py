@@ -125,7 +125,7 @@ class EttrlServerAdapter(BaseRollout):
         _wait(self.server.loop.barrier(reset))
 
     def weight_version(self) -> str:
-        return str(self.server.weight_version)
+        return str(self.server.weights.number)
 
     def weight_digests(self) -> dict[str, str]:
         """sha256 of each weight's bytes by Hugging Face name (tests compare them with the trainer's)."""
