@@ -207,7 +207,7 @@ def score_option(records: list[dict], option: str, vote_aware: bool = False) -> 
             leaf_ratios.append(used / len(answers))
         d, se = mean_se(diffs)
         rows.append({"shape": f"{m},{n},{b}", "acc": statistics.fmean(accs), "tokens": statistics.fmean(tokens),
-                     "diff": d, "se": se, "ratio": statistics.fmean(ratios),
+                     "diff": d, "se": se, "diffs": diffs, "ratio": statistics.fmean(ratios),
                      "tokens_per_leaf": statistics.fmean(leaf_ratios), "beyond": beyond / len(records)})
     return rows
 
@@ -260,7 +260,7 @@ def report(args):
             points = ", ".join(f"n={r['n']} {r['acc']:.3f} @ {r['tokens']:.0f} tok" for r in rows)
             print(f"parallel ({stop}): {points}")
         print("\n| option | best shape | trees - parallel at equal tokens (points, mean +- s.e. over problems) | "
-              "mean over shapes | tokens vs parallel of as many leaves | branch = root answer | "
+              "mean over shapes (+- s.e. over problems) | tokens vs parallel of as many leaves | branch = root answer | "
               "two roots agree | fork depth |")
         print("|---|---|---|---|---|---|---|---|")
         for option in OPTIONS:
@@ -269,8 +269,9 @@ def report(args):
                 best = max(rows, key=lambda r: r["diff"])
                 echo = echo_stats(records, option)
                 name = option + (" + vote-aware" if aware else "")
+                over_shapes = mean_se([statistics.fmean(r["diffs"][i] for r in rows) for i in range(len(records))])
                 print(f"| {name} | {best['shape']} | {100 * best['diff']:+.1f} +- {100 * best['se']:.1f} | "
-                      f"{100 * statistics.fmean(r['diff'] for r in rows):+.1f} | "
+                      f"{100 * over_shapes[0]:+.1f} +- {100 * over_shapes[1]:.1f} | "
                       f"{statistics.fmean(r['ratio'] for r in rows):.2f} | {echo['branch_root_agree']:.2f} | "
                       f"{echo['independent_agree']:.2f} | {echo['fork_depth']:.2f} |")
         if args.shapes:
