@@ -38,7 +38,7 @@ class TreeParams:
     trees: int = 12
     forks: int = 2
     branches: int = 2
-    metric: str = "entropy"   # "entropy": full-vocabulary H_t; "surprisal": -log p(sampled token)
+    metric: str = "surprisal"  # "surprisal": -log p(sampled token), Algorithm 1; "entropy": full-vocabulary H_t
     distinct: bool = False     # each branch's first token differs from the root's token at the fork
     no_fork_after: list[str] | str = field(default_factory=list)  # no fork at or after the first occurrence of
                                                                   # any of these in the root's text (ettrl:

@@ -79,7 +79,7 @@ class RolloutConfig:
     trees: int = 3  # ETMR: M (3 trees x (1 + 2 x 2) = 15 leaves; 0.66-0.69x the tokens of 16 parallel, measured)
     forks: int = 2  # ETMR: N
     branches: int = 2  # ETMR: B
-    fork_metric: str = "entropy"  # entropy | surprisal (Algorithm 1's -log p of the sampled token)
+    fork_metric: str = "surprisal"  # surprisal (Algorithm 1: -log p of the sampled token) | entropy
     distinct: bool = False
     no_fork_after: list[str] = field(default_factory=lambda: ["\\boxed{"])  # no fork from the first of these on
     min_gap: int = 1  # fork positions of a root at least this many tokens apart

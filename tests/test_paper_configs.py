@@ -29,7 +29,7 @@ def test_paper_config_is_ttrls_update(tmp_path, path):
     assert (t.mini_batch_prompts, t.ppo_epochs, t.kl_coef, t.clip_ratio_c, t.drop_last) == (1, 1, 0.001, 3.0, True)
     assert (cfg.algo.std, r.n_votes, r.n_train, r.stop_at_answer) == ("bessel", 64, 32, False)  # TTRL: no stop
     assert (r.train_pick, r.vote) == (("first", "ttrl") if baseline else ("stratified", "boxed"))
-    assert (r.fork_metric, r.temperature) == (("entropy", 1.0) if baseline else ("surprisal", 0.6))
+    assert (r.fork_metric, r.temperature) == (("surprisal", 1.0) if baseline else ("surprisal", 0.6))
     assert (t.lr, t.warmup_ratio, t.weight_decay, t.grad_clip, t.eps_low, t.eps_high, t.loss_agg) == (
         5e-7, 0.03, 0.01, 1.0, 0.2, 0.2, "token-mean")
     assert t.prompts_per_step == 8 and t.epochs == EPOCHS[task]
@@ -102,7 +102,7 @@ def test_ttrl_baselines_differ_from_their_recipe_only_where_ttrl_did(tmp_path):
         recipe = _flat(config_to_dict(load_config(recipe_path, overrides)))
         changed = {k for k in base if base[k] != recipe[k]}
         assert changed == {"name", "rollout.temperature", "rollout.vote", "rollout.train_pick",
-                           "rollout.fork_metric", "rollout.trees"}  # the last two: tree keys left to the default
+                           "rollout.trees"}  # the last: a tree key left to the default
         assert (base["method"], base["rollout.temperature"], base["rollout.vote"]) == ("ttrl", 1.0, "ttrl")
         assert (base["eval.k"], base["eval.temperature"], base["eval.top_p"]) == (16, 0.6, 0.95)
 

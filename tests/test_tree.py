@@ -116,7 +116,7 @@ def test_no_fork_from_the_first_marker_on(llm, monkeypatch, min_gap):
     monkeypatch.setattr(llm, "tokenizer", object())
     monkeypatch.setattr(llm, "decode", lambda ids: "".join("\\boxed{" if i in boxed else "x" for i in ids))
     for markers in (["\\boxed{"], []):
-        tp = TreeParams(trees=6, forks=2, branches=1, no_fork_after=markers, min_gap=min_gap)
+        tp = TreeParams(trees=6, forks=2, branches=1, no_fork_after=markers, min_gap=min_gap, metric="entropy")
         trees, _, _ = run_trees(llm, tp, params(stop_token_ids=[], ignore_eos=True))
         cut_somewhere = False
         for tree in trees:

@@ -5,7 +5,7 @@
         trees: 4          # M roots a prompt; 0 (the default): plain parallel sampling, rollout.n a prompt
         forks: 2          # N fork points a root
         branches: 2       # B branches a fork point; rollout.n must be M (1 + N B)
-        metric: entropy   # or surprisal
+        metric: surprisal   # or entropy
         distinct: false   # a branch's first token differs from its root's
         seed: null        # an int: group g of step s samples with seed + s * 2**20 + g (reproducible runs)
         engine: {}        # more engine.LLM options (kv_cache_memory_gb, max_num_seqs, attention_backend, ...)
@@ -24,7 +24,7 @@ class EttrlRolloutOptions:
     trees: int = 0
     forks: int = 2
     branches: int = 2
-    metric: str = "entropy"
+    metric: str = "surprisal"
     distinct: bool = False
     seed: int | None = None
     engine: dict = field(default_factory=dict)
