@@ -71,8 +71,8 @@ inline void key_rows(const T* cache, const int64_t* table, const Shape& sh, int6
 
 // Asks for the slots of keys [k0, k0 + 16) ahead of use: a sequence's own blocks come cold from memory, and
 // the loads of load_tile otherwise wait on them one row at a time.
-template <typename T>
-ETTRL_TILE_TARGET inline void prefetch_tile(const DecodeAttentionArgs& a, const int64_t* table, const Shape& sh,
+template <typename T, typename Args>
+ETTRL_TILE_TARGET inline void prefetch_tile(const Args& a, const int64_t* table, const Shape& sh,
                                             int64_t k0, int64_t len) {
   const int64_t bytes = sh.row * static_cast<int64_t>(sizeof(T));
   for (int64_t key = k0; key < std::min(len, k0 + kTile); ++key) {
@@ -155,8 +155,9 @@ ETTRL_TILE_TARGET inline void tile_update(__m512 scores, const float* values, in
   st[D] = m_new;
 }
 
-template <typename T, int64_t D>
-inline void scaled_query(const DecodeAttentionArgs& a, int64_t b, int64_t head, float* q) {
+// Query row b (a sequence in a decode step, a new token in a prefill step) of head `head`, scaled, in fp32.
+template <typename T, int64_t D, typename Args>
+inline void scaled_query(const Args& a, int64_t b, int64_t head, float* q) {
   const T* src = static_cast<const T*>(a.q) + (b * a.num_heads + head) * D;
   for (int64_t j = 0; j < D; ++j) q[j] = load(src, j) * a.scale;
 }
@@ -175,10 +176,10 @@ struct KeyTile {
   }
 };
 
-// The query of head `head` of sequence b as tile_scores takes it: the bf16 row in place (vdpbf16ps) or fp32 scaled.
-template <typename T, int64_t D>
+// The query of head `head` of row b as tile_scores takes it: the bf16 row in place (vdpbf16ps) or fp32 scaled.
+template <typename T, int64_t D, typename Args = DecodeAttentionArgs>
 struct Queries {
-  const DecodeAttentionArgs& a;
+  const Args& a;
   float* f32;  // [rows][num_heads][D] scaled, fp32 path only
 
   void fill(int64_t row, int64_t b) {
@@ -229,7 +230,7 @@ inline std::vector<PrefixGroup> prefix_groups(const DecodeAttentionArgs& a) {
 
 // Thread-local scratch, reused across calls: decode runs once per layer and step.
 inline std::vector<float>& scratch(int which, size_t size) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[5];
   if (buffers[which].size() < size) buffers[which].resize(size);
   return buffers[which];
 }
@@ -258,6 +259,16 @@ ETTRL_TILE_TARGET void fold_shared(const DecodeAttentionArgs& a, const Shape& sh
   }
 }
 
+// A query row's output from its heads' final states: o / s per head.
+template <typename T, int64_t D>
+inline void write_row(const float* states, int64_t heads, T* out) {
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* h = states + i * kState<D>;
+    const float inv = 1.f / h[D + 1];
+    for (int64_t j = 0; j < D; ++j) store(out + i * D, j, h[j] * inv);
+  }
+}
+
 // Phase 2: sequence b's tiles from key `from` on, then its output.
 template <typename T, int64_t D>
 ETTRL_TILE_TARGET void fold_own(const DecodeAttentionArgs& a, const Shape& sh, int64_t b, int64_t from,
@@ -280,12 +291,7 @@ ETTRL_TILE_TARGET void fold_own(const DecodeAttentionArgs& a, const Shape& sh, i
                      st + i * kState<D>);
     }
   }
-  T* out = static_cast<T*>(a.out) + b * a.num_heads * D;
-  for (int64_t i = 0; i < a.num_heads; ++i) {
-    const float* h = st + i * kState<D>;
-    const float inv = 1.f / h[D + 1];
-    for (int64_t j = 0; j < D; ++j) store(out + i * D, j, h[j] * inv);
-  }
+  write_row<T, D>(st, a.num_heads, static_cast<T*>(a.out) + b * a.num_heads * D);
 }
 
 template <typename T, int64_t D>
@@ -324,6 +330,88 @@ ETTRL_TILE_TARGET bool decode_tiles(const DecodeAttentionArgs& a, int workers) {
     a.bf16 ? decode<uint16_t, 64>(a, workers) : decode<float, 64>(a, workers);
   else
     a.bf16 ? decode<uint16_t, 128>(a, workers) : decode<float, 128>(a, workers);
+  return true;
+}
+
+// ---- prefill: several new tokens per sequence, each attending to the keys up to its own position ----------------
+//
+// Row r of sequence b sees n_r = kv_lens[b] - (q_starts[b + 1] - r) + 1 keys, and its result is the fold a decode
+// with n_r keys computes: tile_update over tiles 0, 16, ... with the same scores, the last tile cut at n_r. Rows of
+// one sequence are taken kRowsPerTask at a time, so that each tile is loaded (and its values converted) once for
+// all of them; which rows share a task changes what is loaded together, not what any row computes.
+
+constexpr int64_t kRowsPerTask = 16;
+
+struct RowTask {
+  int64_t seq, begin, end;  // rows [begin, end) of sequence seq
+  int64_t cost;             // row tiles: the work of the task
+};
+
+inline int64_t row_keys(const PrefillAttentionArgs& a, int64_t b, int64_t row) {
+  return a.kv_lens[b] - (a.q_starts[b + 1] - row) + 1;
+}
+
+inline std::vector<RowTask> row_tasks(const PrefillAttentionArgs& a) {
+  std::vector<RowTask> tasks;
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t r = a.q_starts[b]; r < a.q_starts[b + 1]; r += kRowsPerTask) {
+      const int64_t end = std::min(a.q_starts[b + 1], r + kRowsPerTask);
+      tasks.push_back({b, r, end, (end - r) * ((row_keys(a, b, end - 1) + kTile - 1) / kTile)});
+    }
+  return tasks;
+}
+
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh, const RowTask& task) {
+  const int64_t n = task.end - task.begin, tile = sh.kv_heads * kTile * D, heads = a.num_heads;
+  const int64_t first = row_keys(a, task.seq, task.begin), len = first + n - 1;  // keys of the first, last row
+  const int64_t* table = a.block_tables + task.seq * a.table_width;
+  Queries<T, D, PrefillAttentionArgs> queries{a, kDotBf16<T> ? nullptr : scratch(0, n * heads * D).data()};
+  KeyTile<T, D> keys{kDotBf16<T> ? nullptr : scratch(1, tile).data(), {}};
+  float* values = scratch(2, tile).data();
+  float* states = scratch(4, n * heads * kState<D>).data();
+  for (int64_t s = 0; s < n * heads; ++s) reset_state<D>(states + s * kState<D>);
+  for (int64_t m = 0; m < n; ++m) queries.fill(m, task.begin + m);
+  for (int64_t k0 = 0; k0 < len; k0 += kTile) {
+    prefetch_tile<T>(a, table, sh, k0 + kPrefetchTiles * kTile, len);
+    keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, len);
+    load_tile<T, D>(static_cast<const T*>(a.v_cache), table, sh, k0, len, values);
+    for (int64_t m = std::max<int64_t>(0, k0 + 1 - first); m < n; ++m) {  // rows that see key k0
+      const int64_t valid = std::min(kTile, first + m - k0);
+      float* st = states + m * heads * kState<D>;
+      for (int64_t i = 0; i < heads; ++i) {
+        const int64_t g = i / sh.group;
+        tile_update<D>(queries.scores(m, task.begin + m, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
+                       st + i * kState<D>);
+      }
+    }
+  }
+  for (int64_t m = 0; m < n; ++m)
+    write_row<T, D>(states + m * heads * kState<D>, heads, static_cast<T*>(a.out) + (task.begin + m) * heads * D);
+}
+
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void prefill(const PrefillAttentionArgs& a, int workers) {
+  const Shape sh{__builtin_ctzll(static_cast<uint64_t>(a.block_size)), a.num_kv_heads * D, a.num_kv_heads,
+                 a.num_heads / a.num_kv_heads};
+  const std::vector<RowTask> tasks = row_tasks(a);
+  std::vector<int64_t> done(tasks.size() + 1, 0);  // cost of the tasks before each: threads take equal shares
+  for (size_t t = 0; t < tasks.size(); ++t) done[t + 1] = done[t] + tasks[t].cost;
+  parallel_ranges(workers, workers, [&](int64_t w0, int64_t w1) {
+    const int64_t lo = done.back() * w0 / workers, hi = done.back() * w1 / workers;
+    for (size_t t = 0; t < tasks.size(); ++t)
+      if (done[t] >= lo && done[t] < hi) fold_rows<T, D>(a, sh, tasks[t]);
+  });
+}
+
+template <bool Bf16Only>
+ETTRL_TILE_TARGET bool prefill_tiles(const PrefillAttentionArgs& a, int workers) {
+  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
+  if (!pow2_blocks || (a.head_dim != 64 && a.head_dim != 128) || (Bf16Only && !a.bf16)) return false;
+  if (a.head_dim == 64)
+    a.bf16 ? prefill<uint16_t, 64>(a, workers) : prefill<float, 64>(a, workers);
+  else
+    a.bf16 ? prefill<uint16_t, 128>(a, workers) : prefill<float, 128>(a, workers);
   return true;
 }
 
