@@ -25,8 +25,15 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # explicit KV bytes (win over gpu_memory_utilization); CPU default 1 GiB
     gpu_memory_utilization: float = 0.9      # CUDA: fraction of the GPU's total memory this engine may hold
                                              # (weights + activations + KV pool), as in vLLM
-    max_num_seqs: int = 256                  # decode budget: sequences per step
-    max_num_batched_tokens: int = 8192       # prefill budget: tokens per prefill step
+    max_num_seqs: int = 256                  # sequences per step
+    max_num_batched_tokens: int | None = None  # tokens per step (decodes first, then prefill pieces); without
+                                             # chunked prefill, prompt tokens per prefill step. None: 512 on the
+                                             # CPU, 8192 on CUDA
+    enable_chunked_prefill: bool = True      # decodes and prompt pieces share steps (scheduler.py)
+    long_prefill_token_threshold: int | None = None  # a prompt longer than this takes at most this many tokens of
+                                             # a step while anything else runs or waits, and its pieces end at
+                                             # multiples of it; 0: no cap (pieces of max_num_batched_tokens).
+                                             # None: 32 on the CPU, 512 on CUDA
     max_model_len: int | None = None         # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
@@ -43,6 +50,11 @@ class EngineConfig:
     def __post_init__(self):
         if self.device == "auto":
             self.device = default_device()
+        cuda = str(self.device).startswith("cuda")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if cuda else 512
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = min(512 if cuda else 32, self.max_num_batched_tokens)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -60,3 +72,6 @@ class EngineConfig:
             raise ValueError(f"matmul_kernel must be 'auto', 'panel', 'onednn' or 'torch', got {self.matmul_kernel!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 <= self.long_prefill_token_threshold <= self.max_num_batched_tokens:
+            raise ValueError(f"long_prefill_token_threshold must be in [0, max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}] (0: no cap), got {self.long_prefill_token_threshold}")

@@ -72,7 +72,7 @@ def test_late_joiners_sample_as_alone(model_dir, dtype, pool):
 
 def test_prefill_over_a_cached_prefix_gives_the_full_prefill_logits(model_dir):
     """The logits of a prompt prefilled over a cached prefix (cut anywhere) equal those of its full prefill."""
-    llm = LLM(model_dir, dtype="bfloat16", block_size=4)
+    llm = LLM(model_dir, dtype="bfloat16", block_size=4, num_kv_blocks=512)
     prompt = [(7 * i + 3) % 300 for i in range(61)]
     params = SamplingParams(temperature=0.8, max_tokens=6, seed=3, ignore_eos=True, logprobs=3)
     llm.engine.kv.reset_prefix_cache()
