@@ -44,6 +44,7 @@ def test_fused_decode_follows_weight_updates(tmp_path):
 
 def test_unpacked_weights_take_the_layer_loop(tmp_path):
     make_tiny_model("llama", tmp_path)
-    plain = LLM(tmp_path, dtype="float32", pack_weights=False)
+    # F.linear's rows depend on the batch, so both runs need the same steps: no prefix cache hits in the second
+    plain = LLM(tmp_path, dtype="float32", pack_weights=False, enable_prefix_caching=False)
     assert outputs(plain, fused=True) == outputs(plain, fused=False)
     assert plain.engine.runner.model._decode_table is False  # not applicable: the loop ran
