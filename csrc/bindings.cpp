@@ -88,13 +88,15 @@ static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uin
                           uintptr_t qkv, uintptr_t q, uintptr_t attn, uintptr_t gate_up, uintptr_t act, int64_t tokens,
                           int64_t hidden, int64_t inter, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                           float eps, float qk_norm_eps, uintptr_t slots, uintptr_t positions, uintptr_t cos,
-                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, int64_t table_width,
-                          int64_t block_size, float scale, bool bf16, int num_threads) {
+                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, uintptr_t q_starts, int64_t batch,
+                          int64_t num_decode, int64_t table_width, int64_t block_size, float scale, bool bf16,
+                          int num_threads) {
   ettrl::DecodeLayersArgs a{ptr<const uint64_t>(layers), num_layers, ptr(x), ptr(residual), ptr(h), ptr(qkv), ptr(q),
                             ptr(attn), ptr(gate_up), ptr(act), tokens, hidden, inter, num_heads, num_kv_heads,
                             head_dim, eps, qk_norm_eps, ptr<const int64_t>(slots), ptr<const int64_t>(positions),
                             ptr<const float>(cos), ptr<const float>(sin), ptr<const int64_t>(block_tables),
-                            ptr<const int64_t>(kv_lens), table_width, block_size, scale, bf16, num_threads};
+                            ptr<const int64_t>(kv_lens), ptr<const int64_t>(q_starts), batch, num_decode,
+                            table_width, block_size, scale, bf16, num_threads};
   py::gil_scoped_release release;
   ettrl::decode_layers(a);
 }
@@ -132,7 +134,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("h"), py::arg("qkv"), py::arg("q"), py::arg("attn"), py::arg("gate_up"), py::arg("act"),
         py::arg("tokens"), py::arg("hidden"), py::arg("inter"), py::arg("num_heads"), py::arg("num_kv_heads"),
         py::arg("head_dim"), py::arg("eps"), py::arg("qk_norm_eps"), py::arg("slots"), py::arg("positions"),
-        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("table_width"),
-        py::arg("block_size"), py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
+        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("q_starts"),
+        py::arg("batch"), py::arg("num_decode"), py::arg("table_width"), py::arg("block_size"), py::arg("scale"),
+        py::arg("bf16"), py::arg("num_threads"));
   m.def("decode_layer_pointers", [] { return static_cast<int64_t>(ettrl::kDecodeLayerPointers); });
 }

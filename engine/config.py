@@ -27,13 +27,13 @@ class EngineConfig:
                                              # (weights + activations + KV pool), as in vLLM
     max_num_seqs: int = 256                  # sequences per step
     max_num_batched_tokens: int | None = None  # tokens per step (decodes first, then prefill pieces); without
-                                             # chunked prefill, prompt tokens per prefill step. None: 512 on the
+                                             # chunked prefill, prompt tokens per prefill step. None: 256 on the
                                              # CPU, 8192 on CUDA
     enable_chunked_prefill: bool = True      # decodes and prompt pieces share steps (scheduler.py)
     long_prefill_token_threshold: int | None = None  # a prompt longer than this takes at most this many tokens of
                                              # a step while anything else runs or waits, and its pieces end at
                                              # multiples of it; 0: no cap (pieces of max_num_batched_tokens).
-                                             # None: 32 on the CPU, 512 on CUDA
+                                             # None: 16 on the CPU, 512 on CUDA
     max_model_len: int | None = None         # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
@@ -52,9 +52,9 @@ class EngineConfig:
             self.device = default_device()
         cuda = str(self.device).startswith("cuda")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 8192 if cuda else 512
+            self.max_num_batched_tokens = 8192 if cuda else 256
         if self.long_prefill_token_threshold is None:
-            self.long_prefill_token_threshold = min(512 if cuda else 32, self.max_num_batched_tokens)
+            self.long_prefill_token_threshold = min(512 if cuda else 16, self.max_num_batched_tokens)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in DTYPES and self.dtype != "auto":

@@ -72,7 +72,7 @@ LONG = [(11 * i + 5) % 300 for i in range(150)]
 
 def test_config_defaults_and_checks():
     cpu = EngineConfig(model="m", device="cpu")
-    assert cpu.enable_chunked_prefill and cpu.max_num_batched_tokens == 512 and cpu.long_prefill_token_threshold == 32
+    assert cpu.enable_chunked_prefill and cpu.max_num_batched_tokens == 256 and cpu.long_prefill_token_threshold == 16
     cuda = EngineConfig(model="m", device="cuda")
     assert cuda.max_num_batched_tokens == 8192 and cuda.long_prefill_token_threshold == 512
     assert EngineConfig(model="m", device="cpu", max_num_batched_tokens=16).long_prefill_token_threshold == 16

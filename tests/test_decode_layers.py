@@ -1,4 +1,5 @@
-"""The fused decode layer stack (engine/models/decode_layers.py) gives the Python layer loop's bits."""
+"""The fused layer stack (engine/models/decode_layers.py) gives the Python layer loop's bits, in decode, prefill
+and mixed steps."""
 import pytest
 
 from engine import LLM, SamplingParams
@@ -28,7 +29,7 @@ def test_fused_decode_equals_the_layer_loop_bit_for_bit(kind, dtype, tmp_path, m
     op = decode_layers._OP
     monkeypatch.setattr(decode_layers, "_OP", lambda *args: calls.append(1) or op(*args))
     fused = outputs(llm, fused=True)
-    assert len(calls) == PARAMS.max_tokens - 1  # every decode step ran fused (the first token comes from prefill)
+    assert len(calls) == PARAMS.max_tokens  # every step ran fused, the prompts' prefill included
     assert fused == loop  # tokens, and logprobs and entropies as exact floats
 
 

@@ -87,7 +87,8 @@ class TorchPagedAttention(AttentionBackend):
             tables = block_tables.to(torch.int64).contiguous()
             lens = torch.tensor(kv_lens, dtype=torch.int64)
             num_decode = next((i for i, n in enumerate(query_lens) if n != 1), batch)
-            starts = None if num_decode == batch else torch.tensor([0, *accumulate(query_lens[num_decode:])])
+            rows = [0, *accumulate(query_lens[num_decode:])]
+            starts = None if num_decode == batch else torch.tensor(rows, dtype=torch.int64)
             self.plan_ = StepPlan(slot_mapping, None, None, batch, max_q, max_kv, max_q == 1, block_tables=tables,
                                   kv_lens=lens, num_decode=num_decode, q_starts=starts)
             return
