@@ -1,6 +1,6 @@
 """The seed contract under load: a seeded request samples exactly the tokens it samples alone when it joins a
 running batch late (a prefill beside running decodes, a prefix-cache hit on a prompt still in flight or finished,
-n > 1 siblings, preemption and recomputation under a small KV pool)."""
+n > 1 siblings, preemption and recomputation under a small KV pool), with chunked prefill and without."""
 import random
 
 import pytest
@@ -56,11 +56,12 @@ def run_staggered(llm: LLM, requests) -> list:
     return [outputs(submitted[i]) for i in range(len(requests))]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("pool", [None, 90])  # 90 blocks of 4: sequences are preempted and recomputed
-def test_late_joiners_sample_as_alone(model_dir, dtype, pool):
+@pytest.mark.parametrize("dtype,pool,chunked", [  # pool 90 blocks of 4: sequences are preempted and recomputed
+    ("bfloat16", None, True), ("float32", None, True), ("bfloat16", 90, True), ("float32", 90, True),
+    ("bfloat16", 90, False)])
+def test_late_joiners_sample_as_alone(model_dir, dtype, pool, chunked):
     """Tokens and log-probabilities (so the logits, bit for bit) of every request equal its run alone."""
-    llm = LLM(model_dir, dtype=dtype, block_size=4, num_kv_blocks=pool or 2048)
+    llm = LLM(model_dir, dtype=dtype, block_size=4, num_kv_blocks=pool or 2048, enable_chunked_prefill=chunked)
     requests = staggered_requests(seed=0, count=16)
     expected = [alone(llm, prompt, params) for _, prompt, params in requests]
     got = run_staggered(llm, requests)
