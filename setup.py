@@ -93,15 +93,27 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0", "trl>=0.25",
                  "pandas", "pyarrow",  # the parquet loader's tests
-                 "ruff"],  # tests/test_lint.py
+                 "ruff",  # tests/test_lint.py
+                 "mypy"],  # tests/test_mypy.py
         "mutation": ["mutmut>=3.3"],  # tools/mutation.py (not in CI)
         "deepspeed": ["deepspeed"],
-        # the release engine/attention/flashinfer.py was written against (its wheel, 18 MB, travels to offline GPUs)
-        "cuda": ["flashinfer-python==0.6.18.post1"],
+        # the release engine/attention/flashinfer.py was written against, and the apache-tvm-ffi it imports (a
+        # --no-deps install lacks it: `import flashinfer` fails on tvm_ffi). Offline GPU machines get the wheels
+        # (18 MB + 3.3 MB for cp312, plus nvidia-ml-py and tabulate) installed with
+        # `pip install --no-index --no-deps --target DIR *.whl`, DIR on PYTHONPATH, and CUDA_HOME set to the CUDA
+        # toolkit for its JIT (flashinfer guesses it from `which nvcc`): docs/engine.md, "Carrying flashinfer".
+        "cuda": ["flashinfer-python==0.6.18.post1", "apache-tvm-ffi==0.1.15.post2"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "trl": ["trl>=0.25", "httpx"],
+        # ettrl.integrations.verl, the engine as verl's rollout backend (rollout.name=ettrl): the versions it was
+        # written and tested against (the plug-in refuses another verl); the rest is what `import verl` needs
+        # without vLLM or CUDA, and the HTTP pieces our replica uses
+        "verl": ["verl==0.9.1", "ray==2.60.0", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "cachetools", "pyzmq",
+                 "msgspec"],
         # bench/peers.py (optional peers; llama-cpp-python builds llama.cpp from source: ~10 min on 2 cores)
         "peers": ["ctranslate2", "onnxruntime-genai", "onnx", "onnx-ir", "llama-cpp-python"],
     },
-    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"]},
+    entry_points={"console_scripts": ["ettrl-serve=engine.serve.__main__:main"],
+                  # every `import verl` (in Ray workers too) imports this module, which registers rollout.name=ettrl
+                  "verl.plugins": ["ettrl = ettrl.integrations.verl.plugin"]},
 )

@@ -1,34 +1,99 @@
-"""One prepared check of the CUDA path (issue 20): correctness and speed of what matters, in one run.
+"""One prepared check of the CUDA path: correctness and speed of what matters, in one run.
 
     python bench/gpu_check.py --out gpu_check            # one H100 / H200, no network: about 5 minutes
-    python bench/gpu_check.py --dry-run --out /tmp/gc    # CPU: tiny shapes, Triton interpreter, under a minute
+    python bench/gpu_check.py --dry-run --out /tmp/gc    # CPU: tiny shapes, Triton interpreter, about a minute
+
+It starts from a bare clone with only torch and transformers installed: the repository and kernels/ go first on
+its path, and engine._C is built in place (one compiler call) when missing, or it exits with one line saying why.
+tools/gpu_device_run.py runs it on a lent GPU machine (carried wheels, CUDA-marked tests, a time budget).
 
 Sections, each timed and written (results.json, results.md under --out) as soon as it ends, so a run that is cut
 off still leaves what it measured; a failing section records its error and the next one runs:
   env            torch / Triton / flashinfer versions, device
-  sampling       entropy_sample: Triton vs torch on the GPU vs torch on the CPU (same tokens), GB/s, fp32 and bf16
-  token_stats    forward and backward: Triton vs torch (same values), GB/s
+  sampling       entropy_sample: Triton vs torch on the GPU vs torch on the CPU (same tokens), GB/s, fp32 and bf16;
+                 rows with greedy, top-k, top-p and an excluded token mixed in one batch
+  invariance     a row alone vs in a batch, bitwise: the sampler (Triton, torch), flashinfer decode (head_dim 64
+                 and 128, keys past the 2048-token split), and the engine's greedy tokens and log-probabilities
+  attention      flashinfer vs the torch paged attention vs a dense fp64 reference, keys in scattered blocks:
+                 decode past the 2048-token split, prefill over a cached prefix, head_dim 64 and 128
   greedy_*       engine greedy vs transformers on the same device, random models with the shapes of SmolLM2-135M,
-                 Qwen2.5-0.5B and Qwen2.5-Math-1.5B (no download), fp32 (torch attention) and bf16 (flashinfer)
-  attention      flashinfer vs the torch paged attention vs a dense reference, keys in scattered blocks
+                 Qwen2.5-0.5B and Qwen2.5-Math-1.5B (no download), bf16 (flashinfer) and fp32 (torch attention)
+  memory         what the engine holds against gpu_memory_utilization (weights, KV pool, activation estimate)
+  sleep          sleep(level=2) gives back the pool and the weights; wake_up(["weights"]), then ["kv_cache"]:
+                 the same greedy tokens as before
+  token_stats    forward and backward: Triton vs torch (same values), GB/s
   sample_tree    tree rollouts with check_integrity after every step
   throughput     engine (parallel and tree) vs transformers generate at batch 64 and 256
   trainer        two trainer steps with the engine asleep during each update
-flashinfer's first use JIT-compiles for minutes: a background process builds its kernels first, while the
-torch-path sections run.
+flashinfer's first use JIT-compiles for minutes unless its modules are carried (tools/flashinfer_aot.py): a
+background process loads or builds them first, while the torch-path sections run.
 """
 import argparse
 import gc
+import importlib.machinery
 import json
 import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
 import weakref
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_SOURCES = ["csrc/bindings_engine.cpp", "csrc/block_allocator.cpp", "csrc/radix_tree.cpp"]  # as setup.py
+
+
+# ---- a bare clone: the path and engine._C ----------------------------------------------------------------------
+def bootstrap() -> None:
+    """This checkout first on the path (before any installed copy), and engine._C built in place when missing."""
+    for path in (ROOT / "kernels", ROOT):
+        if str(path) in sys.path:
+            sys.path.remove(str(path))
+        sys.path.insert(0, str(path))
+    built = [ROOT / "engine" / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    if not any(path.exists() for path in built):
+        build_engine_extension()
+
+
+def build_engine_extension() -> Path:
+    """engine._C (the KV block allocator and radix tree) with one compiler call, pybind11's headers from the
+    pybind11 package or from torch's include folder (torch bundles them). Exits with one line on failure."""
+    target = ROOT / "engine" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    python_include = sysconfig.get_paths()["include"]
+    if not (Path(python_include) / "Python.h").exists():
+        sys.exit(f"gpu_check: engine._C is not built and this Python has no headers ({python_include}/Python.h) to "
+                 f"build it: install them (python3-dev) or build elsewhere with `python setup.py build_ext --inplace`")
+    compiler = os.environ.get("CXX", "c++")
+    temporary = target.with_suffix(".tmp")
+    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", f"-I{pybind11_include()}", f"-I{python_include}",
+               *[str(ROOT / source) for source in ENGINE_SOURCES], "-o", str(temporary)]
+    t0 = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"gpu_check: engine._C is not built and `{compiler}` could not build it ({e}): build it with "
+                 f"`python setup.py build_ext --inplace`")
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"gpu_check: engine._C is not built and `{compiler}` failed to build it ({last}): build it with "
+                 f"`python setup.py build_ext --inplace`")
+    temporary.replace(target)
+    print(f"built {target.relative_to(ROOT)} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return target
+
+
+def pybind11_include() -> str:
+    try:
+        import pybind11
+        return pybind11.get_include()
+    except ImportError:
+        import torch
+        return str(Path(torch.__file__).parent / "include")
+
 
 SHAPES = {  # name -> transformers config of the real model (random weights here)
     "smollm2-135m": {
@@ -195,40 +260,155 @@ def section_env(args, device):
     return [row]
 
 
+def spiky_logits(batch: int, vocab: int, dtype, device, seed: int = 0):
+    """Random logits with a few high spikes per row (a peaked distribution, as a model's)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=gen) * 2
+    spikes = torch.randint(0, vocab, (batch, 32), generator=gen)
+    logits.scatter_add_(1, spikes, torch.rand(batch, 32, generator=gen) * 10 + 14)
+    return logits.to(device, dtype)
+
+
+def mixed_params(batch: int, vocab: int, device) -> dict:
+    """Per-row sampling parameters that take every path of the sampler in one batch: greedy and T = 1 rows, top-k
+    (20 and 1), top-p (0.9 and 0.5), an excluded token, and plain rows."""
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    temperature = torch.full((batch,), 0.6)
+    temperature[0::8], temperature[1::8] = 0.0, 1.0
+    top_k = torch.full((batch,), -1, dtype=torch.int64)
+    top_k[2::8], top_k[3::8] = 20, 1
+    top_p = torch.ones(batch)
+    top_p[4::8], top_p[5::8] = 0.9, 0.5
+    exclude = torch.full((batch,), -1, dtype=torch.int64)
+    exclude[6::8] = torch.randint(0, vocab, (len(exclude[6::8]),), generator=gen)
+    return {"temperature": temperature.to(device), "top_k": top_k.to(device), "top_p": top_p.to(device),
+            "exclude": exclude.to(device), "seeds": 7, "seq_ids": (torch.arange(batch) * 3 + 1).to(device),
+            "positions": (torch.arange(batch) + 100).to(device)}
+
+
+def row_params(params: dict, rows) -> dict:
+    """The parameters of some rows (per-row tensors indexed, scalars kept)."""
+    import torch
+    return {k: v[rows] if torch.is_tensor(v) and v.dim() else v for k, v in params.items()}
+
+
 def section_sampling(args, device):
     import torch
 
     import ettrl_kernels
-    batch, vocab = (4, 1000) if args.dry_run else (64, 151936)
+    batch, vocab = (16, 1000) if args.dry_run else (64, 151936)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        logits = (torch.randn(batch, vocab, device=device) * 2).to(dtype)
-        spikes = torch.randint(0, vocab, (batch, 32), device=device)
-        logits.scatter_add_(1, spikes, (torch.rand(batch, 32, device=device) * 10 + 14).to(dtype))
-        keys = {"temperature": 0.6, "seeds": 3, "seq_ids": torch.arange(batch, device=device), "positions": 9}
-        cpu_keys = {**keys, "seq_ids": keys["seq_ids"].cpu()}
-        ref = ettrl_kernels.entropy_sample(logits.cpu(), backend="torch", **cpu_keys)
-        runs = {"triton": lambda logits=logits, keys=keys: ettrl_kernels.entropy_sample(logits, backend="triton",
-                                                                                        **keys),
-                "torch (same device)": lambda logits=logits, keys=keys: ettrl_kernels.entropy_sample(
-                    logits, backend="torch", **keys)}
-        for name, fn in runs.items():
-            tokens, logprobs, entropies = fn()
-            seconds = median_s(fn, device, args.repeats)
-            rows.append({"dtype": str(dtype).split(".")[-1], "path": name, "shape": f"{batch}x{vocab}",
-                         "same_tokens_as_cpu": torch.equal(tokens.cpu(), ref[0]),
-                         "max_logprob_diff": float((logprobs.cpu() - ref[1]).abs().max()),
-                         "max_entropy_diff": float((entropies.cpu() - ref[2]).abs().max()),
-                         "ms": seconds * 1e3, "GB/s": logits.numel() * logits.element_size() / seconds / 1e9,
-                         "ok": torch.equal(tokens.cpu(), ref[0])})
-        cpu_logits = logits.cpu()
+        logits = spiky_logits(batch, vocab, dtype, device)
+        plain = {"temperature": 0.6, "seeds": 3, "seq_ids": torch.arange(batch, device=device), "positions": 9}
+        for case, keys in (("T=0.6", plain), ("mixed rows", mixed_params(batch, vocab, device))):
+            cpu_keys = {k: v.cpu() if torch.is_tensor(v) else v for k, v in keys.items()}
+            ref = ettrl_kernels.entropy_sample(logits.cpu(), backend="torch", **cpu_keys)
+            for backend in ("triton", "torch"):
+                def fn(logits=logits, keys=keys, backend=backend):
+                    return ettrl_kernels.entropy_sample(logits, backend=backend, **keys)
+
+                tokens, logprobs, entropies = fn()
+                seconds = median_s(fn, device, args.repeats)
+                same = torch.equal(tokens.cpu(), ref[0])
+                rows.append({"dtype": str(dtype).split(".")[-1], "rows": case, "path": f"{backend} (same device)",
+                             "shape": f"{batch}x{vocab}", "same_tokens_as_cpu": same,
+                             "max_logprob_diff": float((logprobs.cpu() - ref[1]).abs().max()),
+                             "max_entropy_diff": float((entropies.cpu() - ref[2]).abs().max()),
+                             "ms": seconds * 1e3, "GB/s": logits.numel() * logits.element_size() / seconds / 1e9,
+                             "ok": same})
+        cpu_logits, cpu_keys = logits.cpu(), {**plain, "seq_ids": plain["seq_ids"].cpu()}
         seconds = median_s(lambda x=cpu_logits, k=cpu_keys: ettrl_kernels.entropy_sample(x, **k), torch.device("cpu"),
                            max(1, args.repeats // 2))
-        rows.append({"dtype": str(dtype).split(".")[-1], "path": "cpu (auto: C++ or torch)",
+        rows.append({"dtype": str(dtype).split(".")[-1], "rows": "T=0.6", "path": "cpu (auto: C++ or torch)",
                      "shape": f"{batch}x{vocab}",
                      "ms": seconds * 1e3, "GB/s": cpu_logits.numel() * cpu_logits.element_size() / seconds / 1e9})
     return rows
+
+
+def section_invariance(args, device, tmp: Path):
+    """A row alone vs in a batch, bitwise: the sampler, flashinfer decode, and the engine (tokens, logprobs)."""
+    return [*sampler_invariance(args, device), *decode_invariance(args, device), *engine_invariance(args, device, tmp)]
+
+
+def sampler_invariance(args, device) -> list[dict]:
+    import torch
+
+    import ettrl_kernels
+    batch, vocab = (16, 1000) if args.dry_run else (256, 151936)
+    logits = spiky_logits(batch, vocab, torch.bfloat16, device, seed=2)
+    keys = mixed_params(batch, vocab, device)
+    picked = [0, 2, 4, 6, 9, batch - 1]  # greedy, top-k, top-p, excluded token, plain rows
+    rows = []
+    for backend in ("triton", "torch"):
+        full = ettrl_kernels.entropy_sample(logits, backend=backend, **keys)
+        same = sum(all(torch.equal(a[0], b[i]) for a, b in zip(
+            ettrl_kernels.entropy_sample(logits[i:i + 1], backend=backend, **row_params(keys, slice(i, i + 1))),
+            full)) for i in picked)
+        rows.append({"piece": f"sampler ({backend})", "case": f"{len(picked)} rows alone vs in a batch of {batch}",
+                     "bitwise_equal": f"{same}/{len(picked)}", "ok": same == len(picked)})
+    return rows
+
+
+def decode_invariance(args, device) -> list[dict]:
+    import torch
+
+    from engine.attention.flashinfer import SPLIT_TOKENS, FlashInferPagedAttention
+    usable, why = flashinfer_ready(args, device)
+    if not usable:
+        return [{"piece": "flashinfer decode", "case": f"skipped: {why}"}]
+    rows = []
+    for head_dim, group in ((64, 7), (128, 4)):
+        kv_lens = [5000, 37, 2600, 300, SPLIT_TOKENS * 2 + 1, 16, 1029, SPLIT_TOKENS]
+        k, v, tables, slots, q, new_k, new_v = scattered_batch(device, torch.bfloat16, kv_lens, [1] * len(kv_lens),
+                                                               group=group, head_dim=head_dim)
+        attn = FlashInferPagedAttention.create(k, v, q.shape[1], head_dim ** -0.5, None)
+        attn.plan([1] * len(kv_lens), kv_lens, tables, slots)
+        full = attn(0, q, new_k, new_v)
+        same = 0
+        for i in (0, 2, 4, 7):
+            attn.plan([1], [kv_lens[i]], tables[i:i + 1], slots[i:i + 1])
+            same += torch.equal(attn(0, q[i:i + 1], new_k[i:i + 1], new_v[i:i + 1]), full[i:i + 1])
+        rows.append({"piece": "flashinfer decode", "case": f"head_dim {head_dim}, keys {kv_lens}",
+                     "bitwise_equal": f"{same}/4", "ok": same == 4})
+    return rows
+
+
+def engine_invariance(args, device, tmp: Path) -> list[dict]:
+    """The engine's greedy tokens and log-probabilities for a prompt alone and in a batch of 64. Not promised on
+    CUDA (cuBLAS picks matmul kernels by the number of rows, docs/engine.md): reported, not judged."""
+    import torch
+
+    from engine import LLM, SamplingParams
+    directory = model_dir(args, tmp, "smollm2-135m")
+    llm = LLM(directory, dtype="bfloat16", device=str(device), gpu_memory_utilization=0.5,
+              kv_cache_tokens=4096 if args.dry_run else 256 * 1024, attention_backend=attention_choice(args, device))
+    gen = torch.Generator().manual_seed(5)
+    vocab = shapes(args)["smollm2-135m"]["vocab_size"]
+    batch = 8 if args.dry_run else 64
+    prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
+               for n in torch.randint(20, 200, (batch,), generator=gen)]
+    params = SamplingParams(temperature=0, max_tokens=8 if args.dry_run else 24, ignore_eos=True)
+    alone = llm.generate(prompts[:1], params)[0].outputs[0]
+    together = llm.generate(prompts, params)[0].outputs[0]
+    n = next((i for i, (a, b) in enumerate(zip(alone.token_ids, together.token_ids)) if a != b), len(alone.token_ids))
+    diff = max([abs(a - b) for a, b in zip(alone.logprobs[:n], together.logprobs[:n])] or [0.0])
+    row = {"piece": f"engine greedy ({type(llm.engine.runner.attn).__name__})",
+           "case": f"a prompt alone vs in a batch of {batch}", "same_tokens": f"{n}/{len(alone.token_ids)}",
+           "max_logprob_diff": diff, "bitwise_equal": alone.logprobs == together.logprobs}
+    del llm
+    free_memory()
+    return [row]
+
+
+def model_dir(args, tmp: Path, name: str) -> Path:
+    """A random model of `name`'s shape, saved once per run."""
+    directory = tmp / f"{name}-model"
+    if not directory.exists():
+        random_model(shapes(args)[name], directory)
+    return directory
 
 
 def section_token_stats(args, device):
@@ -373,30 +553,116 @@ def section_attention(args, device):
     from engine.attention.flashinfer import FlashInferPagedAttention
     from engine.attention.torch_paged import TorchPagedAttention
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backends = {"torch": TorchPagedAttention}
+    backends = {"torch": TorchPagedAttention.create}
     usable, why = flashinfer_ready(args, device)
     if usable:
-        backends["flashinfer"] = FlashInferPagedAttention
-    cases = {"decode": ([37, 300, 1029, 16, 515], [1] * 5), "prefill": ([37, 300, 129, 16], [37, 20, 129, 5])}
+        backends["flashinfer"] = FlashInferPagedAttention.create
+    cases = {  # name -> (kv_lens, q_lens, head_dim, group); 5000 and 4097 keys pass the 2048-token decode split
+        "decode": ([37, 300, 1029, 16, 515], [1] * 5, 64, 7),
+        "decode past the split": ([5000, 37, 2600, 4097, 2048], [1] * 5, 64, 7),
+        "decode head_dim 128": ([5000, 300, 2049, 16], [1] * 4, 128, 4),
+        "prefill": ([37, 300, 129, 16], [37, 20, 129, 5], 64, 7),
+        "prefill head_dim 128": ([37, 2600, 129], [37, 64, 129], 128, 4)}
     if args.dry_run:
-        cases = {"decode": ([37, 70, 16], [1] * 3), "prefill": ([37, 30, 16], [37, 20, 5])}
+        cases = {"decode": ([37, 70, 16], [1] * 3, 64, 7), "decode head_dim 128": ([37, 16], [1] * 2, 128, 4),
+                 "prefill": ([37, 30, 16], [37, 20, 5], 64, 7)}
     rows = []
-    for case, (kv_lens, q_lens) in cases.items():
-        for name, cls in backends.items():
-            k, v, tables, slots, q, new_k, new_v = scattered_batch(device, dtype, kv_lens, q_lens)
-            attn = cls(k, v, q.shape[1], 0.125)
+    for case, (kv_lens, q_lens, head_dim, group) in cases.items():
+        for name, create in backends.items():
+            k, v, tables, slots, q, new_k, new_v = scattered_batch(device, dtype, kv_lens, q_lens, group=group,
+                                                                   head_dim=head_dim)
+            attn = create(k, v, q.shape[1], head_dim ** -0.5, None)
             attn.plan(q_lens, kv_lens, tables, slots)
             out = attn(0, q, new_k, new_v)
-            ref = dense_reference(k, v, tables, kv_lens, q_lens, q, 0.125)
+            ref = dense_reference(k, v, tables, kv_lens, q_lens, q, head_dim ** -0.5)
             err = float((out.double() - ref).abs().max())
             seconds = median_s(lambda attn=attn, q=q, new_k=new_k, new_v=new_v: attn(0, q, new_k, new_v), device,
                                args.repeats)
-            rows.append({"case": case, "backend": name, "dtype": str(dtype).split(".")[-1], "kv_lens": str(kv_lens),
-                         "max_err_vs_fp64": err, "us": seconds * 1e6,
+            rows.append({"case": case, "backend": name, "dtype": str(dtype).split(".")[-1], "head_dim": head_dim,
+                         "kv_lens": str(kv_lens), "max_err_vs_fp64": err, "us": seconds * 1e6,
                          "ok": err < (2e-2 if dtype == torch.bfloat16 else 1e-4)})
     if not usable:
         rows.append({"case": "flashinfer", "backend": f"skipped: {why}"})
     return rows
+
+
+def held_bytes(device) -> int:
+    """Bytes the CUDA allocator has reserved, or this process's resident size on the CPU."""
+    import torch
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else memory_in_use(device)
+
+
+def section_memory(args, device, tmp: Path):
+    """What the engine holds against gpu_memory_utilization (vLLM's meaning: weights, activations and KV pool at
+    most that fraction of the GPU's total memory), after building it and after a batch of long prompts."""
+    import torch
+
+    from engine import LLM, SamplingParams
+    from engine.gpu_memory import activation_bytes, module_bytes
+    utilization = 0.3
+    free_memory()
+    before = held_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    llm = LLM(model_dir(args, tmp, "qwen2.5-0.5b"), dtype="bfloat16", device=str(device),
+              gpu_memory_utilization=utilization, attention_backend=attention_choice(args, device),
+              **({"kv_cache_memory_gb": 0.05} if args.dry_run else {}))
+    built = held_bytes(device) - before
+    runner, config = llm.engine.runner, llm.config
+    weights, pool = module_bytes(runner.model), 2 * runner.kv.k.numel() * runner.kv.k.element_size()
+    activations = activation_bytes(runner.args, config.max_num_batched_tokens, config.max_num_seqs, runner.dtype)
+    gen = torch.Generator().manual_seed(4)
+    vocab = shapes(args)["qwen2.5-0.5b"]["vocab_size"]
+    batch, length = (4, 32) if args.dry_run else (64, 512)  # 8192 prompt tokens a prefill step, as the default
+    prompts = [torch.randint(0, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True))
+    peak = (torch.cuda.max_memory_reserved(device) if device.type == "cuda" else held_bytes(device)) - before
+    mib = 2**20
+    row = {"gpu_memory_utilization": utilization, "weights_MiB": weights / mib, "kv_pool_MiB": pool / mib,
+           "activation_estimate_MiB": activations / mib, "held_after_build_MiB": built / mib,
+           "peak_after_generate_MiB": peak / mib}
+    if device.type == "cuda":
+        budget = utilization * torch.cuda.get_device_properties(device).total_memory
+        row.update(budget_MiB=budget / mib, peak_over_budget=peak / budget, ok=peak <= budget)
+    del llm
+    free_memory()
+    return [row]
+
+
+def section_sleep(args, device, tmp: Path):
+    """sleep(level=2) gives back the KV pool and the weights; wake_up(["weights"]) and then wake_up(["kv_cache"])
+    bring them back, and greedy decoding gives the same tokens as before."""
+    import torch
+
+    from engine import LLM, SamplingParams
+    from engine.gpu_memory import parameter_bytes
+    llm = LLM(model_dir(args, tmp, "smollm2-135m"), dtype="bfloat16", device=str(device),
+              kv_cache_tokens=4096 if args.dry_run else 128 * 1024, attention_backend=attention_choice(args, device))
+    runner = llm.engine.runner
+    if device.type != "cuda":
+        runner.offloads_weights = True  # the dry run moves them host to host: the path, not the memory
+    gen = torch.Generator().manual_seed(6)
+    vocab = shapes(args)["smollm2-135m"]["vocab_size"]
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (9, 40, 77)]
+    params = SamplingParams(temperature=0, max_tokens=8 if args.dry_run else 32, ignore_eos=True)
+    before = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    pool, weights = 2 * runner.kv.k.numel() * runner.kv.k.element_size(), parameter_bytes(runner.model)
+    free_memory()
+    awake = held_bytes(device)
+    llm.sleep(level=2)
+    free_memory()
+    asleep = held_bytes(device)
+    llm.wake_up(["weights"])
+    with_weights = held_bytes(device)
+    llm.wake_up(["kv_cache"])
+    after = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    mib = 2**20
+    row = {"kv_pool_MiB": pool / mib, "weights_MiB": weights / mib, "freed_by_sleep_MiB": (awake - asleep) / mib,
+           "weights_back_MiB": (with_weights - asleep) / mib, "same_tokens_after_wake_up": after == before}
+    row["ok"] = after == before and (device.type != "cuda" or awake - asleep >= 0.9 * (pool + weights))
+    del llm
+    free_memory()
+    return [row]
 
 
 def section_sample_tree(args, device, tmp: Path):
@@ -506,7 +772,7 @@ def section_trainer(args, device, tmp: Path):
         f"model.name={model_dir}", f"data.train={data}", "data.eval=", "data.prompt=plain", "method=ttrl",
         f"device={device.type}", "rollout.n_votes=4", "rollout.n_train=2", "rollout.max_tokens=16",
         "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.warmup_ratio=0",
-        "model.gpu_memory_utilization=0.3"])
+        "engine.gpu_memory_utilization=0.3"])
     trainer = Trainer(cfg, tmp / "run", log=lambda *a: None)
     trainer.sleep_engine = True  # on the CPU too: the dry run exercises the sleep / wake path
     pools, sleeps = [], []
@@ -615,8 +881,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup-timeout", type=float, default=240.0, help="seconds to wait for flashinfer's build")
     ap.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    ap.add_argument("--build-extension", action="store_true", help="only make sure engine._C is built, then exit")
     ap.add_argument("--warm-flashinfer", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    bootstrap()
+    if args.build_extension:
+        return 0
     if args.warm_flashinfer:
         return warm_flashinfer()
     if args.dry_run:
@@ -633,18 +903,24 @@ def main():
     start_warmup(args, device, out)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         tmp = Path(tmp)
-        sections = [
+        sections = [  # the most telling first: a run cut short still says whether the CUDA path is right
             ("env", section_env, args, device),
             ("sampling", section_sampling, args, device),
-            ("token_stats", section_token_stats, args, device),
-            ("greedy_fp32", section_greedy, args, device, "float32", tmp),
+            ("invariance", section_invariance, args, device, tmp),
             ("attention", section_attention, args, device),
             ("greedy_bf16", section_greedy, args, device, "bfloat16", tmp),
+            ("memory", section_memory, args, device, tmp),
+            ("sleep", section_sleep, args, device, tmp),
+            ("greedy_fp32", section_greedy, args, device, "float32", tmp),
+            ("token_stats", section_token_stats, args, device),
             ("sample_tree", section_sample_tree, args, device, tmp),
             ("throughput", section_throughput, args, device, tmp),
             ("trainer", section_trainer, args, device, tmp),
             ("flashinfer_build", section_flashinfer_build, args, device),
         ]
+        unknown = set(args.only or ()) - {name for name, *_ in sections}
+        if unknown:
+            sys.exit(f"unknown sections {sorted(unknown)}; choose from {[name for name, *_ in sections]}")
         for name, fn, *fn_args in sections:
             if args.only is None or name in args.only:
                 report.run(name, fn, *fn_args)

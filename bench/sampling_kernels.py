@@ -62,7 +62,8 @@ def main():
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, args.dtype)
-    backend = ettrl_kernels.resolve_backend("auto", torch.empty(0, device=device))
+    backend = ettrl_kernels.resolve_backend("entropy_sample", "auto", torch.empty(1, 1, dtype=dtype, device=device),
+                                            truncated=args.top_k > 0 or args.top_p < 1)
     print(f"device={device} backend={backend} dtype={args.dtype} T={args.temperature} top_k={args.top_k} "
           f"top_p={args.top_p} threads={torch.get_num_threads()} repeats={args.repeats} (median ms)")
     print(f"{'logits':>6} {'B':>4} {'V':>7} {'naive':>9} {'fused':>9} {'speedup':>7} {'fused GB/s':>10} "

@@ -16,36 +16,55 @@ def default_device() -> str:
 
 @dataclass
 class EngineConfig:
+    """The engine's settings (LLM(model, **fields); `python -m engine.serve` has a flag for each)."""
     model: str
+    """A registry name (engine/model_files.py), a Hugging Face hub id or a local model directory."""
     dtype: str = "bfloat16"
-    device: str = "auto"                     # auto: cuda where torch sees a GPU, else cpu
+    """Weights, activations and KV cache: bfloat16, float16, float32, or auto (the checkpoint's torch_dtype)."""
+    device: str = "auto"
+    """auto: cuda where torch sees a GPU, else cpu."""
     block_size: int = 16
-    num_kv_blocks: int | None = None        # exact pool size in blocks; else kv_cache_tokens; else kv_cache_memory_gb
+    """Tokens per KV block (a power of two)."""
+    num_kv_blocks: int | None = None
+    """Exact KV pool size in blocks; else kv_cache_tokens; else kv_cache_memory_gb."""
     kv_cache_tokens: int | None = None
-    kv_cache_memory_gb: float | None = None  # explicit KV bytes (win over gpu_memory_utilization); CPU default 1 GiB
-    gpu_memory_utilization: float = 0.9      # CUDA: fraction of the GPU's total memory this engine may hold
-                                             # (weights + activations + KV pool), as in vLLM
-    max_num_seqs: int = 256                  # sequences per step
-    max_num_batched_tokens: int | None = None  # tokens per step (decodes first, then prefill pieces); without
-                                             # chunked prefill, prompt tokens per prefill step. None: 256 on the
-                                             # CPU, 8192 on CUDA
-    enable_chunked_prefill: bool = True      # decodes and prompt pieces share steps (scheduler.py)
-    long_prefill_token_threshold: int | None = None  # a prompt longer than this takes at most this many tokens of
-                                             # a step while anything else runs or waits, and its pieces end at
-                                             # multiples of it; 0: no cap (pieces of max_num_batched_tokens).
-                                             # None: 16 on the CPU, 512 on CUDA
-    max_model_len: int | None = None         # default: the model's max_position_embeddings
+    """KV pool size in tokens."""
+    kv_cache_memory_gb: float | None = None
+    """Explicit KV bytes (win over gpu_memory_utilization); CPU default 1 GiB."""
+    gpu_memory_utilization: float = 0.9
+    """CUDA: fraction of the GPU's total memory this engine may hold (weights + activations + KV pool), as in
+    vLLM."""
+    max_num_seqs: int = 256
+    """Decode budget: sequences per step."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per step (decodes first, then prefill pieces); without chunked prefill, prompt tokens per prefill
+    step. None: 256 on the CPU, 8192 on CUDA."""
+    enable_chunked_prefill: bool = True
+    """Decodes and prompt pieces share steps (scheduler.py)."""
+    long_prefill_token_threshold: int | None = None
+    """A prompt longer than this takes at most this many tokens of a step while anything else runs or waits, and
+    its pieces end at multiples of it; 0: no cap (pieces of max_num_batched_tokens). None: 16 on the CPU, 512 on
+    CUDA."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + completion); default: the model's max_position_embeddings."""
     enable_prefix_caching: bool = True
-    pack_weights: bool = True                # CPU: keep a blocked copy of each matmul weight (panels for
-                                             # panel_linear, or oneDNN's; faster decode matmuls, twice the memory)
-    fused_ops: bool = True                   # CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up
-    fused_decode: bool = True                # CPU: a decode step's whole layer stack in one C++ call where it
-                                             # applies (weights in panels, fused_ops, cpu_paged attention)
-    attention_backend: str = "auto"          # engine/attention/registry.py: flashinfer (CUDA), cpu_paged, torch
-    matmul_kernel: str = "auto"              # CPU matmuls: auto (measured once per machine, stored in the cache
-                                             # dir: models/matmul_choice.py), panel, onednn or torch
-    batch_invariant: bool = True             # auto picks only kernels whose row results do not depend on the batch
-                                             # (panel_linear); False also allows oneDNN (AMX) and MKL
+    """Reuse the KV blocks of prompts' common prefixes (radix tree)."""
+    pack_weights: bool = True
+    """CPU: keep a blocked copy of each matmul weight (panels for panel_linear, or oneDNN's; faster decode
+    matmuls, twice the memory)."""
+    fused_ops: bool = True
+    """CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up."""
+    fused_decode: bool = True
+    """CPU: a step's whole layer stack (decodes and prefill pieces) in one C++ call where it applies (weights in
+    panels, fused_ops, cpu_paged attention)."""
+    attention_backend: str = "auto"
+    """engine/attention/registry.py: auto, flashinfer (CUDA), cpu_paged, torch."""
+    matmul_kernel: str = "auto"
+    """CPU matmuls: auto (measured once per machine, stored in the cache dir: models/matmul_choice.py), panel,
+    onednn or torch."""
+    batch_invariant: bool = True
+    """auto picks only kernels whose row results do not depend on the batch (panel_linear); False also allows
+    oneDNN (AMX) and MKL."""
 
     def __post_init__(self):
         if self.device == "auto":

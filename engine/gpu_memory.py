@@ -1,8 +1,9 @@
 """How much of a GPU the KV pool may take: vLLM's `gpu_memory_utilization` (the fraction of the GPU's total memory
-this engine may hold: weights, activations and KV pool) turned into bytes for the pool.
+this engine may hold: weights, activations and KV pool) turned into bytes for the pool, and whether what sleep mode
+gave back is still free when the engine wakes up.
 
-NOT YET RUN ON A GPU: the arithmetic is tested on the CPU with given numbers; `cuda_kv_budget` reads them from
-torch.cuda.mem_get_info.
+NOT YET RUN ON A GPU: the arithmetic is tested on the CPU with given numbers; `cuda_kv_budget` and
+`device_free_bytes` read them from torch.cuda.mem_get_info.
 """
 import torch
 
@@ -18,6 +19,11 @@ def module_bytes(module: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters (what sleep level 2 offloads; buffers stay on the device)."""
+    return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in module.parameters()}.values())
 
 
 def activation_bytes(args, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
@@ -55,3 +61,29 @@ def gib(nbytes: float) -> str:
 def cuda_kv_budget(device: torch.device, utilization: float, weights: int, activations: int) -> int:
     free, total = torch.cuda.mem_get_info(device)
     return kv_budget_bytes(total, free, utilization, weights, activations)
+
+
+class DeviceMemoryError(RuntimeError):
+    """The device lacks the free memory the engine needs (at wake_up); the message says how much and what to do."""
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free bytes of a CUDA device (after returning the allocator's cached blocks); None on the CPU (not checked)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def check_wake_up(free: int | None, what: dict[str, int]) -> None:
+    """Raises DeviceMemoryError when `what` (name -> bytes that wake_up is about to allocate, or must leave room
+    for) does not fit in `free`. Memory that was free at start-up may be held now: a trainer's optimizer state
+    appears after the first sleep."""
+    need = sum(what.values())
+    if free is None or need <= free:
+        return
+    parts = " + ".join(f"{name} {gib(n)}" for name, n in what.items())
+    raise DeviceMemoryError(f"wake_up needs {gib(need)} of GPU memory ({parts}) but only {gib(free)} are free: "
+                            f"other tensors hold what sleep() gave back. Free them (del, torch.cuda.empty_cache()) "
+                            f"and call wake_up() again (the engine stays asleep), or start the engine with a lower "
+                            f"gpu_memory_utilization or kv_cache_memory_gb")

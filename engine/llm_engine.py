@@ -8,8 +8,12 @@ generate() and tree sampling are built on.
 
 Finished sequences keep their KV blocks until free(), so a finished root can still be forked.
 """
+from __future__ import annotations
+
 import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,13 +24,19 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.step_tensors import to_device
+from engine.stop_checker import TextStop
 from ettrl_kernels import entropy_sample
 
-STOP_WINDOW_TOKENS = 8  # extra tokens decoded around a stop string, for tokens that are pieces of characters
+if TYPE_CHECKING:  # annotations only: transformers loads with the model's tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+NamedTensors = dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or (HF name, tensor) pairs
+WAKE_UP_TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags, in the order wake_up() restores them
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer=None, eos_token_ids=()):
+    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                 eos_token_ids: Iterable[int] = ()) -> None:
         self.config = config
         self.runner = ModelRunner(config, model_dir)
         self.kv = self.runner.kv
@@ -50,21 +60,22 @@ class LLMEngine:
         seqs[0].pending_siblings = seqs[1:]  # they start from the first one's prefill logits
         return seqs
 
-    def add_sequence(self, seq: Sequence):
+    def add_sequence(self, seq: Sequence) -> None:
         """Queues a sequence (and its pending n>1 siblings) for prefill."""
         self._check_fits(seq)
         self.scheduler.add_waiting(seq)
 
     def _check_fits(self, seq: Sequence):
-        if self.kv is None:
-            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
-        if seq.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
+        self._check_awake()
+        if (seq.params.stop or seq.params.stop_regex) and self.tokenizer is None:
+            raise ValueError("stop strings and stop_regex need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.runner.args.vocab_size
         if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got a prompt with ids outside it")
+        if seq.params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1: off), got {seq.params.top_k}")
         if len(seq) >= self.max_model_len:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
                              f"{self.max_model_len} with one token to generate; shorten the prompt")
@@ -95,6 +106,10 @@ class LLMEngine:
         child.logprobs = parent.logprobs[:position - parent.num_prompt_tokens]
         child.entropies = parent.entropies[:position - parent.num_prompt_tokens]
         child.exclude_token = -1 if exclude_token is None else exclude_token
+        if params.stop or params.stop_regex:  # the text so far, read once (the parent's when it has the same stops)
+            same = parent.text_stop is not None and parent.text_stop.patterns is params.stop_patterns
+            base = parent.text_stop if same else TextStop(params.stop_patterns, self._decode, parent.num_prompt_tokens)
+            child.text_stop = base.fork(child.token_ids, position - parent.num_prompt_tokens)
         child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
         child.fork_depth = parent.fork_depth + 1
         self._check_fits(child)
@@ -102,7 +117,7 @@ class LLMEngine:
         self.scheduler.add_running(child)
         return child
 
-    def free(self, seq: Sequence):
+    def free(self, seq: Sequence) -> None:
         """Releases a sequence's KV blocks (its full blocks stay in the prefix cache). Aborts it if unfinished."""
         if seq.status == SequenceStatus.WAITING and seq in self.scheduler.waiting:
             self.scheduler.waiting.remove(seq)
@@ -112,6 +127,23 @@ class LLMEngine:
         if seq.block_table:
             self.kv.release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def park(self, seq: Sequence) -> None:
+        """Takes an unfinished sequence out of the batch, keeping its tokens, until unpark(seq). One ready to
+        decode keeps its KV blocks; any other (waiting, or part way through its prefill) releases them (full ones
+        stay in the prefix cache) and is prefilled again, alone (no pending siblings). Its noise keys make it
+        sample what it would have."""
+        if seq.status == SequenceStatus.RUNNING and seq.num_cached_tokens == len(seq) - 1:
+            self.scheduler.running.remove(seq)
+            return
+        self.free(seq)
+        seq.status, seq.pending_siblings = SequenceStatus.WAITING, []
+
+    def unpark(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.scheduler.add_running(seq)
+        else:
+            self.add_sequence(seq)
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -191,20 +223,26 @@ class LLMEngine:
                                      if top is not None else []))
 
     def _check_finished(self, seq: Sequence) -> bool:
+        """EOS, then stop tokens, then stop strings / stop_regex (stop_reason: the token id or the matched text),
+        then the length limits."""
         p, token = seq.params, seq.token_ids[-1]
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+        if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif p.stop and self._stop_string_hit(seq):
-            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif (p.stop or p.stop_regex) and self._text_stop(seq).step(seq.token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", seq.text_stop.matched
         elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _stop_string_hit(self, seq: Sequence) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
-        window = seq.completion_token_ids[-(longest + STOP_WINDOW_TOKENS):]
-        text = self.tokenizer.decode(window, skip_special_tokens=True)
-        return any(s in text for s in seq.params.stop)
+    def _text_stop(self, seq: Sequence) -> TextStop:
+        if seq.text_stop is None:
+            seq.text_stop = TextStop(seq.params.stop_patterns, self._decode, seq.num_prompt_tokens)
+        return seq.text_stop
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def live_sequences(self) -> list[Sequence]:
@@ -214,11 +252,11 @@ class LLMEngine:
         """Sequences whose KV is or will be in the pool: waiting, running, and finished but not freed."""
         return len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.finished)
 
-    def check_integrity(self):
+    def check_integrity(self) -> None:
         if self.kv is not None:
             self.kv.check_integrity(self.live_sequences())
 
-    def update_weights(self, named_tensors) -> int:
+    def update_weights(self, named_tensors: NamedTensors) -> int:
         live = self.num_live_sequences()
         if live:
             raise RuntimeError(f"update_weights with {live} live sequences: their KV was computed with the old "
@@ -231,9 +269,10 @@ class LLMEngine:
     # ---- sleep mode ---------------------------------------------------------------------------------------
     @property
     def asleep(self) -> bool:
+        """No KV pool (sleep() freed it; wake_up() or wake_up(["kv_cache"]) re-creates it)."""
         return self.runner.asleep
 
-    def sleep(self, level: int = 1):
+    def sleep(self, level: int = 1) -> None:
         """Frees the KV pool (the prefix cache with it); level 2 also moves the weights to CPU memory (GPU only).
         Refused while sequences are live: their KV would be lost."""
         if level not in (1, 2):
@@ -242,11 +281,36 @@ class LLMEngine:
         if live:
             raise RuntimeError(f"sleep() with {live} live sequences (waiting, running, or finished and not freed): "
                                f"their KV cache would be lost; finish and free() them first")
-        if not self.asleep:
-            self.runner.sleep(offload_weights=level == 2)
-            self.kv = self.scheduler.kv = None
+        self.runner.sleep(offload_weights=level == 2)
+        self.kv = self.scheduler.kv = None
 
-    def wake_up(self):
-        """Re-creates the KV pool (same size, empty prefix cache) and brings offloaded weights back."""
-        self.runner.wake_up()
-        self.kv = self.scheduler.kv = self.runner.kv
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """What sleep() gave back, as vLLM's tags name it: "weights" (offloaded at level 2) and "kv_cache" (a new,
+        empty pool of the same size); None is both. Weights come back first, so a trainer can wake them, write new
+        ones and only then re-create the pool. Each part first checks that it fits in the device's free memory and
+        raises DeviceMemoryError (still asleep) when it does not."""
+        tags = wake_up_tags(tags)
+        if "weights" in tags:
+            self.runner.wake_up_weights()
+        if "kv_cache" in tags:
+            self.runner.wake_up_kv_cache()
+            self.kv = self.scheduler.kv = self.runner.kv
+
+    def _check_awake(self):
+        if self.kv is None:
+            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+        if self.runner.weights_offloaded:
+            raise RuntimeError("the engine's weights are offloaded (sleep(level=2)): call wake_up() or "
+                               "wake_up(['weights']) first")
+
+
+def wake_up_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    """wake_up's tags, checked: None -> every tag, in the order they wake (weights before the KV pool)."""
+    if tags is None:
+        return WAKE_UP_TAGS
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"wake_up tags must be a list of names from {list(WAKE_UP_TAGS)} (or None), got {tags!r}")
+    unknown = sorted(set(tags) - set(WAKE_UP_TAGS))
+    if unknown:
+        raise ValueError(f"unknown wake_up tags {unknown}: use {list(WAKE_UP_TAGS)} or None (both)")
+    return tuple(t for t in WAKE_UP_TAGS if t in tags)

@@ -4,11 +4,18 @@ from pathlib import Path
 
 import torch
 
-from engine.attention.registry import select_backend
+from engine.attention.registry import create_backend
 from engine.config import DTYPES, EngineConfig
-from engine.gpu_memory import activation_bytes, cuda_kv_budget, module_bytes
+from engine.gpu_memory import (
+    activation_bytes,
+    check_wake_up,
+    cuda_kv_budget,
+    device_free_bytes,
+    module_bytes,
+    parameter_bytes,
+)
 from engine.kv_cache import KVCache, cdiv
-from engine.models.loader import copy_named_tensors, load_weights, read_config
+from engine.models.loader import check_named_tensors, copy_named_tensors, load_weights, read_config
 from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.models.registry import model_spec
 from engine.sequence import Sequence
@@ -37,6 +44,7 @@ class ModelRunner:
         self.model.eval()
         self.num_kv_blocks = self._num_blocks()
         self.weights_offloaded = False
+        self.offloads_weights = self.device.type == "cuda"  # sleep level 2 moves weights to host memory (GPU only)
         self._build_kv()
 
     def _build_kv(self):
@@ -44,8 +52,8 @@ class ModelRunner:
         a, config = self.args, self.config
         self.kv = KVCache(a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                           self.dtype, self.device, config.enable_prefix_caching)
-        backend = select_backend(config.attention_backend, self.device, self.dtype)
-        self.attn = backend.create(self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5, config)
+        self.attn = create_backend(config.attention_backend, self.kv.k, self.kv.v, a.num_heads, a.head_dim ** -0.5,
+                                   config, self.device)
         self.model.set_attention(self.attn)
 
     @property
@@ -54,32 +62,49 @@ class ModelRunner:
 
     def sleep(self, offload_weights: bool = False):
         """Frees the KV pool (and the attention backend's views of it); offload_weights also moves the weights
-        to CPU memory (pinned) on a GPU. The caller makes sure no sequence holds blocks."""
-        self.model.set_attention(None)
-        self.kv = self.attn = None
-        if offload_weights and self.device.type == "cuda":
+        to CPU memory (pinned) where they can go (a GPU). The caller makes sure no sequence holds blocks."""
+        if self.kv is not None:
+            self.model.set_attention(None)
+            self.kv = self.attn = None
+        if offload_weights and self.offloads_weights and not self.weights_offloaded:
             self._move_weights(torch.device("cpu"))
             self.weights_offloaded = True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def wake_up(self):
-        """Re-creates the KV pool (same number of blocks, zeroed) and brings offloaded weights back."""
-        if self.weights_offloaded:
-            self._move_weights(self.device)
-            self.weights_offloaded = False
-        if self.kv is None:
-            self._build_kv()
+    def wake_up_weights(self):
+        """Brings offloaded weights back to the device (first checks that they fit in its free memory)."""
+        if not self.weights_offloaded:
+            return
+        check_wake_up(device_free_bytes(self.device), {"weights": parameter_bytes(self.model)})
+        self._move_weights(self.device)
+        self.weights_offloaded = False
+
+    def wake_up_kv_cache(self):
+        """Re-creates the KV pool (same number of blocks, zeroed) after checking that it, the step's activations
+        and any weights still offloaded fit in the device's free memory."""
+        if self.kv is not None:
+            return
+        a, c = self.args, self.config
+        need = {"KV pool": self.num_kv_blocks * KVCache.bytes_per_block(a.num_layers, self.block_size,
+                                                                         a.num_kv_heads, a.head_dim, self.dtype),
+                "activations": activation_bytes(a, c.max_num_batched_tokens, c.max_num_seqs, self.dtype)}
+        if self.weights_offloaded:  # they come back later and need their room then
+            need["offloaded weights"] = parameter_bytes(self.model)
+        check_wake_up(device_free_bytes(self.device), need)
+        self._build_kv()
 
     def _move_weights(self, device: torch.device):
-        """CUDA only: weights to pinned host memory or back (tied weights are one Parameter: moved once)."""
+        """Weights to pinned host memory or back (tied weights are one Parameter: moved once)."""
+        pin = self.device.type == "cuda"
         for param in self.model.parameters():
             if device.type == "cpu":
-                host = torch.empty_like(param.data, device="cpu", pin_memory=True)
-                param.data = host.copy_(param.data, non_blocking=True)
+                host = torch.empty_like(param.data, device="cpu", pin_memory=pin)
+                param.data = host.copy_(param.data, non_blocking=pin)
             else:
-                param.data = param.data.to(device, non_blocking=True)
-        torch.cuda.synchronize(self.device)
+                param.data = param.data.to(device, non_blocking=pin)
+        if pin:
+            torch.cuda.synchronize(self.device)
         self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
 
     def _matmul_kernel(self) -> str:
@@ -144,8 +169,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def update_weights(self, named_tensors) -> int:
-        """Copies (HF name, tensor) pairs into the model in place; returns how many were written."""
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        written = len(copy_named_tensors(self.model.hf_parameter_views(), items))
+        """Copies (HF name, tensor) pairs into the model in place, all checked first (check_named_tensors: names,
+        shapes, floating dtypes, finite values), so a refused update writes nothing; returns how many were written."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        views = self.model.hf_parameter_views()
+        check_named_tensors(views, items)
+        written = len(copy_named_tensors(views, items))
         self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
         return written

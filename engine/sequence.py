@@ -3,6 +3,7 @@ from enum import Enum, auto
 from itertools import count
 
 from engine.sampling_params import SamplingParams
+from engine.stop_checker import TextStop
 
 
 class SequenceStatus(Enum):
@@ -33,6 +34,8 @@ class Sequence:
         self.top_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # params.logprobs set: per token,
                                        # (its logprob, [(id, logprob)] of the top alternatives), in logprobs_mode
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None  # the matched stop text or stop token id (vLLM's meaning)
+        self.text_stop: TextStop | None = None     # stop strings / stop_regex: the text so far and its matcher
         self.exclude_token = -1        # forbidden at the next sampled token only (distinct forks)
         self.pending_siblings: list["Sequence"] = []  # n>1: siblings that start from this one's prefill logits
         self.request_id = None

@@ -5,6 +5,10 @@ positions are chosen and its B*N branches are forked from its KV cache (full blo
 last block copied, the prefix never prefilled again); they join the running batch at the next step while
 other roots are still decoding. A root is freed as soon as its branches hold their own references.
 
+With `branch_after_all_roots` (or a `select_roots` callback) a prompt's roots keep their KV until all M have
+finished; then `select_roots(prompt_index, root_leaves)` names the roots to fork (all by default) and the rest
+are freed: the engine knows nothing of votes, a caller's vote can decide where branches are worth their tokens.
+
 Noise keys: every sequence of prompt i uses seed_i (the seed of prompt i's SamplingParams, or a random seed
 per prompt when None). Root r has seq_id r; branch b at fork f of root r has seq_id M + (r*N + f)*B + b, so roots match
 parallel samples 0..M-1 of the same seed and every leaf is reproducible whatever the batch composition.
@@ -13,12 +17,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, per_prompt
 from engine.tree_select import fork_positions
+
+if TYPE_CHECKING:  # annotations only: engine.llm imports this module
+    from engine.llm import LLM, Prompts
 
 METRICS = ("entropy", "surprisal")
 
@@ -31,14 +40,26 @@ class TreeParams:
     branches: int = 2
     metric: str = "entropy"   # "entropy": full-vocabulary H_t; "surprisal": -log p(sampled token)
     distinct: bool = False     # each branch's first token differs from the root's token at the fork
+    no_fork_after: list[str] | str = field(default_factory=list)  # no fork at or after the first occurrence of
+                                                                  # any of these in the root's text (ettrl:
+                                                                  # "\\boxed{"); one string is a list of one
+    min_gap: int = 1           # fork positions of a root at least this many tokens apart (1: any distinct ones)
+    branch_after_all_roots: bool = False  # fork once all M roots of a prompt have finished (see select_roots)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.trees < 1:
             raise ValueError(f"TreeParams.trees must be >= 1, got {self.trees}")
         if self.forks < 0 or self.branches < 0:
             raise ValueError(f"TreeParams.forks and .branches must be >= 0, got {self.forks}, {self.branches}")
         if self.metric not in METRICS:
             raise ValueError(f"TreeParams.metric must be one of {METRICS}, got {self.metric!r}")
+        if isinstance(self.no_fork_after, str):
+            self.no_fork_after = [self.no_fork_after]
+        self.no_fork_after = list(self.no_fork_after)
+        if any(not isinstance(m, str) or not m for m in self.no_fork_after):
+            raise ValueError(f"TreeParams.no_fork_after must be non-empty strings, got {self.no_fork_after!r}")
+        if self.min_gap < 1:
+            raise ValueError(f"TreeParams.min_gap must be >= 1 (1: any distinct positions), got {self.min_gap}")
 
     @property
     def leaves_per_tree(self) -> int:
@@ -65,6 +86,7 @@ class Leaf:
     fork_position: int | None = None  # response index of the resampled token; None for a root
     branch: int | None = None
     seq_id: int = 0
+    stop_reason: str | int | None = None  # the stop match or stop token id that ended it (CompletionOutput's)
 
     @property
     def origin(self) -> tuple[int, int | None, int | None]:
@@ -95,34 +117,48 @@ class TreeResult:
     stats: TreeStats = field(default_factory=TreeStats)
 
 
-def sample_tree(llm, prompts, tree_params: TreeParams, sampling_params: SamplingParams | list[SamplingParams],
-                use_tqdm: bool = False) -> list[TreeResult]:
+Owner = tuple[Sequence, int, int, int | None, int | None]  # (sequence, prompt, root, fork, branch)
+RootSelector = Callable[[int, list[Leaf]], Iterable[int]]  # (prompt index, its M root leaves) -> roots to fork
+
+
+def sample_tree(llm: LLM, prompts: Prompts, tree_params: TreeParams,
+                sampling_params: SamplingParams | list[SamplingParams], use_tqdm: bool = False,
+                select_roots: RootSelector | None = None) -> list[TreeResult]:
     """One ETMR tree set per prompt (a string, or a list of token ids). See the module docstring.
 
     `sampling_params` is one SamplingParams for every prompt or one per prompt (as in `LLM.generate`); give each
-    prompt its own seed when the prompts' samples should not share noise.
+    prompt its own seed when the prompts' samples should not share noise. `select_roots(i, roots)` is called once
+    per prompt when its M roots have finished (implies `branch_after_all_roots`) and returns the indices of the
+    roots to fork.
     """
-    prompts, params = per_prompt(prompts, sampling_params)
+    prompt_list, params = per_prompt(prompts, sampling_params)
     for p in params:
         if p.n != 1:
             raise ValueError(f"sample_tree takes SamplingParams.n == 1 (the tree size is TreeParams), got n={p.n}")
-    prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    prompt_ids = [llm.encode(p) if isinstance(p, str) else list(p) for p in prompt_list]
     seeds = [p.seed if p.seed is not None else random.getrandbits(63) for p in params]
     progress = Progress(llm.engine, len(prompt_ids) * tree_params.num_leaves, "trees", use_tqdm)
     try:
-        return _TreeRun(llm, tree_params, params, progress).run(prompt_ids, seeds)
+        return TreeRun(llm, tree_params, params, progress, select_roots).run(prompt_ids, seeds)
     finally:
         progress.close()
 
 
-class _TreeRun:
-    """Drives the engine's step loop for one sample_tree call; owners maps a live sequence to its place."""
+class TreeRun:
+    """One sample_tree call's trees: run() drives the engine's step loop to the end. A caller that owns the step
+    loop (engine/serve's engine loop, where many requests share each step) uses the pieces instead: begin(), then
+    on_step(finished) after every engine.step() until done, then sorted_results(); abort() frees what is live.
+    `owners` maps a live sequence to its place in the trees."""
 
-    def __init__(self, llm, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress):
+    def __init__(self, llm: LLM, tree_params: TreeParams, sampling_params: list[SamplingParams], progress: Progress,
+                 select_roots: RootSelector | None = None) -> None:
         self.llm, self.engine, self.progress = llm, llm.engine, progress
         self.decode = llm.decode if llm.tokenizer is not None else None
         self.tp, self.params = tree_params, sampling_params  # one SamplingParams per prompt
-        self.owners: dict[int, tuple] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
+        self.select_roots = select_roots
+        self.defer = tree_params.branch_after_all_roots or select_roots is not None
+        self.owners: dict[int, Owner] = {}  # live sequence uid -> (sequence, prompt, root, fork, branch)
+        self.held: dict[int, dict[int, tuple[Sequence, Leaf]]] = {}  # deferred: prompt -> root -> finished root
 
     def run(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[TreeResult]:
         self.begin(prompt_ids, seeds)
@@ -134,8 +170,8 @@ class _TreeRun:
             raise
         return self.sorted_results()
 
-    # The pieces of run() for a caller that owns the step loop (engine/serve's engine loop).
-    def begin(self, prompt_ids: list[list[int]], seeds: list[int]):
+    # The pieces of run() for a caller that owns the step loop.
+    def begin(self, prompt_ids: list[list[int]], seeds: list[int]) -> None:
         """Queues every prompt's M roots (validated before any is queued)."""
         self.results = [TreeResult(ids, seed, [[] for _ in range(self.tp.trees)])
                         for ids, seed in zip(prompt_ids, seeds)]
@@ -147,7 +183,7 @@ class _TreeRun:
             self.owners.update((seq.uid, (seq, i, r, None, None)) for r, seq in enumerate(roots))
             self.engine.add_sequence(roots[0])
 
-    def on_step(self, finished: list[Sequence]):
+    def on_step(self, finished: list[Sequence]) -> None:
         """Takes this run's sequences among a step's finished ones (records them, forks roots' branches)."""
         for seq in finished:
             if seq.uid in self.owners:
@@ -157,35 +193,65 @@ class _TreeRun:
     def done(self) -> bool:
         return not self.owners
 
-    def abort(self):
-        """Frees every live sequence of this run."""
+    def abort(self) -> None:
+        """Frees every live sequence of this run (and roots held for a later fork)."""
         for seq, *_ in list(self.owners.values()):
             self.engine.free(seq)
+        for roots in self.held.values():
+            for seq, _ in roots.values():
+                self.engine.free(seq)
         self.owners.clear()
+        self.held.clear()
 
     def sorted_results(self) -> list[TreeResult]:
         for result in self.results:
             result.leaves.sort(key=lambda leaf: (leaf.root, leaf.fork_position or 0, leaf.branch or 0))
         return self.results
 
-    def _on_finished(self, seq: Sequence):
+    def _on_finished(self, seq: Sequence) -> None:
         _, i, r, f, b = self.owners.pop(seq.uid)
         result = self.results[i]
         leaf = self._leaf(seq, r, None if f is None else result.fork_positions[r][f], b)
         result.leaves.append(leaf)
         self._account(result.stats, leaf)
-        if f is None:
-            self._fork_branches(seq, i, r, leaf)
-        self.engine.free(seq)
+        if f is not None or not self.defer:
+            if f is None:
+                self._fork_branches(seq, i, r, leaf)
+            self.engine.free(seq)
+        else:
+            roots = self.held.setdefault(i, {})
+            roots[r] = (seq, leaf)
+            if len(roots) == self.tp.trees:
+                self._fork_selected_roots(i, self.held.pop(i))
         self.progress.update()
         self.live[i] -= 1
         if self.live[i] == 0:
             result.stats.wall_seconds = time.perf_counter() - self.start
 
-    def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf):
+    def _fork_selected_roots(self, i: int, roots: dict[int, tuple[Sequence, Leaf]]) -> None:
+        """All M roots of prompt i have finished: fork the chosen ones, free them all."""
+        try:
+            chosen = set(range(self.tp.trees))
+            if self.select_roots is not None:
+                leaves = [roots[r][1] for r in range(self.tp.trees)]
+                chosen = {int(r) for r in self.select_roots(i, leaves)}
+                if not chosen <= set(range(self.tp.trees)):
+                    raise ValueError(f"select_roots returned {sorted(chosen)} for prompt {i}; "
+                                     f"root indices are 0..{self.tp.trees - 1}")
+            for r in range(self.tp.trees):
+                if r in chosen:
+                    self._fork_branches(roots[r][0], i, r, roots[r][1])
+                else:
+                    self.progress.shrink(self.tp.forks * self.tp.branches)
+        finally:
+            for seq, _ in roots.values():
+                self.engine.free(seq)
+
+    def _fork_branches(self, root: Sequence, i: int, r: int, leaf: Leaf) -> None:
         """B branches at each of the root's top-N positions; they decode from the next step on."""
         metric = leaf.entropies if self.tp.metric == "entropy" else [-lp for lp in leaf.logprobs]
-        positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode)
+        positions = fork_positions(metric, leaf.token_ids, self.tp.forks, self.decode, self.tp.no_fork_after,
+                                   self.tp.min_gap)
         result = self.results[i]
         result.fork_positions[r] = positions
         self.progress.shrink((self.tp.forks - len(positions)) * self.tp.branches)
@@ -202,10 +268,10 @@ class _TreeRun:
         response."""
         out = self.llm._completion(seq)
         return Leaf(out.token_ids, out.text, list(out.logprobs), list(out.entropies), out.finish_reason,
-                    root, fork_position, branch, seq.seq_id)
+                    root, fork_position, branch, seq.seq_id, out.stop_reason)
 
     @staticmethod
-    def _account(stats: TreeStats, leaf: Leaf):
+    def _account(stats: TreeStats, leaf: Leaf) -> None:
         reused = leaf.fork_position or 0
         stats.leaves += 1
         stats.decoded_tokens += len(leaf.token_ids) - reused

@@ -6,23 +6,31 @@
     entropy_term(advantages, token_entropies, ...)         Cheng et al. per-token bonus, [N, T]
     compute_advantages(rewards, AdvantageConfig, ...)      the combination the trainer picks by config
 
+The shapings are named by SHAPINGS: "none" (plain GRPO), "res" (Adv-Res), "clip" (Adv-Clip), the names the config
+(algo.reshape) and the methods table (ettrl/methods.py) use.
+
 Groups are given either as a constant `group_size` (consecutive responses, N divisible by it) or as a group
 id per response (`groups`: any hashable ids, e.g. prompt ids, or an integer tensor); with neither, all
 responses form one group.
 """
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-METHODS = ("grpo", "adv_res", "adv_clip")
+Values = Sequence[float] | torch.Tensor  # one value per response
+GroupIds = Sequence[Hashable] | torch.Tensor  # a group id per response
+
+SHAPINGS = ("none", "res", "clip")
 RES_DIRECTIONS = ("equations", "prose")
 STDS = ("population", "bessel")
 
 
 @dataclass
 class AdvantageConfig:
-    method: str = "grpo"        # "grpo" | "adv_res" | "adv_clip"
+    shaping: str = "none"       # "none" (GRPO) | "res" (Adv-Res) | "clip" (Adv-Clip)
     res_alpha: float = 0.2      # Adv-Res: Y clipped to [1 - res_alpha, 1 + res_beta]
     res_beta: float = 0.2
     res_direction: str = "equations"  # Adv-Res: "equations" (Eqs. 12-14) or "prose" (the text after Eq. 14)
@@ -32,23 +40,23 @@ class AdvantageConfig:
     eps: float = 1e-6
     std: str = "population"     # GRPO std: "population" (docs/algorithms.md 2) or "bessel" (n - 1, as verl/TTRL)
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"advantage method must be one of {METHODS}, got {self.method!r}")
+    def __post_init__(self) -> None:
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"shaping must be one of {SHAPINGS}, got {self.shaping!r}")
         if self.res_direction not in RES_DIRECTIONS:
             raise ValueError(f"res_direction must be one of {RES_DIRECTIONS}, got {self.res_direction!r}")
         if self.std not in STDS:
             raise ValueError(f"std must be one of {STDS}, got {self.std!r}")
 
 
-def _as_tensor(values, name: str) -> torch.Tensor:
+def _as_tensor(values: Values, name: str) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float32) if not torch.is_tensor(values) else values.float()
     if t.dim() != 1:
         raise ValueError(f"{name} must be one value per response (1-D), got shape {tuple(t.shape)}")
     return t
 
 
-def _group_index(n: int, group_size: int | None, groups, device) -> torch.Tensor:
+def _group_index(n: int, group_size: int | None, groups: GroupIds | None, device: torch.device) -> torch.Tensor:
     """Dense group id (0..G-1) per response."""
     if group_size is not None and groups is not None:
         raise ValueError("pass either group_size or groups, not both")
@@ -57,7 +65,7 @@ def _group_index(n: int, group_size: int | None, groups, device) -> torch.Tensor
             raise ValueError(f"groups must have one id per response ({n}), got {len(groups)}")
         if torch.is_tensor(groups):
             return torch.unique(groups.to(device), return_inverse=True)[1]
-        dense: dict = {}
+        dense: dict[Hashable, int] = {}
         return torch.tensor([dense.setdefault(g, len(dense)) for g in groups], dtype=torch.long, device=device)
     if group_size is None:
         return torch.zeros(n, dtype=torch.long, device=device)
@@ -80,8 +88,8 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return sums / counts
 
 
-def grpo_advantages(rewards, group_size: int | None = None, groups=None, eps: float = 1e-6,
-                    std: str = "population") -> torch.Tensor:
+def grpo_advantages(rewards: Values, group_size: int | None = None, groups: GroupIds | None = None,
+                    eps: float = 1e-6, std: str = "population") -> torch.Tensor:
     """A_i = (R_i - mean(R)) / (std(R) + eps) per group. Equal rewards give exactly 0.
 
     std "population" divides the squared deviations by n; "bessel" by n - 1, as verl's
@@ -102,8 +110,9 @@ def grpo_advantages(rewards, group_size: int | None = None, groups=None, eps: fl
     return centered / (sd + eps)
 
 
-def adv_res(advantages, response_entropies, group_size: int | None = None, groups=None, alpha: float = 0.2,
-            beta: float = 0.2, direction: str = "equations") -> torch.Tensor:
+def adv_res(advantages: Values, response_entropies: Values, group_size: int | None = None,
+            groups: GroupIds | None = None, alpha: float = 0.2, beta: float = 0.2,
+            direction: str = "equations") -> torch.Tensor:
     """EAR Adv-Res: A_i * clip(Y_i, 1 - alpha, 1 + beta), Y_i = 1 + (Hbar - H_i) / Hbar, Hbar = group mean.
 
     Direction (docs/algorithms.md section 5, Decision): the default, "equations", implements the paper's Eqs. 12-14,
@@ -125,12 +134,14 @@ def adv_res(advantages, response_entropies, group_size: int | None = None, group
     return y.clamp(1 - alpha, 1 + beta) * a
 
 
-def adv_clip(advantages, beta: float = 2.0) -> torch.Tensor:
+def adv_clip(advantages: Values, beta: float = 2.0) -> torch.Tensor:
     """EAR Adv-Clip: clip(A, -beta, beta)."""
     return _as_tensor(advantages, "advantages").clamp(-beta, beta)
 
 
-def entropy_term(advantages, token_entropies, alpha: float = 0.4, kappa: float = 2.0) -> torch.Tensor:
+def entropy_term(advantages: Values | Sequence[Sequence[float]],
+                 token_entropies: torch.Tensor | Sequence[Sequence[float]], alpha: float = 0.4,
+                 kappa: float = 2.0) -> torch.Tensor:
     """Per-token A'_t = A + min(alpha * H_t, |A| / kappa) (Cheng et al.), H_t detached.
 
     The bonus is >= 0 and at most |A| / kappa, so with kappa >= 1 it never flips the sign of A (a negative A
@@ -147,22 +158,22 @@ def entropy_term(advantages, token_entropies, alpha: float = 0.4, kappa: float =
     return a + torch.minimum(alpha * h, a.abs() / kappa)
 
 
-def compute_advantages(rewards, config: AdvantageConfig | None = None, group_size: int | None = None, groups=None,
-                       response_entropies: Sequence[float] | torch.Tensor | None = None,
+def compute_advantages(rewards: Values, config: AdvantageConfig | None = None, group_size: int | None = None,
+                       groups: GroupIds | None = None, response_entropies: Values | None = None,
                        token_entropies: torch.Tensor | None = None) -> torch.Tensor:
-    """GRPO advantages reshaped by `config.method`, then the optional per-token entropy term.
+    """GRPO advantages reshaped by `config.shaping`, then the optional per-token entropy term.
 
     Returns [N] per-response advantages, or [N, T] per-token ones when config.entropy_alpha > 0.
-    E.g. ETTRL = ETMR rollouts + AdvantageConfig(method="adv_res").
+    E.g. ETTRL = ETMR rollouts + AdvantageConfig(shaping="res").
     """
     config = config or AdvantageConfig()
     a = grpo_advantages(rewards, group_size, groups, config.eps, config.std)
-    if config.method == "adv_res":
+    if config.shaping == "res":
         if response_entropies is None:
-            raise ValueError("method 'adv_res' needs response_entropies (mean token entropy per response)")
+            raise ValueError("shaping 'res' needs response_entropies (mean token entropy per response)")
         a = adv_res(a, response_entropies, group_size, groups, config.res_alpha, config.res_beta,
                     config.res_direction)
-    elif config.method == "adv_clip":
+    elif config.shaping == "clip":
         a = adv_clip(a, config.clip_beta)
     if config.entropy_alpha > 0:
         if token_entropies is None:

@@ -1,7 +1,8 @@
 """The built-in offline task: arithmetic word problems generated from a seed, at three difficulty levels.
 
 Level 1: one step, + or - on numbers up to 10.  Level 2: one step, + - * / on numbers up to 30.
-Level 3: two steps.  Train and held-out sets come from separate random streams and never share a problem.
+Level 3: two steps, a + b - c with a, b <= 10 (its few-shot examples write the intermediate result:
+ettrl/prompts.py).  Train and held-out sets come from separate random streams and never share a problem.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def make_problem(rng: random.Random, difficulty: int) -> dict:
     if difficulty in ONE_STEP:
         template, a, b, answer = rng.choice(ONE_STEP[difficulty])(rng, TOP[difficulty])
         return {"problem": template.format(n=name, i=item, a=a, b=b), "answer": str(answer)}
-    a, b = rng.randint(5, 30), rng.randint(2, 20)
+    a, b = rng.randint(2, 10), rng.randint(2, 10)
     c = rng.randint(1, a + b - 1)
     text = f"{name} has {a} {item}, gets {b} more and then gives {c} away. How many {item} does {name} have left?"
     return {"problem": text, "answer": str(a + b - c)}
@@ -65,7 +66,8 @@ def n_train_reserved() -> int:
 
 
 def _draw(n: int, difficulty: int, rng: random.Random, taken: set) -> list[dict]:
-    out, seen = [], set(taken)
+    out: list[dict] = []
+    seen = set(taken)
     for _ in range(100 * n + 1000):
         if len(out) == n:
             return out

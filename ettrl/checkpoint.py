@@ -9,10 +9,15 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STATE_FILE = "trainer_state.pt"
 
@@ -34,8 +39,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, weights: dict | None, backend_state: dict,
-                    loop_state: dict, rank: int = 0, barrier=lambda: None, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    weights: dict[str, torch.Tensor] | None, backend_state: dict, loop_state: dict, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None, keep: int = 2) -> Path:
     """Every rank writes its optimizer/scheduler/RNG state; rank 0 writes the weights and renames into place."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -43,6 +49,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, weights: dict | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    if not tmp.is_dir():
+        raise RuntimeError(f"rank {rank} cannot see {tmp}, which rank 0 has just created: a run on several nodes "
+                           f"needs its run directory on a filesystem every node shares (each rank saves its own "
+                           f"optimizer state into the checkpoint)")
     torch.save({"backend": backend_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     barrier()
     if rank == 0:

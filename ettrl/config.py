@@ -7,27 +7,53 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from ettrl.advantages import SHAPINGS
 from ettrl.data import DataError, check_source
-from ettrl.methods import METHODS as METHOD_TABLE
-from ettrl.methods import method_spec
-
-METHODS = tuple(METHOD_TABLE)  # ettrl/methods.py is the table; these names are kept for callers
-TREE_METHODS = tuple(m.name for m in METHOD_TABLE.values() if m.rollout == "tree")
+from ettrl.methods import METHODS, method_spec
 
 
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # engine.model_files spec or a local HF directory
-    dtype: str = "float32"  # trainer weights: float32 | bfloat16
-    engine_dtype: str = "float32"  # the engine's copy of the weights
-    gpu_memory_utilization: float = 0.4  # CUDA: fraction of the GPU's total memory the engine may hold (weights,
-    # activations, KV pool; vLLM's meaning); the rest is the trainer's. Its KV pool is freed during each update
+    dtype: str = "float32"  # trainer weights: float32 | bfloat16 (the engine's copy: engine.dtype)
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class EngineSection:
+    """The rollout engine's switches: every field of engine.config.EngineConfig but `model` (model.name), passed
+    to LLM(...) as they are (tests/test_config.py keeps the two in step; docs/engine.md explains each). Where the
+    trainer's defaults differ: dtype "auto" is bfloat16 on CUDA and float32 on the CPU (not the checkpoint's own
+    dtype, the engine's auto), device "auto" is the run's `device`, and gpu_memory_utilization is 0.4 (the policy,
+    its gradients and optimizer state share the GPU; the KV pool is freed during each update)."""
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.4
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    pack_weights: bool = True
+    fused_ops: bool = True
+    fused_decode: bool = True
+    attention_backend: str = "auto"
+    matmul_kernel: str = "auto"
+    batch_invariant: bool = True
+
+
+MOVED_KEYS = {"model.engine_dtype": "engine.dtype", "model.gpu_memory_utilization": "engine.gpu_memory_utilization"}
 
 
 @dataclass
@@ -55,15 +81,19 @@ class RolloutConfig:
     trees: int = 3  # ETMR: M (3 trees x (1 + 2 x 2) = 15 leaves; 0.66-0.69x the tokens of 16 parallel, measured)
     forks: int = 2  # ETMR: N
     branches: int = 2  # ETMR: B
-    fork_metric: str = "entropy"  # entropy | surprisal
+    fork_metric: str = "entropy"  # entropy | surprisal (Algorithm 1's -log p of the sampled token)
     distinct: bool = False
-    last_number_fallback: bool = False  # let answers without \boxed{} vote with their last number
-    train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL)
+    no_fork_after: list[str] = field(default_factory=lambda: ["\\boxed{"])  # no fork from the first of these on
+    min_gap: int = 1  # fork positions of a root at least this many tokens apart
+    stop_at_answer: bool = True  # end each response at its first complete \boxed{...} (rollouts and evaluation)
+    vote: str = "boxed"  # boxed (last box, equivalence classes) | ttrl (TTRL's answer strings, truncated ones too)
+    last_number_fallback: bool = False  # vote=boxed: untruncated answers without \boxed{} vote with their last number
+    train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL) | stratified
 
 
 @dataclass
 class AlgoConfig:
-    reshape: str = "auto"  # auto (from method) | none | res | clip
+    reshape: str = "auto"  # auto (the method's shaping) | a name in ettrl/advantages.py SHAPINGS: none | res | clip
     res_alpha: float = 0.2
     res_beta: float = 0.2
     res_direction: str = "equations"  # Adv-Res: equations (Eqs. 12-14, docs/algorithms.md 5) | prose (the paper's text)
@@ -121,6 +151,7 @@ class Config:
     save_every: int = 10  # checkpoint every this many steps (0 = only at the end)
     eval_every: int = 0  # evaluate every this many steps (0 = only before and after training)
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineSection = field(default_factory=EngineSection)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -138,7 +169,8 @@ class Config:
         return r.trees * (1 + r.forks * r.branches) if self.tree else r.n_votes
 
     @property
-    def reshape(self) -> str:
+    def shaping(self) -> str:
+        """The advantage shaping (ettrl/advantages.py SHAPINGS): algo.reshape, or the method's."""
         if self.algo.reshape != "auto":
             return self.algo.reshape
         return method_spec(self.method).shaping
@@ -153,7 +185,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and what to change."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -199,6 +231,9 @@ def _build(cls, raw: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"{prefix}{key} is now {MOVED_KEYS[prefix + key]} (the engine's switches live in the "
+                              f"engine section); rename the key")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
@@ -214,6 +249,11 @@ def _build(cls, raw: dict, prefix: str):
 
 
 def _coerce(value, typ, key: str):
+    args = typing.get_args(typ)
+    if type(None) in args:  # X | None: null (or an empty override) is None
+        if value is None or value == "":
+            return None
+        typ = next(a for a in args if a is not type(None))
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -234,6 +274,9 @@ def _coerce(value, typ, key: str):
     elif typ is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(float(v) for v in value)
+    elif typing.get_origin(typ) is list:  # list[str]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
     raise ConfigError(f"{key} must be a {typ.__name__}, got {value!r}")
 
 
@@ -242,16 +285,26 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_engine(section: EngineSection) -> None:
+    """The engine's own checks (EngineConfig), its messages given the section's key names."""
+    from engine.config import EngineConfig
+
+    options = {**asdict(section), "device": "cpu"}  # the device is resolved when the engine is built
+    try:
+        EngineConfig(model="", **options)
+    except ValueError as error:
+        raise ConfigError(f"engine.{error}") from None
+
+
 def validate(cfg: Config) -> None:
     """Reject configs that cannot run, before any model is loaded."""
     r, t, a, e = cfg.rollout, cfg.trainer, cfg.algo, cfg.eval
-    _check(cfg.method in METHOD_TABLE, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHOD_TABLE)}")
+    _check(cfg.method in METHODS, f"method={cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
            f"device={cfg.device!r}: use auto, cpu or cuda")
-    _check(0 < cfg.model.gpu_memory_utilization <= 1,
-           f"model.gpu_memory_utilization={cfg.model.gpu_memory_utilization}: use a fraction in (0, 1]")
-    for key, value in (("model.dtype", cfg.model.dtype), ("model.engine_dtype", cfg.model.engine_dtype)):
-        _check(value in ("float32", "bfloat16", "float16"), f"{key}={value!r}: use float32 or bfloat16")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"),
+           f"model.dtype={cfg.model.dtype!r}: use float32 or bfloat16")
+    _validate_engine(cfg.engine)
     _check(cfg.data.prompt in ("fewshot", "plain", "chat"),
            f"data.prompt={cfg.data.prompt!r}: use fewshot, plain or chat")
     _check(1 <= cfg.data.difficulty <= 3, f"data.difficulty={cfg.data.difficulty}: use 1, 2 or 3")
@@ -261,8 +314,8 @@ def validate(cfg: Config) -> None:
         try:
             if source:
                 check_source(source, key)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+        except DataError as error:
+            raise ConfigError(str(error)) from None
     _check(r.n_votes >= 1 and r.n_train >= 1, "rollout.n_votes and rollout.n_train must be >= 1")
     if cfg.tree:
         _check(r.trees >= 1 and r.forks >= 0 and r.branches >= 1,
@@ -277,9 +330,21 @@ def validate(cfg: Config) -> None:
     _check(r.max_tokens >= 1 and e.max_tokens >= 1, "max_tokens must be >= 1")
     _check(r.fork_metric in ("entropy", "surprisal"),
            f"rollout.fork_metric={r.fork_metric!r}: use entropy or surprisal")
-    _check(r.train_pick in ("random", "first"), f"rollout.train_pick={r.train_pick!r}: use random or first")
+    _check(r.train_pick in ("random", "first", "stratified"),
+           f"rollout.train_pick={r.train_pick!r}: use random, first or stratified (round-robin over the trees)")
+    _check(r.vote in ("boxed", "ttrl"), f"rollout.vote={r.vote!r}: use boxed or ttrl (TTRL's string vote)")
+    _check(r.vote == "boxed" or not r.last_number_fallback,
+           "rollout.last_number_fallback is an option of rollout.vote=boxed; vote=ttrl has TTRL's own fallbacks "
+           "(the answer-is phrase, the last number): drop rollout.last_number_fallback")
+    _check(r.vote == "boxed" or method_spec(cfg.method).reward != "dare",
+           f"method={cfg.method} groups the answers itself (DARE); rollout.vote=ttrl is TTRL's majority vote: "
+           "use rollout.vote=boxed")
+    _check(r.min_gap >= 1, f"rollout.min_gap={r.min_gap}: use 1 (any spacing) or more tokens between forks")
+    _check(all(isinstance(m, str) and m for m in r.no_fork_after),
+           f"rollout.no_fork_after={r.no_fork_after!r}: use a list of non-empty strings, e.g. ['\\boxed{{']")
     _check(a.std in ("population", "bessel"), f"algo.std={a.std!r}: use population or bessel")
-    _check(a.reshape in ("auto", "none", "res", "clip"), f"algo.reshape={a.reshape!r}: use auto, none, res or clip")
+    _check(a.reshape in ("auto", *SHAPINGS),
+           f"algo.reshape={a.reshape!r}: use auto, {', '.join(SHAPINGS[:-1])} or {SHAPINGS[-1]}")
     _check(a.res_direction in ("equations", "prose"),
            f"algo.res_direction={a.res_direction!r}: use equations (the paper's Eqs. 12-14) or prose (its text)")
     _check(t.backend in ("torch", "deepspeed"), f"trainer.backend={t.backend!r}: use torch or deepspeed")

@@ -1,22 +1,24 @@
 """The RL methods as one table: how each rolls out, what it rewards, how it shapes the advantage.
 
 Config validation, scoring and the trainer read `method_spec(name)`; adding a method is one `Method(...)` line
-(plus a reward function in REWARDS if it needs a new reward).
+(plus a reward function in ettrl/rewards.py's REWARDS if it needs a new reward).
 
-    rollout  "parallel" (rollout.n_votes samples) | "tree" (ETMR entropy-fork trees)
-    reward   "majority" (TTRL vote) | "rent" (negative response entropy) | "dare" (entropy-weighted vote)
-    shaping  "none" (GRPO) | "res" (EAR Adv-Res) | "clip" (EAR Adv-Clip); algo.reshape overrides it
+    rollout  ROLLOUTS: "parallel" (rollout.n_votes samples) | "tree" (ETMR entropy-fork trees)
+    reward   ettrl/rewards.py REWARDS: "majority" (TTRL vote) | "rent" (negative response entropy) | "dare"
+             (entropy-weighted vote)
+    shaping  ettrl/advantages.py SHAPINGS: "none" (GRPO) | "res" (EAR Adv-Res) | "clip" (EAR Adv-Clip);
+             algo.reshape overrides it
     entropy_term  the Cheng et al. per-token bonus on by default (algo.entropy_adv turns it on for any method)
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ettrl.rewards import Vote, dare_rewards, majority_vote, rent_rewards
+from ettrl.advantages import SHAPINGS
+from ettrl.rewards import REWARDS, VOTES, RewardParams, Vote
 
 ROLLOUTS = ("parallel", "tree")
-SHAPINGS = ("none", "res", "clip")
 
 
 @dataclass(frozen=True)
@@ -40,32 +42,18 @@ _TABLE = (
 METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
 
 
-def _majority(answers, entropies, vote, algo) -> list[float]:
-    return list(vote.rewards)
-
-
-def _rent(answers, entropies, vote, algo) -> list[float]:
-    return rent_rewards(entropies, algo.rent_beta)
-
-
-def _dare(answers, entropies, vote, algo) -> list[float]:
-    return dare_rewards(answers, entropies, algo.dare_alpha, algo.dare_tau)
-
-
-# reward name -> fn(answers, response entropies, majority Vote, AlgoConfig) -> one reward per response
-REWARDS: dict[str, Callable[..., list[float]]] = {"majority": _majority, "rent": _rent, "dare": _dare}
-
-
 def method_spec(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
-def method_rewards(name: str, answers, entropies, algo) -> tuple[list[float], Vote]:
-    """The method's rewards for one prompt's responses, and the majority vote (always logged)."""
-    vote = majority_vote(answers)
-    return REWARDS[method_spec(name).reward](answers, entropies, vote, algo), vote
+def method_rewards(name: str, answers: Sequence[str | None], entropies: Sequence[float], algo: RewardParams,
+                   vote: str = "boxed") -> tuple[list[float], Vote]:
+    """The method's rewards for one prompt's responses, and the majority vote (always logged); `vote` names the
+    vote (rollout.vote: boxed | ttrl, ettrl/rewards.py VOTES)."""
+    majority = VOTES[vote](answers)
+    return REWARDS[method_spec(name).reward](answers, entropies, majority, algo), majority
 
 
 def _check_table() -> None:

@@ -16,7 +16,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def avg_at_k(correct: Sequence[bool]) -> float:
+def avg_at_k(correct: Sequence[float]) -> float:
     """Mean accuracy over the samples (the TTRL paper's "pass@1" with k samples)."""
     if not correct:
         raise ValueError("avg@k needs at least one sample")

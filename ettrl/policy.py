@@ -10,15 +10,29 @@ prompt forward and backward instead of n_train.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class PaddedBatch(TypedDict):
+    """pad_batch's micro-batch: prompt + response rows, right-padded, and where each response token is predicted."""
+    input_ids: torch.Tensor       # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    rows: torch.Tensor            # the (row, column) of each response token's predictor, in row order
+    cols: torch.Tensor
+    targets: torch.Tensor         # the response tokens, concatenated
+    lengths: list[int]            # response lengths
+
+
 def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) in train mode; dropout off so that a step is a deterministic function of the batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,13 +48,16 @@ def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "cp
     return model, tokenizer
 
 
-def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+              device: torch.device | str) -> PaddedBatch:
     """Right-padded input ids, attention mask, and the (row, position) of each response token's predictor."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         s = p + r
         ids[i, : len(s)] = torch.tensor(s)
@@ -53,8 +70,8 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
             "targets": torch.tensor(targets, device=device), "lengths": [len(r) for r in responses]}
 
 
-def response_stats(model, batch: dict, temperature: float = 1.0,
-                   **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def response_stats(model: PreTrainedModel, batch: PaddedBatch, temperature: float = 1.0,
+                   **decoder_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs, entropies) of all response tokens of the batch, concatenated in row order; decoder_kwargs go to
     the decoder (shared_prompt_stats passes its cache and positions)."""
     from ettrl_kernels import token_stats
@@ -65,7 +82,7 @@ def response_stats(model, batch: dict, temperature: float = 1.0,
     return token_stats(logits, batch["targets"], temperature=temperature)
 
 
-def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pad_id: int,
+def shared_prompt_stats(model: PreTrainedModel, prompt: list[int], responses: list[list[int]], pad_id: int,
                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """response_stats of prompt + each response, with the prompt's forward run once for all of them.
 
@@ -89,12 +106,12 @@ def shared_prompt_stats(model, prompt: list[int], responses: list[list[int]], pa
     return response_stats(model, batch, temperature, position_ids=positions, use_cache=True, **{kw: cache})
 
 
-def _cache_keyword(decoder) -> str:
+def _cache_keyword(decoder: nn.Module) -> str:
     """transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated); 4.x `past_key_values`."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def _device(model) -> torch.device:
+def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device

@@ -1,14 +1,21 @@
 """Pseudo-labels and rewards for test-time RL (docs/algorithms.md sections 1 and 6).
 
     majority_vote(answers) -> Vote(label, ratio, rewards, class_ids, label_class)   unpacks as the 3-tuple
+    ttrl_vote(answers) -> Vote        TTRL's vote: answers are string classes, rewards by equivalence to the label
     vote_then_sample(n_votes, n_train, seed) -> indices of the responses that train
+    stratified_pick(trees, n_train, seed) -> the same, every tree contributing (round-robin over trees)
     rent_rewards(response_entropies, beta) / dare_rewards(answers, response_entropies, ...)
-    compute_rewards(answers, RewardConfig, response_entropies) -> the reward the trainer's config picks
+    REWARDS[name](answers, response_entropies, vote, params) -> one reward per response, by reward name
+    compute_rewards(answers, RewardConfig, response_entropies) -> the reward a RewardConfig picks
     label_accuracy / reward_accuracy: logging-only metrics against a known ground truth
 """
+from __future__ import annotations
+
 import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol
 
 from ettrl.grading import group_answers, is_equivalent
 
@@ -21,7 +28,7 @@ class Vote:
     class_ids: list[int]   # equivalence class per response, -1 for None
     label_class: int       # class id of the label, -1 if nobody answered
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[object]:
         """Unpacks as (label, ratio, rewards), the contract of the trainer; the rest are attributes."""
         return iter((self.label, self.ratio, self.rewards))
 
@@ -40,6 +47,29 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
     return Vote(label, counts[label_class] / len(answers), rewards, class_ids, label_class)
 
 
+def ttrl_vote(answers: Sequence[str | None]) -> Vote:
+    """TTRL's majority vote over answer strings (`ettrl.grading.ttrl_answer` gives them), as PRIME-RL/TTRL's
+    verl/utils/reward_score/ttrl/ttt_metrics.py `test_time_train_metrics`: the label is the most common string
+    (Counter.most_common: ties go to the string seen first), ratio = its count / number of responses, and each
+    response's reward is whether its answer is equivalent to the label (TTRL grades it with its `grade_answer`,
+    here `is_equivalent`), so "0.5" earns 1 under the label "\\frac{1}{2}" though it voted for another class.
+    None (never produced by TTRL's extraction) does not vote and gets 0."""
+    if not answers:
+        raise ValueError("ttrl_vote needs at least one answer (got an empty list)")
+    first_seen: dict[str, int] = {}
+    class_ids = [-1 if a is None else first_seen.setdefault(a, len(first_seen)) for a in answers]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return Vote(None, 0.0, [0.0] * len(answers), class_ids, -1)
+    label, count = counts.most_common(1)[0]
+    reward_of = {a: float(is_equivalent(a, label)) for a in first_seen}
+    rewards = [0.0 if a is None else reward_of[a] for a in answers]
+    return Vote(label, count / len(answers), rewards, class_ids, first_seen[label])
+
+
+VOTES = {"boxed": majority_vote, "ttrl": ttrl_vote}  # rollout.vote
+
+
 def _class_counts(class_ids: list[int]) -> list[int]:
     counts = [0] * (max(class_ids, default=-1) + 1)
     for c in class_ids:
@@ -53,6 +83,24 @@ def vote_then_sample(n_votes: int, n_train: int, seed: int) -> list[int]:
     if not 0 < n_train <= n_votes:
         raise ValueError(f"need 0 < n_train <= n_votes, got n_train={n_train}, n_votes={n_votes}")
     return sorted(random.Random(seed).sample(range(n_votes), n_train))
+
+
+def stratified_pick(trees: Sequence[int], n_train: int, seed: int) -> list[int]:
+    """Indices (sorted) of n_train responses taken round-robin over the trees (`trees[i]`: response i's tree):
+    one from each tree in tree order, then a second from each, ... Within a tree the order is a seeded shuffle.
+    Every tree contributes while n_train >= the number of trees; trees differ by at most one pick. With one
+    response per tree (parallel sampling) this is the first n_train, TTRL's pick (docs/algorithms.md 1)."""
+    if not 0 < n_train <= len(trees):
+        raise ValueError(f"need 0 < n_train <= number of responses, got n_train={n_train}, {len(trees)} responses")
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = {}
+    for i, tree in enumerate(trees):
+        members.setdefault(tree, []).append(i)
+    order = [members[t] for t in sorted(members)]
+    for leaves in order:
+        rng.shuffle(leaves)
+    picked = [leaves[k] for k in range(max(map(len, order))) for leaves in order if k < len(leaves)]
+    return sorted(picked[:n_train])
 
 
 def rent_rewards(response_entropies: Sequence[float], beta: float = 1.0) -> list[float]:
@@ -135,29 +183,54 @@ def reward_accuracy(answers: Sequence[str | None], rewards: Sequence[float], gro
     return sum(float(r) == t for r, t in zip(rewards, truth)) / len(answers)
 
 
-REWARD_METHODS = ("ttrl", "rent", "dare")
+class RewardParams(Protocol):
+    """The reward parameters a reward function reads (ettrl.config.AlgoConfig and RewardConfig have them)."""
+    rent_beta: float
+    dare_alpha: float
+    dare_tau: float
+
+
+RewardFn = Callable[[Sequence[str | None], Sequence[float], Vote, RewardParams], list[float]]
+
+
+def _majority(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote,
+              params: RewardParams) -> list[float]:
+    return list(vote.rewards)
+
+
+def _rent(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote, params: RewardParams) -> list[float]:
+    return rent_rewards(entropies, params.rent_beta)
+
+
+def _dare(answers: Sequence[str | None], entropies: Sequence[float], vote: Vote, params: RewardParams) -> list[float]:
+    return dare_rewards(answers, entropies, params.dare_alpha, params.dare_tau)
+
+
+# reward name -> fn(answers, response entropies, the majority Vote, RewardParams) -> one reward per response:
+# "majority" (the TTRL vote), "rent" (negative response entropy), "dare" (entropy-weighted vote)
+REWARDS: dict[str, RewardFn] = {"majority": _majority, "rent": _rent, "dare": _dare}
 
 
 @dataclass
 class RewardConfig:
-    method: str = "ttrl"     # "ttrl" (majority vote) | "rent" (negative entropy) | "dare"
+    reward: str = "majority"  # a name in REWARDS: majority | rent | dare
     rent_beta: float = 1.0
     dare_alpha: float = 0.5
     dare_tau: float = 0.05
 
-    def __post_init__(self):
-        if self.method not in REWARD_METHODS:
-            raise ValueError(f"reward method must be one of {REWARD_METHODS}, got {self.method!r}")
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {tuple(REWARDS)}, got {self.reward!r}")
 
 
 def compute_rewards(answers: Sequence[str | None], config: RewardConfig | None = None,
                     response_entropies: Sequence[float] | None = None) -> list[float]:
-    """Per-response rewards of one prompt's group under `config.method`."""
+    """Per-response rewards of one prompt's group under `config.reward`."""
     config = config or RewardConfig()
-    if config.method == "ttrl":
+    if config.reward == "majority":
         return majority_vote(answers).rewards
     if response_entropies is None:
-        raise ValueError(f"reward method {config.method!r} needs response_entropies (mean token entropy per response)")
-    if config.method == "rent":
+        raise ValueError(f"reward {config.reward!r} needs response_entropies (mean token entropy per response)")
+    if config.reward == "rent":
         return rent_rewards(response_entropies, config.rent_beta)
     return dare_rewards(answers, response_entropies, config.dare_alpha, config.dare_tau)

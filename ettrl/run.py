@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from ettrl.config import ConfigError, load_config, save_config
+from ettrl.config import Config, ConfigError, load_config, save_config
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ettrl.run", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="YAML config (default: the built-in offline default)")
@@ -31,7 +31,7 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def load_run_config(args):
+def load_run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume continues a run with its saved config.yaml; "
@@ -46,7 +46,7 @@ def load_run_config(args):
     return cfg, run_dir
 
 
-def init_distributed(cfg) -> tuple[int, int]:
+def init_distributed(cfg: Config) -> tuple[int, int]:
     """Under a launcher (RANK/WORLD_SIZE set) with the DeepSpeed backend: join the process group."""
     if cfg.trainer.backend != "deepspeed":
         return 0, 1
@@ -56,12 +56,13 @@ def init_distributed(cfg) -> tuple[int, int]:
 
 
 def shared_run_dir(run_dir: Path, world: int) -> Path:
-    """All ranks write into rank 0's run directory (its name holds rank 0's clock)."""
+    """All ranks write into rank 0's run directory (its name holds rank 0's clock), as an absolute path: a launcher
+    on another node may start its processes in another working directory."""
     if world == 1:
         return run_dir
     import torch.distributed as dist
 
-    box = [str(run_dir)]
+    box = [str(run_dir.absolute())]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
 
@@ -79,7 +80,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, run_dir = load_run_config(args)

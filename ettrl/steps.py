@@ -4,8 +4,12 @@ config's step count can be checked without a model."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ettrl.config import TrainerConfig
 
 
 def mix_seed(*parts: int) -> int:
@@ -16,7 +20,7 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
-def step_count(tcfg, n_problems: int) -> int:
+def step_count(tcfg: TrainerConfig, n_problems: int) -> int:
     """trainer.max_steps, or the epochs over the problems: ceil(epochs x problems / prompts_per_step), or with
     trainer.drop_last epochs x floor(problems / prompts_per_step) as TTRL's dataloader (drop_last=True)."""
     if tcfg.max_steps:
@@ -30,7 +34,7 @@ def step_count(tcfg, n_problems: int) -> int:
     return math.ceil(tcfg.epochs * n_problems / per)
 
 
-def step_prompts(step: int, n_problems: int, tcfg, seed: int) -> list[int]:
+def step_prompts(step: int, n_problems: int, tcfg: TrainerConfig, seed: int) -> list[int]:
     """Prompt indices of a step: a seeded shuffle per epoch. Without drop_last the epochs run end to end (a step
     may span two); with it each epoch is floor(n / per) whole steps and its last partial batch is dropped."""
     per = tcfg.prompts_per_step
@@ -45,7 +49,7 @@ def step_prompts(step: int, n_problems: int, tcfg, seed: int) -> list[int]:
     return out
 
 
-def mini_batches_per_step(tcfg) -> int:
+def mini_batches_per_step(tcfg: TrainerConfig) -> int:
     """Optimizer steps per rollout batch and PPO epoch: prompts_per_step / mini_batch_prompts (0: one)."""
     return tcfg.prompts_per_step // tcfg.mini_batch_prompts if tcfg.mini_batch_prompts else 1
 

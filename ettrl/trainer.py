@@ -10,7 +10,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,11 +23,17 @@ from ettrl.config import Config, ConfigError
 from ettrl.data import load_problems
 from ettrl.eval import evaluate
 from ettrl.policy import load_policy
-from ettrl.prompts import encode_prompts, stop_strings
-from ettrl.rollout import resolve_device, rollout
+from ettrl.prompts import encode_prompts, fewshot_examples, stop_strings
+from ettrl.rollout import engine_options, resolve_device, rollout
 from ettrl.scoring import score_group
 from ettrl.steps import mini_batches_per_step, mix_seed, step_count, step_prompts
 from ettrl.update import policy_update
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from engine import LLM
+    from ettrl.samples import TrainSample
 
 SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_acc", "label_acc {:.2f}"),
          ("rollout_acc", "acc {:.2f}"), ("entropy", "H {:.3f}"), ("loss", "loss {:+.4f}"), ("grad_norm", "|g| {:.3f}"),
@@ -34,7 +42,7 @@ SHOWN = [("reward", "reward {:.3f}"), ("majority_ratio", "maj {:.2f}"), ("label_
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log: Callable[..., None] = print) -> None:
         from engine.model_files import resolve_model
 
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
@@ -53,7 +61,7 @@ class Trainer:
         ckpt = self._latest_checkpoint() if resume else None
         if ckpt is not None:  # weights go in before the backend wraps (and under ZeRO-3 partitions) the model
             self._load_weights(ckpt)
-        self.ref_model = None
+        self.ref_model: PreTrainedModel | None = None
         if cfg.trainer.kl_coef > 0:
             self.ref_model = load_policy(self.model_dir, cfg.model.dtype, self.device)[0].eval().requires_grad_(False)
         t = cfg.trainer
@@ -72,11 +80,14 @@ class Trainer:
                               f"rollout.n_train={cfg.rollout.n_train} samples a step, which do not split into "
                               f"{self.mini_batches} equal mini-batches (prompts_per_step / mini_batch_prompts)")
         self.stop = stop_strings(d.prompt)
-        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt)
-        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt)
+        self.train_ids = encode_prompts(self.tokenizer, self.train_problems, d.prompt,
+                                        fewshot_examples(d.train, d.difficulty))
+        self.eval_ids = encode_prompts(self.tokenizer, self.eval_problems, d.prompt,
+                                       fewshot_examples(d.eval, d.difficulty))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padding is masked anyway
-        self.step, self.rollout_tokens, self.wall_s, self.eval_before = 0, 0, 0.0, None
+        self.step, self.rollout_tokens, self.wall_s = 0, 0, 0.0
+        self.eval_before: dict[str, float] | None = None
         if ckpt is not None:
             self._restore(ckpt)
         self.llm = self._make_engine()
@@ -89,11 +100,10 @@ class Trainer:
         seqs = t.prompts_per_step * self.cfg.rollout.n_train // world // mini_batches_per_step(t)
         return max(1, math.ceil(seqs / t.micro_batch_size))
 
-    def _make_engine(self):
+    def _make_engine(self) -> LLM:
         from engine import LLM
 
-        llm = LLM(str(self.model_dir), dtype=self.cfg.model.engine_dtype, device=self.device,
-                  gpu_memory_utilization=self.cfg.model.gpu_memory_utilization)
+        llm = LLM(str(self.model_dir), **engine_options(self.cfg.engine, self.device))
         self.sleep_engine = torch.device(self.device).type == "cuda"  # on the CPU the pool's memory stays
         if self.step > 0:
             llm.update_weights(self.backend.full_state_dict().items())
@@ -134,7 +144,7 @@ class Trainer:
         """Prompts of a step: epoch-wise seeded shuffles, a pure function of the step (so resume is exact)."""
         return step_prompts(step, len(self.train_problems), self.cfg.trainer, self.cfg.seed)
 
-    def collect(self, step: int):
+    def collect(self, step: int) -> tuple[list[TrainSample], list[dict[str, float]], float]:
         """Roll out this rank's prompts of `step` and score them: (training samples, per-prompt metrics, seconds)."""
         cfg = self.cfg
         mine = self.batch_indices(step)[self.rank :: self.world]
@@ -142,14 +152,15 @@ class Trainer:
         groups = rollout(self.llm, [self.train_problems[i] for i in mine], [self.train_ids[i] for i in mine], cfg,
                          self.stop, mix_seed(cfg.seed, step, 1), progress=self.rank == 0)
         rollout_s = time.perf_counter() - t0
-        samples, per_prompt = [], []
+        samples: list[TrainSample] = []
+        per_prompt: list[dict[str, float]] = []
         for i, g in zip(mine, groups):
             s, m = score_group(g, cfg, mix_seed(cfg.seed, step, i, 2))
             samples += s
             per_prompt.append({**m, "rollout_tokens": g.decoded_tokens})
         return samples, per_prompt, rollout_s
 
-    def update(self, samples) -> dict:
+    def update(self, samples: list[TrainSample]) -> dict[str, Any]:
         """The optimizer steps of the rollout batch (one per mini-batch and PPO epoch), then the engine gets the
         new weights. "inner" holds each optimizer step's metrics."""
         cfg = self.cfg
@@ -159,12 +170,19 @@ class Trainer:
             metrics = policy_update(self.backend, samples, cfg.trainer, cfg.rollout.temperature, self.pad_id,
                                     self.ref_model, progress=self.rank == 0, mini_batches=self.mini_batches)
             self.llm.update_weights(self.backend.full_state_dict().items())
-        finally:
+        except BaseException as error:  # the update's error is the one to see, not a failed wake-up after it
             if self.sleep_engine:
-                self.llm.wake_up()
+                try:
+                    self.llm.wake_up()
+                except Exception as wake_error:  # noqa: BLE001 - reported on the update's error
+                    error.add_note(f"and the engine could not wake up after it: {type(wake_error).__name__}: "
+                                   f"{wake_error}")
+            raise
+        if self.sleep_engine:
+            self.llm.wake_up()
         return metrics
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         samples, per_prompt, rollout_s = self.collect(self.step)
         t1 = time.perf_counter()
@@ -177,22 +195,24 @@ class Trainer:
         return {"step": self.step, **record, **upd, "rollout_tokens_total": self.rollout_tokens,
                 "rollout_s": rollout_s, "score_s": t1 - t0 - rollout_s, "update_s": t2 - t1}
 
-    def _reduce(self, rows: list[dict]) -> dict:
+    def _reduce(self, rows: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted(rows[0])
         sums = self.backend.all_reduce_sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
         return {k: v / sums[-1] for k, v in zip(keys, sums)}
 
-    def run_eval(self, tag: str) -> dict | None:
+    def run_eval(self, tag: str) -> dict[str, float] | None:
         if not self.eval_problems or self.rank != 0:
             return None
+        r = self.cfg.rollout
         result = evaluate(self.llm, self.eval_problems, self.eval_ids, self.cfg.eval, self.stop,
-                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})")
+                          mix_seed(self.cfg.seed, 7), desc=f"eval ({tag})", stop_at_answer=r.stop_at_answer,
+                          vote=r.vote)
         self._write({"type": "eval", "step": self.step, **result})
         self.log(f"eval @ step {self.step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()
                                                        if k.split("@")[0] in ("greedy", "avg", "maj", "pass")))
         return result
 
-    def fit(self) -> dict:
+    def fit(self) -> dict[str, Any]:
         cfg, start = self.cfg, time.perf_counter()
         wall0 = self.wall_s
         if self.step == 0 and cfg.eval.before:
@@ -217,7 +237,7 @@ class Trainer:
         self.wall_s = wall0 + time.perf_counter() - start
         return self.summary(after)
 
-    def summary(self, after: dict | None) -> dict:
+    def summary(self, after: dict[str, float] | None) -> dict[str, Any]:
         return {"method": self.cfg.method, "steps": self.step, "rollout_tokens": self.rollout_tokens,
                 "wall_s": round(self.wall_s, 1), "before": self.eval_before, "after": after}
 
@@ -231,17 +251,17 @@ class Trainer:
 
     # -- output ---------------------------------------------------------------------------------------------
 
-    def _write(self, row: dict) -> None:
+    def _write(self, row: dict[str, Any]) -> None:
         if self.rank == 0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _line(self, r: dict) -> str:
+    def _line(self, r: dict[str, Any]) -> str:
         shown = [fmt.format(r[k]) for k, fmt in SHOWN if k in r]
         return f"step {r['step']:>4}/{self.total_steps}  " + "  ".join(shown)
 
 
-def _unwrap(model):
+def _unwrap(model: PreTrainedModel) -> PreTrainedModel:
     return getattr(model, "module", model)
 
 

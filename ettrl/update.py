@@ -15,43 +15,28 @@ data-parallel backends average gradients over ranks. Padding samples (`pad_sampl
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ettrl.loss import grpo_loss
 from ettrl.policy import pad_batch, response_stats, shared_prompt_stats
+from ettrl.samples import TrainSample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ettrl.backends import TrainBackend
+    from ettrl.config import TrainerConfig
 
 MEANS = ("loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl",
          "ratio_mean", "kl_ref", "policy_entropy", "grad_norm")
 
 
-@dataclass
-class TrainSample:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    advantages: list[float]  # one per response token
-    padding: bool = False  # a zero-weight filler (pad_samples): no token of it counts, it moves no gradient
-
-
-def pad_samples(samples: list[TrainSample], count: int) -> list[TrainSample]:
-    """`samples` filled up to `count` with zero-weight copies of the last one.
-
-    A prompt whose trees could not fork has fewer responses than n_train; a fixed sample count keeps every
-    rank's micro-batch count fixed (DeepSpeed needs it) and the mini-batches aligned with prompts. The filler
-    changes no gradient and no advantage (compute advantages from the real samples before padding)."""
-    if not samples:
-        raise ValueError("pad_samples needs at least one real sample to copy")
-    if len(samples) > count:
-        raise ValueError(f"{len(samples)} samples are more than the {count} to pad to")
-    last = samples[-1]
-    filler = replace(last, advantages=[0.0] * len(last.response_ids), padding=True)
-    return samples + [filler] * (count - len(samples))
-
-
-def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float, pad_id: int,
-                  ref_model=None, progress: bool = False, mini_batches: int = 1) -> dict:
+def policy_update(backend: TrainBackend, samples: list[TrainSample], tcfg: TrainerConfig, temperature: float,
+                  pad_id: int, ref_model: PreTrainedModel | None = None, progress: bool = False,
+                  mini_batches: int = 1) -> dict:
     """The optimizer steps of one rollout batch on `samples` (this rank's share), then the lr schedule moves.
 
     Returns the means over the optimizer steps (ratio_min / ratio_max: extremes; policy_entropy: the policy's
@@ -77,12 +62,15 @@ def policy_update(backend, samples: list[TrainSample], tcfg, temperature: float,
     return _summarise(inner)
 
 
-def _mini_batch_step(backend, part, old, ref, tcfg, temperature, pad_id, progress) -> dict:
+def _mini_batch_step(backend: TrainBackend, part: list[TrainSample], old: list[torch.Tensor] | None,
+                     ref: list[torch.Tensor] | None, tcfg: TrainerConfig, temperature: float, pad_id: int,
+                     progress: bool) -> dict:
     """One optimizer step on a mini-batch: micro-batches with exact gradient accumulation."""
     device = next(backend.model.parameters()).device
     real = [s for s in part if not s.padding]
     n_tokens, n_seqs = backend.all_reduce_sum([sum(len(s.response_ids) for s in real), len(real)])
-    totals, ratio_max, ratio_min = {}, float("-inf"), float("inf")
+    totals: dict[str, float] = {}
+    ratio_max, ratio_min = float("-inf"), float("inf")
     starts = range(0, len(part), tcfg.micro_batch_size)
     # pragma: no mutate start (the progress bar's arguments change only what is displayed)
     for start in tqdm(starts, desc="micro-batches", unit="micro-batch", leave=False, disable=not progress,
@@ -108,13 +96,15 @@ def _mini_batch_step(backend, part, old, ref, tcfg, temperature, pad_id, progres
     return {**totals, "ratio_max": ratio_max, "ratio_min": ratio_min, "grad_norm": grad_norm, "lr": lr}
 
 
-def _micro_step(backend, chunk, old, ref, tcfg, temperature, pad_id, device, n_tokens, n_seqs):
+def _micro_step(backend: TrainBackend, chunk: list[TrainSample], old: list[torch.Tensor] | None,
+                ref: list[torch.Tensor] | None, tcfg: TrainerConfig, temperature: float, pad_id: int,
+                device: torch.device, n_tokens: float, n_seqs: float) -> tuple[torch.Tensor, dict[str, float], float]:
     logp, entropy = backend.forward(lambda model: _stats(model, chunk, tcfg, temperature, pad_id, device))
     lengths = [len(s.response_ids) for s in chunk]
     mask = _padded([torch.full((n,), 0.0 if s.padding else 1.0, device=device) for s, n in zip(chunk, lengths)])
     adv = _padded([torch.tensor(s.advantages, dtype=torch.float32, device=device) for s in chunk])
 
-    def split(t):
+    def split(t: torch.Tensor) -> torch.Tensor:
         return _padded(list(torch.split(t, lengths)))
 
     logp_new = split(logp)
@@ -131,7 +121,8 @@ def _micro_step(backend, chunk, old, ref, tcfg, temperature, pad_id, device, n_t
 
 
 @torch.no_grad()
-def _fixed_logprobs(model, part, tcfg, temperature, pad_id) -> list[torch.Tensor]:
+def _fixed_logprobs(model: PreTrainedModel, part: list[TrainSample], tcfg: TrainerConfig, temperature: float,
+                    pad_id: int) -> list[torch.Tensor]:
     """Per sample, the log-probabilities of its response under `model` now (no grad), chunked like the update."""
     device = next(model.parameters()).device
     out = []
@@ -142,13 +133,14 @@ def _fixed_logprobs(model, part, tcfg, temperature, pad_id) -> list[torch.Tensor
     return out
 
 
-def _stats(model, chunk, tcfg, temperature, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(model: PreTrainedModel, chunk: list[TrainSample], tcfg: TrainerConfig, temperature: float, pad_id: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs, entropies) of the chunk's response tokens in order: each run of samples with one prompt shares
     that prompt's forward (trainer.share_prompt), or the chunk runs as one padded batch."""
     if not tcfg.share_prompt or _checkpointing(model):
         batch = pad_batch([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id, device)
         return response_stats(model, batch, temperature)
-    runs = []
+    runs: list[tuple[list[int], list[list[int]]]] = []
     for s in chunk:
         if runs and runs[-1][0] == s.prompt_ids:
             runs[-1][1].append(s.response_ids)
@@ -168,7 +160,7 @@ def _summarise(inner: list[dict]) -> dict:
     return out
 
 
-def _checkpointing(model) -> bool:
+def _checkpointing(model: torch.nn.Module) -> bool:
     """Activation checkpointing recomputes layers without their KV cache, so a shared prompt cannot be used."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import random
 import zlib
@@ -18,6 +19,16 @@ except ImportError:
     pass
 
 SKIP_ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")
+
+# The tests of ettrl.integrations.verl (marker `verl`) need verl, which pins transformers below the newest release
+# the rest runs on: they run in their own CI stage and venv (README's test section, .ci/run), and are not collected
+# where verl is not installed. That stage selects them with -m verl, so an empty selection fails it (exit code 5).
+collect_ignore_glob = [] if importlib.util.find_spec("verl") else ["test_verl*.py"]
+if not collect_ignore_glob:
+    # Ray and gloo on loopback, no auth token, set before any test module imports Ray (which reads
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER on import: 0 makes it take 127.0.0.1 as the node address on Linux too)
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo",
+                      RAY_DEDUP_LOGS="0")
 
 
 def allowed_skip_phrases() -> list[str]:

@@ -29,3 +29,37 @@ def running(app, timeout: float = 30.0):
         thread.join(timeout)
         sock.close()
         assert not thread.is_alive(), "the test server did not stop"
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def make_chat_model(path, kind: str = "llama", seed: int = 0):
+    """A tiny random model with the byte tokenizer and a plain chat template; returns the transformers model."""
+    import json
+
+    from tiny_models import make_tiny_model
+    hf = make_tiny_model(kind, path, tokenizer=True, seed=seed)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return hf
+
+
+def idle_and_clean(server):
+    """On the engine loop, once idle: no live sequence, integrity holds, every block free or cached."""
+    def check():
+        engine = server.engine
+        engine.check_integrity()
+        assert not engine.live_sequences() and not engine.has_unfinished()
+        kv = engine.kv
+        assert kv.allocator.num_free + kv.tree.num_cached_blocks == kv.num_blocks
+    server.loop.barrier(check).result(timeout=60)
+
+
+def slow_steps(server, monkeypatch, seconds: float = 0.005):
+    """Every engine step sleeps first, so that requests stay in flight long enough to overlap."""
+    import time
+    step = server.engine.step
+    monkeypatch.setattr(server.engine, "step", lambda: (time.sleep(seconds), step())[1])

@@ -56,21 +56,21 @@ def test_bessel_std_per_group():
 
 @pytest.mark.parametrize("alpha,beta", [(0.3, 0.1), (0.6, 0.4)])
 def test_adv_res_uses_each_groups_mean_entropy_and_both_bounds(alpha, beta):
-    cfg = AdvantageConfig(method="adv_res", res_alpha=alpha, res_beta=beta)
+    cfg = AdvantageConfig(shaping="res", res_alpha=alpha, res_beta=beta)
     got = compute_advantages(REWARDS, cfg, groups=GROUPS, response_entropies=H)
     y = [min(max(v, 1 - alpha), 1 + beta) for v in Y]  # (0.3, 0.1): [1.1, 1.1, 0.7, 0.7, 1, 1]
     close(got, [a * yi for a, yi in zip(GRPO, y)])
 
 
 def test_adv_res_prose_direction_per_group():
-    cfg = AdvantageConfig(method="adv_res", res_alpha=0.3, res_beta=0.1, res_direction="prose")
+    cfg = AdvantageConfig(shaping="res", res_alpha=0.3, res_beta=0.1, res_direction="prose")
     got = compute_advantages(REWARDS, cfg, groups=GROUPS, response_entropies=H)
     # prose: Y = 1 + (H - Hbar) / Hbar = [0.5, 0.5, 1.5, 1.5, 1, 1] -> clip [0.7, 1.1]
     close(got, [a * yi for a, yi in zip(GRPO, [0.7, 0.7, 1.1, 1.1, 1.0, 1.0])])
 
 
 def test_adv_clip_per_group():
-    close(compute_advantages(REWARDS, AdvantageConfig(method="adv_clip", clip_beta=1.0), groups=GROUPS),
+    close(compute_advantages(REWARDS, AdvantageConfig(shaping="clip", clip_beta=1.0), groups=GROUPS),
           [1.0, -1.0, -1 / S, 1 / S, -1 / S, 1 / S])
 
 
@@ -92,7 +92,7 @@ def test_groups_as_tensor_or_names_give_the_same_advantages():
 
 def test_adv_res_with_group_size_uses_each_groups_mean():
     # consecutive groups of 3: [1, 0, 0 | 1, 0, 1], H [0.5, 1.0, 1.5 | 3.0, 1.0, 2.0] -> Hbar 1.0 and 2.0
-    cfg = AdvantageConfig(method="adv_res", res_alpha=0.3, res_beta=0.1)
+    cfg = AdvantageConfig(shaping="res", res_alpha=0.3, res_beta=0.1)
     got = compute_advantages(REWARDS, cfg, group_size=3, response_entropies=H)
     y = [1.1, 1.0, 0.7, 0.7, 1.1, 1.0]  # 1 + (Hbar - H) / Hbar = [1.5, 1, 0.5 | 0.5, 1.5, 1], clipped to [0.7, 1.1]
     close(got, [a * yi for a, yi in zip([S, -1 / S, -1 / S, 1 / S, -S, 1 / S], y)])
@@ -103,8 +103,8 @@ def test_adv_clip_default_bound_and_messages():
     close(adv_clip([5.0, -5.0, 1.5]), [2.0, -2.0, 1.5])
     with pytest.raises(ValueError, match="^advantages must be one value per response"):
         adv_clip([[1.0]])
-    with pytest.raises(ValueError, match="^method 'adv_res' needs response_entropies"):
-        compute_advantages(REWARDS, AdvantageConfig(method="adv_res"))
+    with pytest.raises(ValueError, match="^shaping 'res' needs response_entropies"):
+        compute_advantages(REWARDS, AdvantageConfig(shaping="res"))
     with pytest.raises(ValueError, match="^std must be one of"):
         AdvantageConfig(std="sample")
 

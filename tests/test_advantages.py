@@ -73,7 +73,7 @@ def test_adv_res_prose_direction_hand_computed():
     # Y = 1 + (H - 2) / 2 = [0.5, 1.0, 1.5, 1.0] -> clip [0.8, 1.2]: more uncertain than the group -> larger |A|
     out = adv_res(a, [1.0, 2.0, 3.0, 2.0], direction="prose")
     assert torch.allclose(out, torch.tensor([1.2, -0.5, -1.2, 2.0]))
-    config = AdvantageConfig(method="adv_res", res_direction="prose")
+    config = AdvantageConfig(shaping="res", res_direction="prose")
     assert torch.allclose(compute_advantages([1.0, 0.0], config, response_entropies=[1.0, 3.0]),
                           torch.tensor([0.8, -1.2]), atol=1e-5)
     with pytest.raises(ValueError, match="res_direction"):
@@ -140,20 +140,20 @@ def test_compute_advantages_combinations():
     h = [0.5, 1.0, 1.5, 1.0]
     base = grpo_advantages(rewards)
     assert torch.equal(compute_advantages(rewards), base)
-    ettrl = compute_advantages(rewards, AdvantageConfig(method="adv_res"), response_entropies=h)
+    ettrl = compute_advantages(rewards, AdvantageConfig(shaping="res"), response_entropies=h)
     assert torch.allclose(ettrl, adv_res(base, h))
     assert torch.equal(compute_advantages([5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                                          AdvantageConfig(method="adv_clip")).max(), torch.tensor(2.0))
+                                          AdvantageConfig(shaping="clip")).max(), torch.tensor(2.0))
     tokens = torch.rand(4, 5)
-    with_term = compute_advantages(rewards, AdvantageConfig(method="adv_res", entropy_alpha=0.4),
+    with_term = compute_advantages(rewards, AdvantageConfig(shaping="res", entropy_alpha=0.4),
                                    response_entropies=h, token_entropies=tokens)
     assert torch.allclose(with_term, entropy_term(adv_res(base, h), tokens, 0.4, 2.0))
     with pytest.raises(ValueError, match="response_entropies"):
-        compute_advantages(rewards, AdvantageConfig(method="adv_res"))
+        compute_advantages(rewards, AdvantageConfig(shaping="res"))
     with pytest.raises(ValueError, match="token_entropies"):
         compute_advantages(rewards, AdvantageConfig(entropy_alpha=0.4))
-    with pytest.raises(ValueError, match="method"):
-        AdvantageConfig(method="ppo")
+    with pytest.raises(ValueError, match="shaping"):
+        AdvantageConfig(shaping="ppo")
 
 
 def test_error_messages_name_the_argument_to_fix():

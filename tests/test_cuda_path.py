@@ -1,7 +1,9 @@
 """CPU-visible parts of the CUDA-path fixes (issue 20): bf16 temperature, imports without the extension,
 device defaults, flashinfer fallbacks, Triton device guards."""
 import contextlib
+import importlib.abc
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -70,7 +72,8 @@ def test_flashinfer_usable_says_why_not():
     with mock.patch.object(fi, "installed_version", return_value="0.1.6"):
         usable, why = fi.flashinfer_usable("cuda", torch.bfloat16)
         assert not usable and "older" in why
-    with mock.patch.object(fi, "installed_version", return_value=fi.PINNED_VERSION):
+    with mock.patch.object(fi, "installed_version", return_value=fi.PINNED_VERSION), \
+            mock.patch.dict("sys.modules", {"flashinfer": types.ModuleType("flashinfer")}):
         assert fi.flashinfer_usable("cuda", torch.float16) == (True, "")
     assert fi._version_tuple("0.6.18.post1") == (0, 6, 18) and fi._version_tuple("0.2.0rc1") == (0, 2, 0)
 
@@ -92,7 +95,34 @@ def test_cuda_falls_back_to_torch_attention_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="older"):
         assert select_backend("auto", cuda, torch.bfloat16) is TorchPagedAttention
     monkeypatch.setattr(fi, "installed_version", lambda: fi.PINNED_VERSION)
+    monkeypatch.setitem(sys.modules, "flashinfer", types.ModuleType("flashinfer"))  # importable
     assert select_backend("auto", cuda, torch.bfloat16) is fi.FlashInferPagedAttention
+
+
+class MissingTvmFfi(importlib.abc.MetaPathFinder):
+    """What a `--no-deps` install of flashinfer 0.6.18 meets: its import of tvm_ffi fails."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "flashinfer":
+            raise ModuleNotFoundError("No module named 'tvm_ffi'")
+
+
+def test_flashinfer_that_does_not_import_is_not_usable(monkeypatch):
+    """Installed (metadata present) but its import fails: auto falls back to the torch attention with the reason,
+    a named flashinfer says what to install."""
+    from engine.attention import flashinfer as fi
+    from engine.attention.registry import select_backend
+    from engine.attention.torch_paged import TorchPagedAttention
+    monkeypatch.setattr(fi, "installed_version", lambda: fi.PINNED_VERSION)
+    monkeypatch.delitem(sys.modules, "flashinfer", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [MissingTvmFfi(), *sys.meta_path])
+    usable, why = fi.flashinfer_usable("cuda", torch.bfloat16)
+    assert not usable and "does not import (ModuleNotFoundError: No module named 'tvm_ffi')" in why
+    assert f"apache-tvm-ffi=={fi.TVM_FFI_VERSION}" in why and "--no-index --no-deps --target" in why
+    with pytest.warns(UserWarning, match="tvm_ffi"):
+        assert select_backend("auto", torch.device("cuda"), torch.bfloat16) is TorchPagedAttention
+    with pytest.raises(ValueError, match="attention_backend='flashinfer' cannot serve.*apache-tvm-ffi"):
+        select_backend("flashinfer", torch.device("cuda"), torch.bfloat16)
 
 
 class FakeWrapper:
@@ -118,13 +148,15 @@ def use_fake_flashinfer(monkeypatch, wrapper):
 
 
 def test_flashinfer_backend_workspace_and_plan_arguments(monkeypatch):
-    """With a stand-in flashinfer module: zeroed workspace, tensor-core decode with a fixed split size (batch
-    invariance), host-side indptr / last-page lengths, device-side page list."""
+    """With a stand-in flashinfer module: zeroed workspace, FA2 for prefill and tensor-core decode (one JIT module;
+    prefill's "auto" would pick FA3 on sm_90), both with the same fixed split size (batch invariance), host-side
+    indptr / last-page lengths, device-side page list."""
     fi = use_fake_flashinfer(monkeypatch, FakeWrapper)
     k = torch.zeros(2, 10, 4, 2, 8, dtype=torch.bfloat16)
     attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
     assert attn.decode.workspace is attn.prefill.workspace and not attn.decode.workspace.any()
-    assert attn.decode.kwargs == {"use_tensor_cores": True}
+    assert attn.decode.kwargs == {"use_tensor_cores": True, "backend": "fa2"}
+    assert attn.prefill.kwargs == {"backend": "fa2"}
     tables = torch.tensor([[3, 1, 0], [7, 8, 9]])
     attn.plan([1, 1], [5, 12], tables, torch.tensor([4 * 1, 4 * 9 + 3]))
     (indptr, indices, last, *rest), kwargs = attn.decode.plans[-1]
@@ -133,8 +165,10 @@ def test_flashinfer_backend_workspace_and_plan_arguments(monkeypatch):
     assert last.tolist() == [1, 4] and rest == [4, 2, 8, 4]
     assert kwargs["fixed_split_size"] == fi.SPLIT_TOKENS // 4 and kwargs["sm_scale"] == 0.125
     attn.plan([3, 2], [5, 12], tables, torch.arange(5))
-    (qo_indptr, *_), kwargs = attn.prefill.plans[-1]
+    (qo_indptr, indptr, indices, last, *rest), kwargs = attn.prefill.plans[-1]
     assert qo_indptr.tolist() == [0, 3, 5] and kwargs["causal"] and not attn.is_decode
+    assert indptr.tolist() == [0, 2, 5] and indices.tolist() == [3, 1, 7, 8, 9] and last.tolist() == [1, 4]
+    assert kwargs["fixed_split_size"] == fi.SPLIT_TOKENS // 4 and rest == [4, 2, 8, 4]
     with pytest.raises(RuntimeError, match="float32"):
         monkeypatch.setattr(fi, "flashinfer_usable", lambda device, dtype: (False, "no float32 kernels"))
         fi.FlashInferPagedAttention(k.float(), k.float(), 4, 0.125)
@@ -286,3 +320,62 @@ def test_flashinfer_plan_failure_says_what_to_do(monkeypatch):
     attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
     with pytest.raises(RuntimeError, match="nvcc: not found.*attention_backend='torch'"):
         attn.plan([1], [3], torch.tensor([[2]]), torch.tensor([10]))
+
+
+def test_flashinfer_page_list_needs_no_device_read(monkeypatch):
+    """The page list comes from the block tables through an index built on the host from the lengths: no boolean
+    mask (its gather waits for the device to count the mask) and no scalar read while planning."""
+    fi = use_fake_flashinfer(monkeypatch, FakeWrapper)
+    k = torch.zeros(1, 12, 4, 2, 8, dtype=torch.bfloat16)
+    attn = fi.FlashInferPagedAttention(k, k.clone(), 4, 0.125)
+    tables = torch.tensor([[3, 1, 0, 0], [7, 8, 9, 11], [2, 0, 0, 0]])
+    seen = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            seen.append((func.overloadpacket.__name__, [t.dtype for t in tensors]))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        attn.plan([1, 1, 1], [5, 16, 2], tables, torch.tensor([4, 63, 9]))
+    (_, indices, *_), _ = attn.decode.plans[-1]
+    assert indices.tolist() == [3, 1, 7, 8, 9, 11, 2]
+    ops = {name for name, _ in seen}
+    assert not ops & {"index", "nonzero", "masked_select", "_local_scalar_dense", "item", "is_nonzero"}, ops
+    assert not any(torch.bool in dtypes for _, dtypes in seen), seen
+    assert "index_select" in ops
+
+
+def test_flashinfer_backend_plans_a_tiny_batch_when_built(monkeypatch):
+    """create() plans one decode and one prefill batch, so a flashinfer whose kernels cannot build (no nvcc,
+    ninja or CUDA headers) fails when the engine is built: auto falls back to the torch attention with the
+    reason, a named flashinfer raises it."""
+    from engine.attention.base import BackendUnavailable
+    from engine.attention.registry import create_backend
+    from engine.attention.torch_paged import TorchPagedAttention
+    from engine.config import EngineConfig
+    fi = use_fake_flashinfer(monkeypatch, FakeWrapper)
+    k = torch.zeros(1, 6, 4, 2, 8, dtype=torch.bfloat16)
+    config = EngineConfig(model="m", device="cpu")
+    attn = fi.FlashInferPagedAttention.create(k, k.clone(), 4, 0.125, config)
+    (indptr, indices, last, *_), _ = attn.decode.plans[0]
+    assert (indptr.tolist(), indices.tolist(), last.tolist()) == ([0, 1], [0], [1]) and len(attn.decode.plans) == 1
+    (qo_indptr, *_), _ = attn.prefill.plans[0]
+    assert qo_indptr.tolist() == [0, 2] and len(attn.prefill.plans) == 1
+    cuda = torch.device("cuda")
+    assert isinstance(create_backend("auto", k, k.clone(), 4, 0.125, config, cuda), fi.FlashInferPagedAttention)
+
+    class NoCompiler(FakeWrapper):
+        def plan(self, *args, **kwargs):
+            raise RuntimeError("Could not find nvcc and default cuda_home='/usr/local/cuda' doesn't exist")
+
+    fi = use_fake_flashinfer(monkeypatch, NoCompiler)
+    with pytest.raises(BackendUnavailable, match="failed to plan a decode step.*Could not find nvcc.*CUDA_HOME"):
+        fi.FlashInferPagedAttention.create(k, k.clone(), 4, 0.125, config)
+    with pytest.warns(UserWarning, match="using the torch paged attention on cuda: .*Could not find nvcc"):
+        attn = create_backend("auto", k, k.clone(), 4, 0.125, config, cuda)
+    assert type(attn) is TorchPagedAttention
+    with pytest.raises(ValueError, match="attention_backend='flashinfer' cannot start on cuda: .*Could not find nvcc"):
+        create_backend("flashinfer", k, k.clone(), 4, 0.125, config, cuda)

@@ -5,7 +5,7 @@ import pytest
 from ettrl import arithmetic
 from ettrl.data import DataError, Problem, load_problems
 from ettrl.grading import extract_answer
-from ettrl.prompts import build_prompt
+from ettrl.prompts import FEWSHOT, FEWSHOT_TWO_STEP, build_prompt, fewshot_examples
 
 
 def test_arithmetic_is_seeded_distinct_and_correct():
@@ -20,6 +20,20 @@ def test_arithmetic_is_seeded_distinct_and_correct():
     p = next(p for p in a if "gets" in p["problem"])
     nums = [int(w) for w in p["problem"].replace(".", " ").split() if w.isdigit()]
     assert int(p["answer"]) == sum(nums)
+
+
+def test_two_step_level_uses_small_numbers_and_its_own_examples():
+    for p in arithmetic.generate(300, 3, seed=1):
+        a, b, c = [int(w) for w in p["problem"].replace(",", " ").split() if w.isdigit()]
+        assert 2 <= a <= 10 and 2 <= b <= 10 and 1 <= c < a + b and int(p["answer"]) == a + b - c
+    assert fewshot_examples("arithmetic", 3) == FEWSHOT_TWO_STEP
+    assert fewshot_examples("arithmetic", 1) == fewshot_examples("data/x.jsonl", 3) == FEWSHOT
+    prompt = build_prompt("Ann has 2 cats, gets 3 more and then gives 1 away.", examples=FEWSHOT_TWO_STEP)
+    assert "then 12 - 4 = 8" in prompt and prompt.endswith("gives 1 away.\nAnswer:")
+    for example in FEWSHOT_TWO_STEP.split("Question: ")[1:3]:  # the examples' own arithmetic and answers
+        question, answer = example.split("\nAnswer: ")
+        a, b, c = [int(w) for w in question.replace(",", " ").split() if w.isdigit()]
+        assert extract_answer(answer) == str(a + b - c)
 
 
 def test_fewshot_prompt_examples_grade_with_boxed():

@@ -17,7 +17,8 @@ from tiny_models import make_tiny_policy, make_tiny_task  # noqa: E402
 pytest.importorskip("deepspeed")
 
 from ettrl.config import TrainerConfig  # noqa: E402
-from ettrl.update import TrainSample, policy_update  # noqa: E402
+from ettrl.samples import TrainSample  # noqa: E402
+from ettrl.update import policy_update  # noqa: E402
 
 TCFG = dict(lr=1e-3, micro_batch_size=2, warmup_ratio=0.0, grad_clip=0.5, zero_stage=2, prompts_per_step=2)
 
@@ -112,7 +113,7 @@ def test_torchrun_launches_two_gloo_trainers(tmp_path):
 def short_tree_shares() -> tuple[list[TrainSample], list[TrainSample]]:
     """Rank 0's prompt gave 2 responses where 4 train (trees that could not fork): 2 real + 2 zero-weight fillers;
     rank 1's prompt gave its 4. Two mini-batches a rank (one prompt each): rank 0's second is all filler."""
-    from ettrl.update import pad_samples
+    from ettrl.samples import pad_samples
 
     samples = make_samples(8)
     return pad_samples(samples[:2], 4), samples[4:]

@@ -97,7 +97,7 @@ def test_bad_inputs_get_clear_errors(llm, tmp_path):
     bare = LLM(no_tokenizer, dtype="float32", num_kv_blocks=64)
     with pytest.raises(ValueError, match="tokenizer"):
         bare.generate(["hello"], GREEDY)
-    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+    with pytest.raises(ValueError, match="stop strings and stop_regex need a tokenizer"):
         bare.generate([[1, 2, 3]], SamplingParams(max_tokens=3, stop=["x"]))
     assert not bare.engine.has_unfinished() and not bare.engine.live_sequences()
     out = bare.generate([[1, 2, 3]], SamplingParams(max_tokens=3, seed=0))[0]

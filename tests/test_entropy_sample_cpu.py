@@ -1,4 +1,5 @@
-"""The C++ entropy_sample (CPU float32, no top-k/top-p) against the torch path and brute-force references."""
+"""The C++ entropy_sample (backend="cpp": CPU float32, no top-k/top-p) against the torch path and brute-force
+references, and where "auto" picks it."""
 import pytest
 import torch
 from test_entropy_sample import reference_stats, reference_tokens
@@ -6,8 +7,6 @@ from test_entropy_sample import reference_stats, reference_tokens
 import ettrl_kernels
 from ettrl_kernels import sampling_cpu
 from ettrl_kernels.noise import row_keys
-from ettrl_kernels.sampling import row_params
-from ettrl_kernels.sampling_torch import entropy_sample_torch
 
 pytestmark = pytest.mark.skipif(sampling_cpu.cpp_kernel() is None, reason="C++ extension not built")
 
@@ -35,11 +34,9 @@ def test_cpp_matches_torch_path(case):
     batch = logits.shape[0]
     mismatches = 0
     for position in range(30):
-        params = row_params(logits, kwargs.get("temperature", 1.0), -1, 1.0, 11, torch.arange(batch), position,
-                            kwargs.get("exclude"))
-        assert sampling_cpu.applies(logits, params)
-        want = entropy_sample_torch(logits, params)
-        got = sampling_cpu.entropy_sample_cpu(logits, params)
+        keys = dict(seeds=11, seq_ids=torch.arange(batch), positions=position, **kwargs)
+        want = ettrl_kernels.entropy_sample(logits, **keys, backend="torch")
+        got = ettrl_kernels.entropy_sample(logits, **keys, backend="cpp")
         mismatches += int((want[0] != got[0]).sum())
         torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5)
@@ -52,7 +49,8 @@ def test_cpp_tokens_and_stats_match_brute_force():
     for position in range(10):
         keys = row_keys(torch.full((12,), 5), torch.arange(12), torch.full((12,), position))
         tokens, logprobs, entropies = ettrl_kernels.entropy_sample(logits, temperature=temps, seeds=5,
-                                                             seq_ids=torch.arange(12), positions=position)
+                                                                   seq_ids=torch.arange(12), positions=position,
+                                                                   backend="cpp")
         allowed = torch.ones_like(logits, dtype=torch.bool)
         sampled = reference_tokens(logits, torch.where(temps == 0, 1.0, temps)[:, None], allowed, keys)
         expected = torch.where(temps == 0, logits.argmax(-1), sampled)
@@ -62,28 +60,31 @@ def test_cpp_tokens_and_stats_match_brute_force():
         torch.testing.assert_close(entropies.double(), entropy, atol=1e-4, rtol=0)
 
 
-def test_auto_backend_uses_cpp_where_it_applies(monkeypatch):
-    calls = []
-    real = sampling_cpu.entropy_sample_cpu
-    monkeypatch.setattr(sampling_cpu, "entropy_sample_cpu", lambda *a: calls.append(1) or real(*a))
-    logits = torch.randn(3, 100)
-    ettrl_kernels.entropy_sample(logits, temperature=0.7)
-    assert calls == [1]
-    ettrl_kernels.entropy_sample(logits, temperature=0.7, top_p=0.9)       # truncation: the torch path
-    ettrl_kernels.entropy_sample(logits.bfloat16(), temperature=0.7)       # bfloat16 logits: the torch path
-    ettrl_kernels.entropy_sample(logits, temperature=0.7, backend="torch")  # asked for by name
-    assert calls == [1]
+def test_auto_backend_uses_cpp_where_it_applies():
+    logits = torch.randn(64, 100) * 3
+    cases = [(logits, {}, "cpp"),
+             (logits, {"top_p": 0.9}, "torch"),  # truncation: the torch path
+             (logits, {"top_k": 5, "temperature": 0.0}, "cpp"),  # greedy rows truncate nothing
+             (logits.bfloat16(), {}, "torch")]  # bfloat16 logits: the torch path
+    for x, kwargs, name in cases:
+        kwargs = {"temperature": 0.7, "seeds": 4, **kwargs}
+        truncated = kwargs["temperature"] > 0 and ("top_k" in kwargs or "top_p" in kwargs)
+        assert ettrl_kernels.resolve_backend("entropy_sample", "auto", x, truncated) == name
+        auto = ettrl_kernels.entropy_sample(x, **kwargs)
+        named = ettrl_kernels.entropy_sample(x, **kwargs, backend=name)
+        assert all(torch.equal(a, b) for a, b in zip(auto, named))
 
 
-def test_cpp_bad_rows_raise_the_torch_paths_errors():
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_cpp_bad_rows_raise_the_torch_paths_errors(backend):
     logits = torch.randn(3, 40)
     logits[2, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        ettrl_kernels.entropy_sample(logits)
+        ettrl_kernels.entropy_sample(logits, backend=backend)
     logits[2, 4] = float("inf")
     with pytest.raises(ValueError, match="NaN or \\+inf"):
-        ettrl_kernels.entropy_sample(logits)
+        ettrl_kernels.entropy_sample(logits, backend=backend)
     one_hot = torch.full((2, 40), float("-inf"))
     one_hot[:, 3] = 0.0
     with pytest.raises(ValueError, match="nonzero probability"):
-        ettrl_kernels.entropy_sample(one_hot, exclude=torch.tensor([-1, 3]))
+        ettrl_kernels.entropy_sample(one_hot, exclude=torch.tensor([-1, 3]), backend=backend)

@@ -18,15 +18,16 @@ class ScriptedLLM:
     """Answers each prompt (a one-token id list naming the problem) with fixed texts."""
 
     def __init__(self, sampled: dict, greedy: dict):
-        self.sampled, self.greedy = sampled, greedy
+        self.sampled, self.greedy, self.params = sampled, greedy, []
 
     def generate(self, prompts, params):
+        self.params.append(params)
         table = self.greedy if params.temperature == 0 else self.sampled
         out = []
         for ids in prompts:
             texts = table[ids[0]][: params.n]
-            outs = [SimpleNamespace(text=t, token_ids=[0] * 3, finish_reason="length" if t == "TRUNC" else "stop")
-                    for t in texts]
+            outs = [SimpleNamespace(text=t, token_ids=[0] * 3,
+                                    finish_reason="length" if t.startswith("TRUNC") else "stop") for t in texts]
             out.append(SimpleNamespace(outputs=outs))
         return out
 
@@ -49,6 +50,23 @@ def test_metrics_by_hand():
     assert r["maj@5"] == pytest.approx(0.5)
     assert r["pass@5"] == pytest.approx(1.0)
     assert r["eval_tokens"] == 2 * (5 * 3 + 3)
+
+
+def test_ttrl_grading_and_the_answer_stop():
+    """vote=ttrl grades TTRL's answer string of every response (truncated ones vote with their answer phrase) and
+    takes maj@k by string: "3" ties the string "\\frac{1}{2}" 2 to 2 and was seen first, where the boxed vote
+    puts 0.5, 1/2 and \\frac{1}{2} in one class of 3."""
+    problems = [Problem("a", "1/2")]
+    sampled = {0: [boxed(3), boxed("0.5"), boxed("\\frac{1}{2}"), "TRUNC the answer is 3", boxed("1/2")]}
+    greedy = {0: ["TRUNC the answer is 1/2"]}
+    llm = ScriptedLLM(sampled, greedy)
+    boxed_vote = evaluate(llm, problems, [[0]], EvalConfig(k=5), [])
+    assert (boxed_vote["avg@5"], boxed_vote["maj@5"], boxed_vote["greedy"]) == (3 / 5, 1.0, 0.0)
+    assert all(not p.stop_regex for p in llm.params)  # no stop at the answer unless asked
+    ttrl = evaluate(llm, problems, [[0]], EvalConfig(k=5), [], vote="ttrl", stop_at_answer=True)
+    assert (ttrl["avg@5"], ttrl["maj@5"], ttrl["greedy"]) == (3 / 5, 0.0, 1.0)  # the truncated greedy answer counts
+    from ettrl.grading import BOXED_ANSWER_REGEX
+    assert [(p.stop_regex, p.include_stop_str_in_output) for p in llm.params[2:]] == [([BOXED_ANSWER_REGEX], True)] * 2
 
 
 def test_eval_needs_ground_truth():

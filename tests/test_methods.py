@@ -5,12 +5,13 @@ import statistics
 import pytest
 import torch
 
-from ettrl import methods
 from ettrl.advantages import grpo_advantages
 from ettrl.config import ConfigError, load_config
 from ettrl.data import Problem
 from ettrl.methods import METHODS, Method, method_spec
-from ettrl.scoring import Group, Response, score_group
+from ettrl.rewards import REWARDS
+from ettrl.samples import Group, Response
+from ettrl.scoring import score_group
 
 
 def group(answers: list[str], entropies: list[float] | None = None) -> Group:
@@ -25,7 +26,7 @@ def test_table_names_every_method_and_config_reads_it():
     for name, m in METHODS.items():
         cfg = load_config(None, [f"method={name}", "rollout.n_train=4"])
         assert cfg.tree == (m.rollout == "tree")
-        assert cfg.reshape == m.shaping
+        assert cfg.shaping == m.shaping
     assert (method_spec("ettrl").rollout, method_spec("ettrl").shaping) == ("tree", "res")
     with pytest.raises(ValueError, match="choose one of ttrl"):
         method_spec("grpo")
@@ -34,7 +35,7 @@ def test_table_names_every_method_and_config_reads_it():
 def test_a_new_method_is_one_table_line(monkeypatch):
     monkeypatch.setitem(METHODS, "tree-rent", Method("tree-rent", "tree", "rent", "clip", "trees, entropy reward"))
     cfg = load_config(None, ["method=tree-rent", "rollout.n_train=4"])
-    assert cfg.tree and cfg.reshape == "clip" and cfg.n_votes == cfg.rollout.trees * 5
+    assert cfg.tree and cfg.shaping == "clip" and cfg.n_votes == cfg.rollout.trees * 5
     samples, metrics = score_group(group(["2", "2", "3", "2", "5"]), cfg, seed=0)
     assert metrics["reward"] == pytest.approx(-statistics.mean([0.1, 0.2, 0.3, 0.4, 0.5]))
     with pytest.raises(ConfigError, match="unknown"):
@@ -51,7 +52,7 @@ def test_each_reward_comes_from_the_table():
     assert rewards["ttrl"] == rewards["etmr"] == rewards["ear"] == rewards["ettrl"] == pytest.approx(3 / 5)
     assert rewards["rent"] == pytest.approx(-0.3)
     assert rewards["dare"] != rewards["ttrl"]
-    assert methods.REWARDS.keys() == {"majority", "rent", "dare"}
+    assert REWARDS.keys() == {"majority", "rent", "dare"}
 
 
 def test_bessel_std_as_verl():

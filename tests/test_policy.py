@@ -8,7 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ettrl.policy import load_policy, pad_batch, response_stats, shared_prompt_stats  # noqa: E402
-from ettrl.update import TrainSample, _stats  # noqa: E402
+from ettrl.samples import TrainSample  # noqa: E402
+from ettrl.update import _stats  # noqa: E402
 from tiny_models import VOCAB, make_tiny_model  # noqa: E402
 
 

@@ -14,7 +14,9 @@ from ettrl.rewards import (
     majority_vote,
     rent_rewards,
     reward_accuracy,
+    stratified_pick,
     true_rewards,
+    ttrl_vote,
     vote_then_sample,
 )
 
@@ -81,6 +83,57 @@ def test_vote_then_sample_rejects_bad_sizes(n_votes, n_train):
         vote_then_sample(n_votes, n_train, seed=0)
 
 
+def test_ttrl_vote_counts_strings_and_rewards_equivalence_to_the_label():
+    """TTRL's vote: "0.5" and "\\frac{1}{2}" are one class under boxed but two strings under ttrl."""
+    answers = ["0.5", "0.5", "\\frac{1}{2}", "\\frac{1}{2}", "\\frac{1}{2}", "3", "3", "3", "3"]
+    boxed = majority_vote(answers)
+    assert (boxed.label, boxed.ratio, boxed.class_ids) == ("0.5", 5 / 9, [0, 0, 0, 0, 0, 1, 1, 1, 1])
+    assert boxed.rewards == [1.0] * 5 + [0.0] * 4
+    ttrl = ttrl_vote(answers)
+    assert (ttrl.label, ttrl.ratio, ttrl.label_class) == ("3", 4 / 9, 2)
+    assert ttrl.class_ids == [0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert ttrl.rewards == [0.0] * 5 + [1.0] * 4
+    # the reward grades each answer against the label (TTRL's grade_answer): another string of the same value earns
+    vote = ttrl_vote(["\\frac{1}{2}", "\\frac{1}{2}", "0.5", "3"])
+    assert (vote.label, vote.ratio, vote.class_ids, vote.rewards) == ("\\frac{1}{2}", 0.5, [0, 0, 1, 2],
+                                                                      [1.0, 1.0, 1.0, 0.0])
+
+
+def test_ttrl_vote_ties_empty_strings_and_none():
+    assert ttrl_vote(["7", "5", "5", "7"]).label == "7"  # Counter.most_common: the first seen among the largest
+    assert ttrl_vote(["5", "7", "7", "5"]).label == "5"
+    vote = ttrl_vote(["", "", "4"])  # TTRL's "" (nothing found) is a class like any other, and can win
+    assert (vote.label, vote.ratio, vote.rewards) == ("", 2 / 3, [1.0, 1.0, 0.0])
+    vote = ttrl_vote([None, "4", None])
+    assert (vote.label, vote.ratio, vote.rewards, vote.class_ids) == ("4", 1 / 3, [0.0, 1.0, 0.0], [-1, 0, -1])
+    assert ttrl_vote([None]).label is None
+    with pytest.raises(ValueError, match="at least one answer"):
+        ttrl_vote([])
+
+
+def test_stratified_pick_goes_round_robin_over_the_trees():
+    trees = [0, 0, 1, 2, 2, 2]  # leaves ordered by root, as the engine returns them
+    for seed in range(20):
+        per_tree = lambda picks: [sum(trees[i] == t for i in picks) for t in range(3)]  # noqa: E731
+        assert per_tree(stratified_pick(trees, 3, seed)) == [1, 1, 1]
+        assert per_tree(stratified_pick(trees, 4, seed)) == [2, 1, 1]  # the second round starts at tree 0
+        assert per_tree(stratified_pick(trees, 5, seed)) == [2, 1, 2]
+        assert stratified_pick(trees, 6, seed) == [0, 1, 2, 3, 4, 5]
+        assert 2 in stratified_pick(trees, 3, seed)  # tree 1's only leaf
+    assert stratified_pick(trees, 3, seed=1) == stratified_pick(trees, 3, seed=1)
+    assert len({tuple(stratified_pick(trees, 3, seed)) for seed in range(100)}) == 6  # 2 x 3 choices, all drawn
+    hits = Counter(i for seed in range(3000) for i in stratified_pick(trees, 3, seed))
+    assert all(abs(hits[i] / 3000 - 1 / 2) < 0.05 for i in (0, 1)) and hits[2] == 3000
+    assert all(abs(hits[i] / 3000 - 1 / 3) < 0.05 for i in (3, 4, 5))
+
+
+def test_stratified_pick_of_one_response_per_tree_is_the_first_n():
+    assert stratified_pick(list(range(64)), 32, seed=7) == list(range(32))  # parallel sampling: TTRL's pick
+    assert stratified_pick([3, 1, 2], 2, seed=0) == [1, 2]  # tree order, not position: trees 1 and 2
+    with pytest.raises(ValueError, match="n_train"):
+        stratified_pick([0, 1], 3, seed=0)
+
+
 def test_rent_rewards():
     assert rent_rewards([0.5, 1.0, 0.0], beta=2.0) == [-1.0, -2.0, -0.0]
     assert rent_rewards([]) == []
@@ -139,7 +192,7 @@ def test_compute_rewards_by_config():
     assert compute_rewards(answers, RewardConfig("dare", dare_tau=0.0), h) == dare_rewards(answers, h, 0.5, 0.0)
     with pytest.raises(ValueError, match="response_entropies"):
         compute_rewards(answers, RewardConfig("dare"))
-    with pytest.raises(ValueError, match="reward method"):
+    with pytest.raises(ValueError, match="reward must be one of"):
         RewardConfig("maj")
 
 
@@ -148,7 +201,7 @@ def test_rent_default_beta_is_one_and_compute_rewards_passes_dares_tau():
     assert rent_rewards([0.5, 2.0]) == [-0.5, -2.0]
     answers, h = ["4", "5", "4", None, "7", None], [0.3, 1.0, 0.5, 2.0, 1.5, 1.0]
     # p ~ n / u: "4" 2/0.4, "5" 1/1, "7" 1/1.5 -> 0.75, 0.15, 0.10; tau 0.12 prunes "7" -> 5/6, 1/6; bonus "4" 0.4
-    got = compute_rewards(answers, RewardConfig(method="dare", dare_alpha=0.5, dare_tau=0.12), h)
+    got = compute_rewards(answers, RewardConfig(reward="dare", dare_alpha=0.5, dare_tau=0.12), h)
     assert got == pytest.approx([5 / 6 + 0.2, 1 / 6, 5 / 6 + 0.2, 0.0, 0.0, 0.0], abs=1e-5)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ettrl.config import Config
 from ettrl.data import Problem
+from ettrl.grading import BOXED_ANSWER_REGEX
 from ettrl.rollout import rollout, sampling_params
 
 PROBLEMS = [Problem("What is 1 + 1?", "2"), Problem("What is 2 + 2?", "4")]
@@ -35,7 +36,7 @@ class FakeLLM:
     def sample_tree(self, prompts, tree_params, params, *, use_tqdm):
         self.calls.append(("tree", prompts, tree_params, params))
         self.progress.append(use_tqdm)
-        return [SimpleNamespace(leaves=[completion(j, i) for j in range(3)],
+        return [SimpleNamespace(leaves=[SimpleNamespace(**vars(completion(j, i)), root=j // 2) for j in range(3)],
                                 stats=SimpleNamespace(decoded_tokens=4 + i)) for i in range(len(prompts))]
 
 
@@ -48,6 +49,8 @@ def config(method="ttrl") -> Config:
     cfg.rollout.trees, cfg.rollout.forks, cfg.rollout.branches = 2, 3, 4
     cfg.rollout.fork_metric = "surprisal"
     cfg.rollout.distinct = True
+    cfg.rollout.no_fork_after = ["\\boxed{", "Final"]
+    cfg.rollout.min_gap = 3
     return cfg
 
 
@@ -71,6 +74,7 @@ def test_parallel_rollout_fields_and_params():
     assert kind == "generate" and prompts == PROMPTS
     assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.stop) for p in params] == [(3, 0.7, 0.9, 12, ["\n\n"])] * 2
     assert [p.seed for p in params] == [41, 42]  # each prompt its own noise
+    assert all(r.tree is None for g in groups for r in g.responses)  # each parallel sample its own stratum
 
 
 def test_tree_rollout_fields_and_params():
@@ -81,6 +85,8 @@ def test_tree_rollout_fields_and_params():
     (kind, prompts, tree, params), = llm.calls
     assert kind == "tree" and prompts == PROMPTS
     assert (tree.trees, tree.forks, tree.branches, tree.metric, tree.distinct) == (2, 3, 4, "surprisal", True)
+    assert (tree.no_fork_after, tree.min_gap) == (["\\boxed{", "Final"], 3)
+    assert [[r.tree for r in g.responses] for g in groups] == [[0, 0, 1]] * 2  # each leaf's root
     assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.stop) for p in params] == [(1, 0.7, 0.9, 12, ["</s>"])] * 2
     assert [p.seed for p in params] == [2**63 - 1, 0]  # wraps below 2**63
 
@@ -98,6 +104,10 @@ def test_sampling_params_carry_the_config():
     cfg = config()
     p = sampling_params(cfg.rollout, ["x"], seed=3, n=5)
     assert (p.n, p.temperature, p.top_p, p.max_tokens, p.stop, p.seed) == (5, 0.7, 0.9, 12, ["x"], 3)
+    assert (p.stop_regex, p.include_stop_str_in_output) == ([BOXED_ANSWER_REGEX], True)  # stop_at_answer's default
+    cfg.rollout.stop_at_answer = False
+    p = sampling_params(cfg.rollout, ["x"], seed=3, n=5)
+    assert (p.stop_regex, p.include_stop_str_in_output) in (([], False), (None, False))
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +154,8 @@ def test_resolve_device_and_make_llm(tmp_path, monkeypatch):
     assert tokenizer.decode(tokenizer("ab").input_ids) == "ab"
 
 
-def test_make_llm_defaults_float32_on_the_auto_device(tmp_path, monkeypatch):
-    """make_llm passes dtype (default "float32", not the engine's bfloat16) and the resolved device to LLM."""
+def test_make_llm_defaults_to_the_devices_dtype(tmp_path, monkeypatch):
+    """make_llm passes the resolved device and dtype to LLM: auto is float32 on the CPU, bfloat16 on CUDA."""
     import transformers
 
     import engine
@@ -156,9 +166,9 @@ def test_make_llm_defaults_float32_on_the_auto_device(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "LLM", lambda path, **kw: made.append((path, kw)) or "llm")
     monkeypatch.setattr(transformers, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda path: ("tok", path)))
     resolved = str(tmp_path / "resolved")
-    for cuda, device in ((False, "cpu"), (True, "cuda")):
+    for cuda, device, dtype in ((False, "cpu", "float32"), (True, "cuda", "bfloat16")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         assert make_llm("some/model", block_size=8) == ("llm", ("tok", resolved))
-        assert made.pop() == (resolved, {"dtype": "float32", "device": device, "block_size": 8})
+        assert made.pop() == (resolved, {"dtype": dtype, "device": device, "block_size": 8})
     assert make_llm("some/model", dtype="bfloat16", device="cpu")[0] == "llm"
     assert made.pop() == (resolved, {"dtype": "bfloat16", "device": "cpu"})

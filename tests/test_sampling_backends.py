@@ -1,11 +1,10 @@
 """Each `entropy_sample` backend on its own against float64 references (not only against each other).
 
-Backends: "torch" (named explicitly, so the C++ op cannot answer for it), "cpp" (the CPU extension: float32
-logits without top-k / top-p; the torch path is disabled while it runs, so a fallback cannot hide a failure)
-and "triton" (under TRITON_INTERPRET=1, set by conftest). The references: log_softmax and entropy in float64,
-the allowed set by a full float64 sort, the token as the Gumbel-max over the allowed set with the noise's
-uniform u (an exact multiple of 2**-24) turned into Gumbel noise in float64, and sample frequencies against
-float64 softmax.
+Backends, each named (ettrl_kernels/backend.py's table), so no other backend can answer for it: "torch", "cpp" (the
+CPU extension: float32 logits without top-k / top-p) and "triton" (under TRITON_INTERPRET=1, set by conftest). The
+references: log_softmax and entropy in float64, the allowed set by a full float64 sort, the token as the Gumbel-max
+over the allowed set with the noise's uniform u (an exact multiple of 2**-24) turned into Gumbel noise in float64,
+and sample frequencies against float64 softmax.
 """
 import math
 
@@ -23,20 +22,10 @@ def cpp_available() -> bool:
     return cpp_kernel() is not None
 
 
-def sample(backend: str, logits, monkeypatch, **kwargs):
-    """entropy_sample on one backend; for "cpp" and "triton" the torch path is disabled (where entropy_sample looks
-    it up), so a fallback cannot answer for them."""
-    if backend in ("cpp", "triton"):
-
-        def no_torch_fallback(*args, **kw):
-            raise AssertionError(f"the {backend} backend fell back to the torch path")
-
-        monkeypatch.setattr(ettrl_kernels.sampling, "entropy_sample_torch", no_torch_fallback)
-    if backend == "cpp":
-        if not cpp_available():
-            pytest.skip("C++ extension not built")
-        assert logits.dtype == torch.float32 and kwargs.get("top_k", -1) <= 0 and kwargs.get("top_p", 1.0) >= 1
-        return ettrl_kernels.entropy_sample(logits, backend="auto", **kwargs)
+def sample(backend: str, logits, **kwargs):
+    """entropy_sample on the named backend (skipped for "cpp" where the extension is not built)."""
+    if backend == "cpp" and not cpp_available():
+        pytest.skip("C++ extension not built")
     return ettrl_kernels.entropy_sample(logits, backend=backend, **kwargs)
 
 
@@ -93,8 +82,8 @@ def lm_like(batch, vocab, seed, dtype=torch.float32):
     return logits.scatter_add_(1, spikes, torch.rand(batch, 6, generator=g) * 6 + 4).to(dtype)
 
 
-def check(backend, logits, monkeypatch, **kwargs):
-    tokens, logprobs, entropies = sample(backend, logits, monkeypatch, **kwargs)
+def check(backend, logits, **kwargs):
+    tokens, logprobs, entropies = sample(backend, logits, **kwargs)
     want_tokens, want_logp, want_h, allowed = reference(logits, **kwargs)
     assert allowed.gather(1, tokens[:, None]).all(), "a token outside the allowed set"
     assert torch.equal(tokens, want_tokens)
@@ -105,36 +94,36 @@ def check(backend, logits, monkeypatch, **kwargs):
 
 @pytest.mark.parametrize("vocab", [1000, 1024])  # 1024: the torch path's pruned winners; 1000: dense
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tokens_and_stats_against_float64(backend, vocab, monkeypatch):
+def test_tokens_and_stats_against_float64(backend, vocab):
     logits = lm_like(12, vocab, 1)
     temperature = torch.tensor([1.0, 0.6, 0.0, 1.5, 0.3, 1.0, 0.9, 0.0, 2.0, 0.7, 1.1, 0.5])
     for position in range(3):
-        check(backend, logits, monkeypatch, temperature=temperature, seeds=3, seq_ids=torch.arange(12) * 5 + 1,
+        check(backend, logits, temperature=temperature, seeds=3, seq_ids=torch.arange(12) * 5 + 1,
               positions=position)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_minus_inf_logits_against_float64(backend, monkeypatch):
+def test_minus_inf_logits_against_float64(backend):
     """Masked (-inf) logits: 0 * -inf must not turn the entropy into NaN (the torch path redoes such rows)."""
     logits = lm_like(6, 640, 2)
     logits[0, ::2] = -math.inf
     logits[1, 5:] = -math.inf
     logits[3, :600] = -math.inf
-    check(backend, logits, monkeypatch, temperature=torch.tensor([1.0, 0.8, 1.0, 0.0, 1.3, 1.0]), seeds=1)
+    check(backend, logits, temperature=torch.tensor([1.0, 0.8, 1.0, 0.0, 1.3, 1.0]), seeds=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exclude_against_float64(backend, monkeypatch):
+def test_exclude_against_float64(backend):
     logits = lm_like(8, 512, 3)
     exclude = logits.argmax(-1)
     exclude[1] = -1
     exclude[2] = 7
-    check(backend, logits, monkeypatch, temperature=torch.tensor([0.8, 1.0, 1.0, 0.0, 1.2, 0.5, 1.0, 0.0]),
+    check(backend, logits, temperature=torch.tensor([0.8, 1.0, 1.0, 0.0, 1.2, 0.5, 1.0, 0.0]),
           exclude=exclude, seeds=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_slices_of_the_vocabulary_that_are_masked_or_hold_one_token(backend, monkeypatch):
+def test_slices_of_the_vocabulary_that_are_masked_or_hold_one_token(backend):
     """20000 tokens: three 8192-token slices for the Triton kernel, merged on the host. Row 0: the last slice all
     -inf (its partial sums are 0 and must add nothing); row 1: the middle slice holds a single finite logit
     below the row's maximum (its partial sum is exactly 1)."""
@@ -142,50 +131,53 @@ def test_slices_of_the_vocabulary_that_are_masked_or_hold_one_token(backend, mon
     logits[0, 16384:] = -math.inf
     logits[1, 8192:16384] = -math.inf
     logits[1, 9000] = 1.0
-    check(backend, logits, monkeypatch, temperature=torch.tensor([1.0, 0.8, 1.0]), seeds=5)
+    check(backend, logits, temperature=torch.tensor([1.0, 0.8, 1.0]), seeds=5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # the C++ op does no top-k / top-p
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (-1, 0.7), (30, 0.5), (-1, 0.95)])
-def test_top_k_top_p_against_float64(backend, top_k, top_p, monkeypatch):
+def test_top_k_top_p_against_float64(backend, top_k, top_p):
     logits = lm_like(10, 768, 4)
-    check(backend, logits, monkeypatch, temperature=torch.tensor([1.0, 0.7, 0.0, 1.4, 1.0, 0.9, 1.0, 0.6, 1.0, 2.0]),
+    check(backend, logits, temperature=torch.tensor([1.0, 0.7, 0.0, 1.4, 1.0, 0.9, 1.0, 0.6, 1.0, 2.0]),
           top_k=top_k, top_p=top_p, exclude=torch.tensor([-1, 3, -1, -1, -1, -1, -1, -1, -1, -1]), seeds=9,
           positions=2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # the C++ op takes float32 logits only
-def test_bf16_logits_against_float64(backend, monkeypatch):
+def test_bf16_logits_against_float64(backend):
     """bf16 logits are exact in float64; the product with 1/T must be formed in float32, not rounded to bf16."""
     logits = lm_like(8, 1024, 5, torch.bfloat16)
     for temperature in (0.7, torch.tensor([0.6, 1.0, 1.3, 0.0, 0.9, 0.7, 1.1, 0.35])):
-        check(backend, logits, monkeypatch, temperature=temperature, seeds=2)
-        check(backend, logits, monkeypatch, temperature=temperature, top_p=0.8, seeds=2)
+        check(backend, logits, temperature=temperature, seeds=2)
+        check(backend, logits, temperature=temperature, top_p=0.8, seeds=2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_top_p_after_excluding_a_token_that_holds_nearly_all_the_mass(backend, monkeypatch):
+def test_top_p_after_excluding_a_token_that_holds_nearly_all_the_mass(backend):
     """A distinct branch excludes its root's token; when that token held all but ~1e-5 of the mass, top-p is
     taken over a remainder smaller than the float32 lse's rounding (test_truncation_thresholds.py)."""
     logits = lm_like(32, 512, 7) - 10
     logits[:, :4] = torch.tensor([40.0, 30.0, 28.5, 27.0])  # without token 0: p = 0.78, 0.17, 0.04, ...
-    check(backend, logits, monkeypatch, temperature=torch.linspace(0.8, 1.2, 32), top_p=0.8, exclude=0,
+    check(backend, logits, temperature=torch.linspace(0.8, 1.2, 32), top_p=0.8, exclude=0,
           seeds=torch.arange(32) + 20)
+
+
+FREQUENCY_CASES = [{"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.0, "exclude": 2},
+                   {"temperature": 0.8, "top_k": 3}, {"temperature": 1.2, "top_p": 0.6}]
 
 
 # Triton is left out: the interpreter runs one program per row (~20 ms each), and its tokens already equal the
 # float64 Gumbel-max reference draw for draw above, whose frequencies these tests check through torch and C++.
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("kwargs", [{"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.0, "exclude": 2},
-                                    {"temperature": 0.8, "top_k": 3}, {"temperature": 1.2, "top_p": 0.6}],
-                         ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
-def test_frequencies_against_float64_softmax(backend, kwargs, monkeypatch):
-    if backend == "cpp" and ("top_k" in kwargs or "top_p" in kwargs):
-        return  # the C++ op does no top-k / top-p (the auto backend routes those to torch)
+# The C++ op does no top-k / top-p (test_a_backend_named_for_logits_it_cannot_run_says_why).
+@pytest.mark.parametrize("backend,kwargs",
+                         [(b, k) for b in ("torch", "cpp") for k in FREQUENCY_CASES
+                          if b == "torch" or not {"top_k", "top_p"} & set(k)],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{a}{b}" for a, b in v.items()))
+def test_frequencies_against_float64_softmax(backend, kwargs):
     row = torch.tensor([2.0, 1.2, 0.9, 0.1, -0.4, -1.0, -2.5, 0.5])
     draws = 20000
-    tokens, _, _ = sample(backend, row.expand(draws, -1).contiguous(), monkeypatch, seeds=13,
-                          seq_ids=torch.arange(draws), **kwargs)
+    tokens, _, _ = sample(backend, row.expand(draws, -1).contiguous(), seeds=13, seq_ids=torch.arange(draws),
+                          **kwargs)
     _, _, _, allowed = reference(row[None], **kwargs)
     target = torch.softmax(row.double() / kwargs["temperature"], 0) * allowed[0]
     target /= target.sum()
@@ -195,12 +187,31 @@ def test_frequencies_against_float64_softmax(backend, kwargs, monkeypatch):
     assert (freq - target).abs().max() < 5 * math.sqrt(0.25 / draws)
 
 
+def test_a_backend_named_for_logits_it_cannot_run_says_why(monkeypatch):
+    logits = lm_like(2, 64, 9)
+    if cpp_available():
+        for kwargs, why in [(dict(top_k=5), "it does no top-k / top-p"), (dict(top_p=0.9), "it does no top-k / top-p"),
+                            (dict(logits=logits.bfloat16()), "it takes float32 logits, got torch.bfloat16")]:
+            with pytest.raises(ValueError) as err:
+                ettrl_kernels.entropy_sample(**{"logits": logits, **kwargs}, backend="cpp")
+            assert str(err.value) == (f"backend='cpp' cannot run entropy_sample on these logits: {why}; name "
+                                      "backend='torch' (any logits) or 'auto'")
+        ettrl_kernels.entropy_sample(logits, top_k=5, temperature=0.0, backend="cpp")  # greedy rows: no truncation
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend='triton' cannot run entropy_sample on these logits: it needs CUDA"):
+        ettrl_kernels.entropy_sample(logits, backend="triton")
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'triton', 'cpp', 'torch'\), got 'cuda'$"):
+        ettrl_kernels.entropy_sample(logits, backend="cuda")
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'triton', 'torch'\), got 'cpp'$"):
+        ettrl_kernels.token_stats(logits, torch.zeros(2, dtype=torch.int64), backend="cpp")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_ties_take_the_first_token_across_tiles(backend, monkeypatch):
+def test_greedy_ties_take_the_first_token_across_tiles(backend):
     """Equal maxima far apart (different 1024-wide Triton tiles, different 32-wide torch/C++ blocks): the first."""
     logits = torch.randn(3, 3000)
     logits[0, [10, 2500]] = 9.0
     logits[1, [1500, 2999]] = 9.0
     logits[2, [700, 1800, 2900]] = 9.0
-    tokens, _, _ = sample(backend, logits, monkeypatch, temperature=0.0)
+    tokens, _, _ = sample(backend, logits, temperature=0.0)
     assert tokens.tolist() == [10, 1500, 700]

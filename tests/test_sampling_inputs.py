@@ -8,11 +8,12 @@ import ettrl_kernels
 from ettrl_kernels import sampling_torch
 from ettrl_kernels.sampling_cpu import cpp_kernel
 
-CPU_BACKENDS = ["auto", "torch"]  # auto: the C++ op for float32 without top-k/top-p, where it is built
+CPU_BACKENDS = ["auto", "torch", "cpp"]  # auto: the C++ op for float32 without top-k/top-p, where it is built
+TRUNCATING = ["auto", "torch", "triton"]  # the backends that do top-k / top-p
 
 
-def skip_auto_without_cpp(backend: str) -> None:
-    if backend == "auto" and cpp_kernel() is None:
+def skip_cpp_unbuilt(backend: str) -> None:
+    if backend == "cpp" and cpp_kernel() is None:
         pytest.skip("C++ extension not built")
 
 
@@ -32,7 +33,7 @@ def test_bad_logits_are_refused_with_what_to_pass(bad):
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])  # the Triton kernel reads rows as contiguous
 @pytest.mark.parametrize("step", [2, 3])
 def test_strided_logits_sample_like_contiguous_ones(backend, step):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     wide = logits_for(vocab=50 * step)
     strided = wide[:, ::step]  # stride(1) == step
     dense = strided.contiguous()
@@ -44,7 +45,7 @@ def test_strided_logits_sample_like_contiguous_ones(backend, step):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_defaults_are_seed_0_and_no_truncation(backend):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=64)
     default = ettrl_kernels.entropy_sample(logits, backend=backend)
     explicit = ettrl_kernels.entropy_sample(logits, temperature=1.0, top_k=-1, top_p=1.0, seeds=0,
@@ -57,7 +58,7 @@ def test_defaults_are_seed_0_and_no_truncation(backend):
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 def test_outputs_ignore_the_global_default_dtype(backend, monkeypatch):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=8, vocab=1024)  # float64 sums would change the last bits of the statistics
     monkeypatch.setattr(sampling_torch, "_workspaces", {})  # the torch path's buffers are made afresh
     want = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=2, backend=backend)
@@ -75,7 +76,7 @@ def test_outputs_ignore_the_global_default_dtype(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 def test_refusals_name_only_the_bad_rows(backend):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=4)
     logits[2, 7] = float("nan")
     with pytest.raises(ValueError) as err:
@@ -93,7 +94,7 @@ def test_refusals_name_only_the_bad_rows(backend):
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 def test_a_refusal_lists_the_first_eight_bad_rows(backend):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=12)
     logits[1:11] = float("-inf")
     with pytest.raises(ValueError, match=r"in rows \[1, 2, 3, 4, 5, 6, 7, 8\] \(all logits"):
@@ -107,9 +108,9 @@ def test_a_refusal_lists_the_first_eight_bad_rows(backend):
 def test_parameters_as_scalars_zero_dim_or_per_row_tensors_of_any_dtype_sample_alike(backend):
     """Python numbers, 0-dim tensors and [B] tensors of other dtypes (float64, int32; a whole-number float top_k)
     are the same parameters."""
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=4, vocab=64)
-    for truncation in (dict(), dict(top_k=5, top_p=0.9)):
+    for truncation in [dict()] + ([] if backend == "cpp" else [dict(top_k=5, top_p=0.9)]):
         want = ettrl_kernels.entropy_sample(logits, temperature=0.7, seeds=3, positions=2, exclude=1,
                                             backend=backend, **truncation)
         wide, narrow = torch.float64, torch.int32
@@ -153,9 +154,9 @@ def test_bad_parameters_are_refused_with_what_to_pass(kwargs, message):
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+@pytest.mark.parametrize("backend", TRUNCATING)
 def test_top_k_1_alone_samples_the_best_token(backend):
-    skip_auto_without_cpp(backend)
+    skip_cpp_unbuilt(backend)
     logits = logits_for(batch=64)
     tokens = ettrl_kernels.entropy_sample(logits, top_k=1, backend=backend)[0]
     assert torch.equal(tokens, logits.argmax(1))

@@ -47,10 +47,10 @@ CASES = [dict(), dict(top_k=5), dict(top_p=0.7), dict(top_k=40, top_p=0.9), dict
 
 
 @pytest.mark.parametrize("kwargs", CASES, ids=["plain", "top_k", "top_p", "top_k_top_p", "exclude", "top_p_exclude"])
-def test_pruned_winners_against_float64(kwargs, routes, monkeypatch):
+def test_pruned_winners_against_float64(kwargs, routes):
     logits = peaked(8, 1024, 5)
     logits[[1, 6], 0] = 40.0  # token 0 is the top of the rows that exclude it
-    check("torch", logits, monkeypatch, temperature=TEMPERATURES, seeds=11, positions=3, **kwargs)
+    check("torch", logits, temperature=TEMPERATURES, seeds=11, positions=3, **kwargs)
     assert routes == {"pruned": 8, "dense": 0}
 
 
@@ -62,7 +62,7 @@ def test_rows_in_several_chunks_against_float64(vocab, route, kwargs, routes, mo
     monkeypatch.setattr(sampling_torch, "CHUNK_ELEMENTS_THREADED", 3 * vocab)
     logits = peaked(8, vocab, 6)
     logits[[1, 6], 0] = 40.0
-    check("torch", logits, monkeypatch, temperature=TEMPERATURES, seeds=12, positions=1, **kwargs)
+    check("torch", logits, temperature=TEMPERATURES, seeds=12, positions=1, **kwargs)
     assert routes[route] == 8
 
 
@@ -73,7 +73,7 @@ SEED, LUCKY, TOP = 5402, 46, 65
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_token_with_the_largest_noise_wins_from_gumbel_max_below_the_top(backend, monkeypatch):
+def test_a_token_with_the_largest_noise_wins_from_gumbel_max_below_the_top(backend):
     """The top token scores x_top + g_top; a token GUMBEL_MAX - 5e-4 below that scores 5e-4 more when its noise
     is the largest possible, so it must win: the pruning margin may cover rounding, never more."""
     noise = gumbel(row_keys(torch.tensor([SEED]), torch.tensor([0]), torch.tensor([0]))[:, None],
@@ -83,8 +83,8 @@ def test_a_token_with_the_largest_noise_wins_from_gumbel_max_below_the_top(backe
     logits = torch.full((1, 256), -40.0)
     logits[0, TOP] = 0.0
     logits[0, LUCKY] = float(noise[TOP]) - GUMBEL_MAX + 5e-4
-    tokens = sample(backend, logits, monkeypatch, temperature=1.0, seeds=SEED, seq_ids=torch.tensor([0]))[0]
+    tokens = sample(backend, logits, temperature=1.0, seeds=SEED, seq_ids=torch.tensor([0]))[0]
     assert tokens.tolist() == [LUCKY]
     logits[0, LUCKY] -= 2e-3  # and it loses when it is further below
-    tokens = sample(backend, logits, monkeypatch, temperature=1.0, seeds=SEED, seq_ids=torch.tensor([0]))[0]
+    tokens = sample(backend, logits, temperature=1.0, seeds=SEED, seq_ids=torch.tensor([0]))[0]
     assert tokens.tolist() == [TOP]

@@ -22,7 +22,8 @@ import torch
 from ettrl.config import Config
 from ettrl.data import Problem
 from ettrl.rewards import vote_then_sample
-from ettrl.scoring import Group, Response, score_group
+from ettrl.samples import Group, Response
+from ettrl.scoring import score_group
 
 SEED = 6
 KEEP = [0, 3, 4]
@@ -159,7 +160,7 @@ METHOD_ADVANTAGES = {
 
 
 def test_every_method_of_the_table_is_checked_here():
-    from ettrl.config import METHODS
+    from ettrl.methods import METHODS
     assert set(METHODS) == set(METHOD_ADVANTAGES)
 
 
@@ -269,3 +270,53 @@ def test_bessel_std_reaches_the_samples():
     # kept rewards [1, 0, 0]: mean 1/3, std with n - 1: sqrt((4/9 + 2/9) / 2) = 1/sqrt 3
     r3 = math.sqrt(3)
     assert_advantages(samples, {0: 2 / 3 * r3, 3: -r3 / 3, 4: -r3 / 3})
+
+
+def test_ttrl_vote_lets_truncated_responses_vote():
+    """rollout.vote=ttrl: every response votes with TTRL's answer string, so "7" (responses 3, 4, 5; two of them
+    truncated) beats "4" 3 to 2. Rewards [0, 0, 0, 1, 1, 1]; kept [0, 3, 4] -> [0, 1, 1]."""
+    from ettrl.scoring import answers_of
+
+    cfg = config("ttrl")
+    cfg.rollout.vote = "ttrl"
+    assert answers_of(group(), vote="ttrl") == ["4", "5", "4", "7", "7", "7"]
+    samples, metrics = score_group(group(), cfg, SEED)
+    assert_advantages(samples, dict(zip(KEEP, grpo([0.0, 1.0, 1.0]))))
+    assert metrics["majority_ratio"] == pytest.approx(3 / 6) and metrics["answered"] == 1.0
+    assert metrics["label_acc"] == 0.0 and metrics["reward"] == pytest.approx(3 / 6)
+    g = group()
+    g.responses[1].text = "I could not finish"  # no box, no number: TTRL's "" votes but is no answer
+    assert answers_of(g, vote="ttrl")[1] == ""
+    assert score_group(g, cfg, SEED)[1]["answered"] == pytest.approx(5 / 6)
+
+
+def test_ttrl_vote_counts_strings_not_values():
+    """Responses "0.5", "\\frac{1}{2}", "\\frac{1}{2}", "3", "3", "3": the boxed vote makes {0.5, 1/2} the label
+    (3 to 3, seen first); TTRL's string vote makes "3" the label (3 to 2)."""
+    g = group(answer="3")
+    for r, box in zip(g.responses, ["0.5", "\\frac{1}{2}", "\\frac{1}{2}", "3", "3", "3"]):
+        r.text, r.finish_reason = f"so it is \\boxed{{{box}}}", "stop"
+    cfg = config("ttrl")
+    assert score_group(g, cfg, SEED)[1]["label_acc"] == 0.0
+    cfg.rollout.vote = "ttrl"
+    assert score_group(g, cfg, SEED)[1]["label_acc"] == 1.0
+
+
+def test_train_pick_stratified_takes_every_tree():
+    """Leaves of trees [0, 0, 0, 1, 1, 2] (ordered by root); three train: one from each tree. Tree 1's pick and
+    tree 0's are seeded; tree 2 has only response 5."""
+    g = group()
+    for r, tree in zip(g.responses, [0, 0, 0, 1, 1, 2]):
+        r.tree = tree
+    cfg = config("etmr")
+    cfg.rollout.train_pick = "stratified"
+    for seed in range(8):
+        picked = sorted(trained(score_group(g, cfg, seed)[0]))
+        assert len(picked) == 3 and picked[0] in (0, 1, 2) and picked[1] in (3, 4) and picked[2] == 5
+    g.responses[5].tree = 0  # trees [0, 0, 0, 1, 1, 0]: a round gives tree 0 one and tree 1 one, then tree 0 again
+    for seed in range(8):
+        picked = sorted(trained(score_group(g, cfg, seed)[0]))
+        assert sum(i in (3, 4) for i in picked) == 1 and sum(i in (0, 1, 2, 5) for i in picked) == 2
+    for r in g.responses:
+        r.tree = None  # parallel samples: each its own tree, so the first n_train (TTRL's pick)
+    assert sorted(trained(score_group(g, cfg, SEED)[0])) == [0, 1, 2]

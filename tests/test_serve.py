@@ -198,7 +198,8 @@ def test_info_routes(url):
     assert httpx.get(f"{url}/health", headers=headers()).json() == {"status": "ok"}
     assert httpx.get(f"{url}/v1/models", headers=headers()).json()["data"][0]["id"] == "tiny"
     assert httpx.get(f"{url}/get_world_size", headers=headers()).json() == {"world_size": 1}
-    assert httpx.get(f"{url}/get_weight_version", headers=headers()).json() == {"weight_version": "0"}
+    assert httpx.get(f"{url}/get_weight_version", headers=headers()).json() == {"weight_version": "0",
+                                                                               "weight_version_name": None}
 
 
 BAD = {
@@ -226,7 +227,8 @@ BAD = {
 def test_bad_input_answers_4xx_and_the_server_keeps_serving(url, server, case):
     body, status, words = BAD[case]
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{url}/v1/completions", headers=headers(), timeout=60, **kwargs)
+    r = httpx.post(f"{url}/v1/completions", headers={**headers(), "Content-Type": "application/json"}, timeout=60,
+                   **kwargs)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
     assert_idle_and_clean(server)

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from engine import LLM, SamplingParams
 from engine.serve.api_server import Server, ServerConfig
@@ -31,6 +31,7 @@ def dirs(tmp_path_factory):
     (root / "weights" / "filelink").mkdir()
     (root / "weights" / "filelink" / "model.safetensors").symlink_to(root / "outside" / "model.safetensors")
     (root / "weights" / "empty").mkdir()
+    make_tiny_model("llama", root / "weights" / "same", seed=0)
     return root
 
 
@@ -57,14 +58,17 @@ def on(dirs):
         yield server, httpx.Client(base_url=url, timeout=60)
 
 
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
 def completion_ids(http):
     r = http.post("/v1/completions", json=GREEDY)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
 
 
-def embed(server):
-    return server.engine.runner.model.hf_parameter_views()["model.embed_tokens.weight"].clone()
+def embed(server_or_llm):
+    return server_or_llm.engine.runner.model.hf_parameter_views()["model.embed_tokens.weight"].clone()
 
 
 def idle_and_clean(server):
@@ -83,7 +87,7 @@ def test_admin_routes_are_off_without_the_switch(dirs):
         for route in ADMIN_ROUTES:
             r = httpx.post(url + route, json={"model_path": "new"})
             assert r.status_code == 403 and "--enable-weight-updates" in r.json()["error"]["message"], route
-        assert httpx.get(url + "/get_weight_version").json() == {"weight_version": "0"}
+        assert httpx.get(url + "/get_weight_version").json() == {"weight_version": "0", "weight_version_name": None}
     assert torch.equal(embed(server), before)
 
 
@@ -112,7 +116,7 @@ def test_update_from_disk_then_from_tensor_and_no_stale_prefix(on, dirs, old_ids
     assert completion_ids(http) == new_ids          # no prefix computed with the old weights was reused
     old = LLM(dirs / "model", **ENGINE).engine.runner.model.hf_parameter_views()
     body = save({name: t.contiguous() for name, t in old.items()})
-    r = http.post("/update_weights_from_tensor", content=body, headers={"Content-Type": "application/octet-stream"})
+    r = http.post("/update_weights_from_tensor", content=body, headers=OCTET)
     assert r.status_code == 200 and r.json()["weight_version"] == str(version + 2), r.text
     assert completion_ids(http) == old_ids
     idle_and_clean(server)
@@ -124,11 +128,11 @@ def test_bad_tensor_bodies_are_refused(on):
     for body, status, words in [(b"not safetensors", 400, "not a safetensors"),
                                 (save({"model.nope.weight": torch.zeros(2)}), 400, "unknown parameter name"),
                                 (save({"model.embed_tokens.weight": torch.zeros(3, 3)}), 400, "shape")]:
-        r = http.post("/update_weights_from_tensor", content=body)
+        r = http.post("/update_weights_from_tensor", content=body, headers=OCTET)
         assert r.status_code == status and words in r.json()["error"]["message"], r.text
     server.config.max_weights_body_gb = 1e-6  # ~1 KB
     try:
-        r = http.post("/update_weights_from_tensor", content=save({"model.embed_tokens.weight": before}))
+        r = http.post("/update_weights_from_tensor", content=save({"model.embed_tokens.weight": before}), headers=OCTET)
         assert r.status_code == 413
     finally:
         server.config.max_weights_body_gb = 16.0
@@ -162,9 +166,9 @@ def test_updates_refuse_or_wait_while_requests_are_in_flight(on, old_ids, monkey
     long = dict(GREEDY, max_tokens=60)
     thread, result = in_background(lambda: httpx.post(http.base_url.join("/v1/completions"), json=long, timeout=60))
     wait_until(lambda: server.loop.active)
-    r = http.post("/update_weights_from_tensor?if_busy=refuse", content=body)
+    r = http.post("/update_weights_from_tensor?if_busy=refuse", content=body, headers=OCTET)
     assert r.status_code == 409 and "in flight" in r.json()["error"]["message"]
-    r = http.post("/update_weights_from_tensor?if_busy=wait", content=body)
+    r = http.post("/update_weights_from_tensor?if_busy=wait", content=body, headers=OCTET)
     assert r.status_code == 200
     assert not thread.is_alive() or thread.join(5) is None
     done = result["value"]
@@ -177,8 +181,8 @@ def test_pause_resume_and_abort(on, monkeypatch):
     server, http = on
     assert http.post("/pause?mode=wait").json()["paused"]
     thread, result = in_background(lambda: httpx.post(http.base_url.join("/v1/completions"), json=GREEDY, timeout=60))
-    time.sleep(0.3)
-    assert thread.is_alive() and server.loop.held  # held while paused
+    wait_until(lambda: server.loop.held)  # held while paused (it reaches the loop after tokenizing in a thread)
+    assert thread.is_alive()
     assert not http.post("/resume").json()["paused"]
     thread.join(30)
     assert result["value"].status_code == 200
@@ -202,13 +206,14 @@ def test_reset_prefix_cache_and_sleep(on):
         assert http.post(route).json()["success"]
     assert server.engine.kv.tree.num_cached_blocks == 0
     r = http.post("/sleep?level=1")
-    if not hasattr(server.llm, "sleep"):
-        assert r.status_code == 501 and "sleep" in r.json()["error"]["message"]
-    else:
-        assert r.status_code == 200, r.text
-        asleep = http.post("/v1/completions", json=GREEDY)
-        assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
-        assert http.post("/wake_up").status_code == 200
+    assert r.status_code == 200, r.text
+    asleep = http.post("/v1/completions", json=GREEDY)
+    assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
+    bad = http.post("/wake_up?tags=optimizer")
+    assert bad.status_code == 400 and "unknown wake_up tags" in bad.json()["error"]["message"]
+    assert http.post("/wake_up?tags=weights").json() == {"success": True, "sleeping": True}  # no KV pool yet
+    assert server.engine.asleep
+    assert http.post("/wake_up?tags=kv_cache").json() == {"success": True, "sleeping": False}
     completion_ids(http)
     idle_and_clean(server)
 
@@ -245,3 +250,120 @@ def test_the_command_line_server_starts_serves_and_stops(dirs):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def version(http):
+    return http.get("/get_weight_version").json()
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"model.norm.weight": torch.full((64,), float("nan"))}, "NaN or infinite"),
+    ({"model.norm.weight": torch.full((64,), float("inf"))}, "NaN or infinite"),
+    ({"model.norm.weight": torch.ones(64, dtype=torch.int64)}, "not a floating-point type"),
+    ({"model.norm.weight": torch.ones(64, dtype=torch.bool)}, "not a floating-point type")])
+def test_non_finite_or_non_float_weights_are_refused_before_anything_is_written(on, dirs, old_ids, bad, words):
+    """From a tensor body, from disk and in process: 400 / ValueError, the version and every weight unchanged,
+    generation as before."""
+    server, http = on
+    before, v = embed(server), version(http)
+    good = {"model.embed_tokens.weight": torch.zeros_like(before)}  # comes first: would be written first
+    r = http.post("/update_weights_from_tensor", content=save({**good, **bad}), headers=OCTET)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    folder = dirs / "weights" / f"bad-{bad['model.norm.weight'].dtype}-{float(bad['model.norm.weight'][0])}"
+    folder.mkdir(exist_ok=True)
+    save_file({**good, **bad}, str(folder / "model.safetensors"))
+    r = http.post("/update_weights_from_disk", json={"model_path": folder.name})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    llm = LLM(dirs / "model", **ENGINE)
+    with pytest.raises(ValueError, match=words):
+        llm.update_weights({**good, **bad})
+    assert torch.equal(embed(llm), embed(LLM(dirs / "model", **ENGINE)))
+    assert torch.equal(embed(server), before) and version(http) == v
+    assert completion_ids(http) == old_ids
+    assert http.get("/health").json() == {"status": "ok"}
+    idle_and_clean(server)
+
+
+def test_health_says_unhealthy_when_the_model_stops_giving_finite_logits(on, old_ids):
+    """Finite weights can still overflow (a norm weight of 3e38): the update is taken, /health answers 503
+    {"status": "unhealthy"} until good weights come back."""
+    server, http = on
+    views = server.engine.runner.model.hf_parameter_views()
+    good = views["model.norm.weight"].clone()
+    huge = save({"model.norm.weight": torch.full_like(good, 3e38)})
+    assert http.post("/update_weights_from_tensor", content=huge, headers=OCTET).status_code == 200
+    r = http.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "unhealthy"}
+    r = http.post("/update_weights_from_tensor", content=save({"model.norm.weight": good}), headers=OCTET)
+    assert r.status_code == 200
+    assert http.get("/health").json() == {"status": "ok"}
+    assert completion_ids(http) == old_ids
+    idle_and_clean(server)
+
+
+def test_weight_version_always_advances_and_names_are_kept_beside_it(on):
+    server, http = on
+    body = save(server.engine.runner.model.hf_parameter_views())  # the same weights
+    start = int(version(http)["weight_version"])
+    for i, name in enumerate(["step-9", "step-3", None], start=1):
+        query = f"?weight_version={name}" if name else ""
+        r = http.post("/update_weights_from_tensor" + query, content=body, headers=OCTET)
+        assert r.json()["weight_version"] == str(start + i) and r.json()["weight_version_name"] == name
+        assert version(http) == {"weight_version": str(start + i), "weight_version_name": name}
+    r = http.post("/update_weights_from_disk", json={"model_path": "same", "weight_version": "step-1"})
+    assert r.json()["weight_version"] == str(start + 4) and r.json()["weight_version_name"] == "step-1"
+    idle_and_clean(server)
+
+
+@pytest.fixture(scope="module")
+def broken(dirs):
+    """Weight folders a client may point at: truncated, a header claiming 2**60 bytes, an index whose weight_map
+    is a list, an index that is not JSON."""
+    root = dirs / "weights"
+    good = (dirs / "model" / "model.safetensors").read_bytes()
+    for name, files in {
+        "truncated": {"model.safetensors": good[:len(good) // 2]},
+        "huge-header": {"model.safetensors": (2**60).to_bytes(8, "little") + b"{}"},
+        "list-map": {"model.safetensors.index.json": '{"weight_map": ["model.safetensors"]}'},
+        "bad-index": {"model.safetensors.index.json": "{not json"},
+    }.items():
+        (root / name).mkdir(exist_ok=True)
+        for file, data in files.items():
+            path = root / name / file
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return root
+
+
+@pytest.mark.parametrize("path, words", [("truncated", "cannot read"), ("huge-header", "cannot read"),
+                                         ("list-map", "cannot list"), ("bad-index", "cannot list"),
+                                         ("new\x00x", "null byte")])
+def test_malformed_weight_folders_answer_400_in_the_envelope(on, broken, path, words):
+    server, http = on
+    before, v = embed(server), version(http)
+    r = http.post("/update_weights_from_disk", json={"model_path": path})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert str(broken) not in r.text
+    assert torch.equal(embed(server), before) and version(http) == v
+    idle_and_clean(server)
+
+
+def test_refusals_do_not_echo_resolved_paths(on, dirs):
+    server, http = on
+    for path in ["../outside", "link", "filelink", str(dirs / "outside")]:
+        r = http.post("/update_weights_from_disk", json={"model_path": path})
+        assert r.status_code == 403
+        message = r.json()["error"]["message"]
+        assert str(dirs / "weights") not in message and str(dirs / "outside") not in message.replace(path, "")
+
+
+def test_typed_query_parameters_and_content_types_of_admin_routes(on):
+    server, http = on
+    r = http.post("/sleep?level=deep")
+    assert r.status_code == 400 and "level" in r.json()["error"]["message"], r.text
+    body = save({"model.norm.weight": torch.ones(64)})
+    for headers in ({}, {"Content-Type": "application/json"}, {"Content-Type": "text/plain"}):
+        r = http.post("/update_weights_from_tensor", content=body, headers=headers)
+        assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]["message"], r.text
+    r = http.post("/update_weights_from_disk", content=b'{"model_path": "new"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    idle_and_clean(server)

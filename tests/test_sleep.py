@@ -110,3 +110,98 @@ def test_activation_estimate_counts_tokens_and_logits():
     small = activation_bytes(args, 64, 8, torch.bfloat16)
     assert activation_bytes(args, 128, 8, torch.bfloat16) > small > ATTENTION_WORKSPACE_BYTES
     assert activation_bytes(args, 64, 8, torch.float32) > small
+
+
+# ---- wake_up tags (vLLM's: "weights", "kv_cache"; None = both, weights first) and the memory re-check ---------------
+def test_wake_up_tags_bring_weights_back_before_the_pool(llm):
+    """Level 2 with the weights really moved (host to host here: on a GPU they go to pinned memory): the pool and
+    the weights wake separately, and a trainer may write weights between the two."""
+    before = tokens(llm)
+    runner = llm.engine.runner
+    runner.offloads_weights = True
+    try:
+        embed = runner.model.hf_parameter_views()["model.embed_tokens.weight"]
+        address, values = embed.data_ptr(), embed.detach().clone()
+        state = {name: t.clone() for name, t in runner.model.hf_parameter_views().items()}
+        llm.sleep(level=2)
+        assert runner.weights_offloaded and llm.engine.asleep
+        assert embed.data_ptr() != address and torch.equal(embed, values)
+        llm.wake_up(["kv_cache"])
+        assert not llm.engine.asleep and llm.engine.scheduler.kv is runner.kv
+        with pytest.raises(RuntimeError, match=r"offloaded.*wake_up\(\['weights'\]\)"):
+            llm.generate(PROMPTS, PARAMS)
+        llm.wake_up(["weights"])
+        assert not runner.weights_offloaded and tokens(llm) == before
+
+        llm.sleep(level=2)
+        llm.wake_up(["weights"])  # the trainer's order: weights, new weights written, then the pool
+        assert llm.engine.asleep and not runner.weights_offloaded
+        assert llm.update_weights(state) == len(state)
+        llm.wake_up(["kv_cache"])
+        assert tokens(llm) == before
+        llm.sleep(level=1)
+        llm.sleep(level=2)  # deeper while asleep: the weights go too
+        assert runner.weights_offloaded
+        llm.wake_up()
+        assert not runner.weights_offloaded and not llm.engine.asleep and tokens(llm) == before
+    finally:
+        runner.offloads_weights = False
+    llm.check_integrity()
+
+
+def test_wake_up_tags_order_and_validation(llm, monkeypatch):
+    runner = llm.engine.runner
+    calls = []
+    monkeypatch.setattr(runner, "wake_up_weights", lambda: calls.append("weights"))
+    monkeypatch.setattr(runner, "wake_up_kv_cache", lambda: calls.append("kv_cache"))
+    llm.wake_up()
+    llm.wake_up(["kv_cache", "weights"])
+    llm.wake_up(["kv_cache"])
+    llm.wake_up([])
+    assert calls == ["weights", "kv_cache", "weights", "kv_cache", "kv_cache"]
+    with pytest.raises(ValueError, match=r"unknown wake_up tags \['kv'\]"):
+        llm.wake_up(["kv"])
+    with pytest.raises(TypeError, match="list of names"):
+        llm.wake_up("weights")
+    import inspect
+    assert str(inspect.signature(LLM.wake_up).parameters["tags"]) == "tags: list[str] | None = None"
+
+
+def test_wake_up_checks_free_memory_and_stays_asleep(llm, monkeypatch):
+    """The pool (and activations, and weights still offloaded) must fit in what is free now: when it does not,
+    a clear error and the engine still asleep (nothing allocated), so the caller can free memory and retry."""
+    from engine import model_runner
+    from engine.gpu_memory import DeviceMemoryError, activation_bytes, parameter_bytes
+    runner = llm.engine.runner
+    c = llm.config
+    pool = runner.kv.k.numel() * runner.kv.k.element_size() * 2
+    activations = activation_bytes(runner.args, c.max_num_batched_tokens, c.max_num_seqs, runner.dtype)
+    weights = parameter_bytes(runner.model)
+    free = {"bytes": pool + activations - 1}
+    monkeypatch.setattr(model_runner, "device_free_bytes", lambda device: free["bytes"])
+    llm.sleep()
+    with pytest.raises(DeviceMemoryError, match=r"wake_up needs .*KV pool 0.12 GiB.*activations.*only .* free"):
+        llm.wake_up()
+    assert llm.engine.asleep and runner.kv is None
+    with pytest.raises(RuntimeError, match="asleep"):
+        llm.generate(PROMPTS, PARAMS)
+    free["bytes"] += 1
+    llm.wake_up()
+    assert not llm.engine.asleep
+
+    runner.offloads_weights = True
+    try:
+        llm.sleep(level=2)
+        free["bytes"] = weights - 1
+        with pytest.raises(DeviceMemoryError, match="weights"):
+            llm.wake_up(["weights"])
+        assert runner.weights_offloaded
+        free["bytes"] = pool + activations  # the pool fits, but not with the offloaded weights' room
+        with pytest.raises(DeviceMemoryError, match="offloaded weights"):
+            llm.wake_up(["kv_cache"])
+        free["bytes"] = pool + activations + weights
+        llm.wake_up()
+    finally:
+        runner.offloads_weights = False
+    assert not llm.engine.asleep and not runner.weights_offloaded
+    llm.check_integrity()

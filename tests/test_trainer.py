@@ -9,8 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import SamplingParams  # noqa: E402
-from ettrl.config import METHODS, load_config  # noqa: E402
+from ettrl.config import load_config  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
+from ettrl.methods import METHODS  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
 from ettrl.trainer import Trainer  # noqa: E402
 from tiny_models import make_tiny_task  # noqa: E402
@@ -45,7 +46,7 @@ def surrogate(model, samples, temperature, logp_old=None):
     return grpo_loss(split(logp), split(old), adv, mask)[0].item(), logp
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_one_step_of_each_method(workdir, tmp_path, method):
     trainer = Trainer(tiny_config(workdir, method), tmp_path)
     samples, per_prompt, _ = trainer.collect(0)
@@ -95,3 +96,58 @@ def test_eval_before_can_be_skipped(workdir, tmp_path):
     assert summary["before"] is None and summary["after"]["eval_problems"] == 2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "eval"] == [1]
+
+
+def test_engine_is_built_from_the_engine_section(workdir, tmp_path):
+    """Every engine.* key reaches LLM(...); dtype auto is float32 on the CPU (bfloat16 on CUDA: test_config)."""
+    trainer = Trainer(tiny_config(workdir, "ttrl", "engine.block_size=8", "engine.num_kv_blocks=96",
+                                  "engine.max_num_seqs=5", "engine.enable_prefix_caching=false"), tmp_path)
+    c = trainer.llm.config
+    assert (c.dtype, c.device, c.block_size, c.num_kv_blocks, c.max_num_seqs, c.enable_prefix_caching) == \
+        ("float32", "cpu", 8, 96, 5, False)
+    assert trainer.llm.engine.kv.num_blocks == 96
+
+
+class SleepyEngine:
+    def __init__(self, wake_error=None):
+        self.calls, self.wake_error = [], wake_error
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+        if self.wake_error is not None:
+            raise self.wake_error
+
+    def update_weights(self, named_tensors):
+        self.calls.append(("update_weights",))
+
+
+def test_a_failed_update_is_not_hidden_by_the_wake_up_after_it(monkeypatch):
+    """The update raises, then waking the engine fails too (its memory is held): the update's error is the one
+    raised, the wake-up's is a note on it; without an update error the wake-up's error is raised."""
+    from types import SimpleNamespace
+
+    import ettrl.trainer as trainer_module
+    from engine.gpu_memory import DeviceMemoryError
+
+    def failing_update(*args, **kwargs):
+        raise FloatingPointError("the update's own error")
+
+    this = SimpleNamespace(sleep_engine=True, llm=SleepyEngine(DeviceMemoryError("wake_up needs 3 GiB")),
+                           cfg=SimpleNamespace(trainer=None, rollout=SimpleNamespace(temperature=1.0)),
+                           backend=SimpleNamespace(full_state_dict=dict), pad_id=0, ref_model=None, rank=0,
+                           mini_batches=1)
+    monkeypatch.setattr(trainer_module, "policy_update", failing_update)
+    with pytest.raises(FloatingPointError, match="own error") as caught:
+        Trainer.update(this, [])
+    assert caught.value.__notes__ == ["and the engine could not wake up after it: DeviceMemoryError: wake_up needs "
+                                      "3 GiB"]
+    assert this.llm.calls == [("sleep", 1), ("wake_up", None)]
+    monkeypatch.setattr(trainer_module, "policy_update", lambda *args, **kwargs: {"loss": 0.5})
+    with pytest.raises(DeviceMemoryError, match="3 GiB"):
+        Trainer.update(this, [])
+    this.llm = SleepyEngine()
+    assert Trainer.update(this, []) == {"loss": 0.5}
+    assert this.llm.calls == [("sleep", 1), ("update_weights",), ("wake_up", None)]

@@ -108,21 +108,26 @@ def test_per_prompt_sampling_params_give_each_prompt_its_own_seed(llm):
         llm.sample_tree(PROMPTS, tp, per_prompt[:1])
 
 
-def test_no_fork_from_the_last_box_on(llm, monkeypatch):
-    """With a tokenizer, positions from the token that starts the last \\boxed{ onward are never forks."""
+@pytest.mark.parametrize("min_gap", [1, 3])
+def test_no_fork_from_the_first_marker_on(llm, monkeypatch, min_gap):
+    """With a tokenizer, positions from the token that starts the first no_fork_after marker onward are never
+    forks; without markers every position but the first is allowed."""
     boxed = {5, 6, 7, 8, 9, 10}
     monkeypatch.setattr(llm, "tokenizer", object())
     monkeypatch.setattr(llm, "decode", lambda ids: "".join("\\boxed{" if i in boxed else "x" for i in ids))
-    tp = TreeParams(trees=6, forks=2, branches=1)
-    trees, _, _ = run_trees(llm, tp, params(stop_token_ids=[], ignore_eos=True))
-    cut_somewhere = False
-    for tree in trees:
-        roots, _ = roots_and_branches(tree)
-        for r, root in roots.items():
-            last_box = max((k for k, tok in enumerate(root.token_ids) if tok in boxed), default=None)
-            cut_somewhere |= last_box is not None
-            assert tree.fork_positions[r] == select_fork_positions(root.entropies, tp.forks, end=last_box)
-    assert cut_somewhere
+    for markers in (["\\boxed{"], []):
+        tp = TreeParams(trees=6, forks=2, branches=1, no_fork_after=markers, min_gap=min_gap)
+        trees, _, _ = run_trees(llm, tp, params(stop_token_ids=[], ignore_eos=True))
+        cut_somewhere = False
+        for tree in trees:
+            roots, _ = roots_and_branches(tree)
+            for r, root in roots.items():
+                first_box = min((k for k, tok in enumerate(root.token_ids) if tok in boxed), default=None)
+                cut_somewhere |= first_box is not None
+                end = first_box if markers else None
+                assert tree.fork_positions[r] == select_fork_positions(root.entropies, tp.forks, end=end,
+                                                                       min_gap=min_gap)
+        assert cut_somewhere
 
 
 def test_distinct_branches_resample_a_different_token(llm):
@@ -252,3 +257,57 @@ def test_progress_bar_counts_every_leaf(llm, monkeypatch, capsys):
     assert leaves < len(PROMPTS) * tp.num_leaves  # some roots were too short: the total had to shrink
     assert bars[-1].done == bars[-1].bar.total == leaves
     assert "trees" in capsys.readouterr().out
+
+
+def leaf_keys(trees):
+    return [[(leaf.origin, leaf.token_ids, leaf.logprobs) for leaf in t.leaves] for t in trees]
+
+
+def test_branching_after_all_roots_gives_the_same_leaves(llm):
+    """Deferring the forks until a prompt's roots have all finished changes when branches run, not what they
+    sample: every leaf's noise is keyed by (seed, seq_id, position)."""
+    tp = TreeParams(trees=4, forks=2, branches=2)
+    now, _, _ = run_trees(llm, tp, params())
+    later, _, _ = run_trees(llm, TreeParams(trees=4, forks=2, branches=2, branch_after_all_roots=True), params())
+    assert leaf_keys(later) == leaf_keys(now)
+    assert [t.fork_positions for t in later] == [t.fork_positions for t in now]
+
+
+def test_select_roots_forks_only_the_chosen_roots(llm):
+    tp = TreeParams(trees=5, forks=2, branches=2)
+    full, _, _ = run_trees(llm, tp, params())
+    calls = []
+
+    def select(i, roots):
+        calls.append((i, [leaf.root for leaf in roots], [leaf.token_ids for leaf in roots]))
+        return [r for r in range(len(roots)) if (r + i) % 2 == 0]  # prompt 0: roots 0 2 4; prompt 1: roots 1 3
+
+    some = llm.sample_tree(PROMPTS, tp, params(), select_roots=select)
+    llm.engine.check_integrity()
+    assert not llm.engine.live_sequences()
+    assert sorted(i for i, *_ in calls) == [0, 1]  # once per prompt, with its roots in order
+    for (i, order, tokens), tree in zip(sorted(calls), full):
+        assert order == list(range(tp.trees))
+        assert tokens == [leaf.token_ids for leaf in tree.leaves if leaf.fork_position is None]
+    for i, (a, b) in enumerate(zip(full, some)):
+        chosen = {r for r in range(tp.trees) if (r + i) % 2 == 0}
+        expected = [leaf for leaf in a.leaves if leaf.fork_position is None or leaf.root in chosen]
+        assert [(x.origin, x.token_ids) for x in b.leaves] == [(x.origin, x.token_ids) for x in expected]
+        assert b.stats.decoded_tokens == sum(len(x.token_ids) - (x.fork_position or 0) for x in expected)
+    nothing = llm.sample_tree(PROMPTS, tp, params(), select_roots=lambda i, roots: [])
+    assert all(len(t.leaves) == tp.trees for t in nothing)
+
+
+def test_a_bad_root_selection_leaves_the_engine_clean(llm):
+    with pytest.raises(ValueError, match="root indices are 0..2"):
+        llm.sample_tree(PROMPTS, TreeParams(trees=3, forks=1, branches=1), params(), select_roots=lambda i, r: [7])
+    assert not llm.engine.live_sequences() and not llm.engine.has_unfinished()
+    llm.engine.check_integrity()
+
+
+def test_bad_fork_placement_params_are_rejected():
+    with pytest.raises(ValueError, match="min_gap"):
+        TreeParams(min_gap=0)
+    with pytest.raises(ValueError, match="no_fork_after"):
+        TreeParams(no_fork_after=[""])
+    assert TreeParams(no_fork_after="\\boxed{").no_fork_after == ["\\boxed{"]

@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from engine import LLM, SamplingParams, TreeParams
-from ettrl.integrations.trl import fill, make_rollout_func, prompt_groups, skip_padding
+from ettrl.integrations.trl import _Remote, fill, make_rollout_func, prompt_groups, skip_padding
 from tiny_models import make_tiny_policy, policy_byte_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -39,9 +39,9 @@ def probe_engine(llm, ids=PROBE, k=8):
     return seqs[0].top_logprobs[0][1]  # [(token id, logprob)] of the top k
 
 
-def run_grpo(tmp_path, llm_or_url, probe, tree_params=None, num_generations=4):
+def run_grpo(tmp_path, llm_or_url, probe, tree_params=None, num_generations=4, api_key=None):
     calls = []
-    hook = make_rollout_func(llm_or_url, tree_params)
+    hook = make_rollout_func(llm_or_url, tree_params, api_key=api_key)
 
     def rollout(prompts, trainer):
         out = hook(prompts, trainer)
@@ -71,6 +71,7 @@ def run_grpo(tmp_path, llm_or_url, probe, tree_params=None, num_generations=4):
 def check_weights_follow_the_trainer(calls):
     assert [c["step"] for c in calls] == [0, 1]
     assert not torch.equal(calls[0]["weights"], calls[1]["weights"])  # the first step changed the model
+    assert calls[0]["engine"] != calls[1]["engine"]
     for c in calls:  # at each rollout the engine's logits are the trainer's (after the step before it)
         for token, logprob in c["engine"]:
             assert logprob == pytest.approx(float(c["trainer"][token]), abs=1e-4)
@@ -107,6 +108,51 @@ def test_grpo_trainer_two_steps_with_trees_through_the_server(tmp_path, model_di
     origins = seen["tree_origin"]
     assert len(origins) == 4 and origins[0] == (0, None, None)
     assert all(o[0] == 0 and o[2] in (0, 1, 2) for o in origins[1:])
+
+
+def test_grpo_trainer_through_the_server_without_trees_tied_embeddings_and_an_api_key(tmp_path):
+    """The /v1/completions path (_Remote.generate) against a server that needs a key, on a model whose lm_head is
+    its embedding: the engine follows the trainer at each rollout, the completions' logprobs are the trainer's
+    forward at T = 1, and /get_weight_version counts the two pushes."""
+    import httpx
+
+    from engine.serve.api_server import Server, ServerConfig
+    from serve_util import running
+    make_tiny_policy(tmp_path / "model", tied=True)
+    key = "trl-key"
+    server = Server(LLM(tmp_path / "model", **ENGINE), ServerConfig("tiny", enable_weight_updates=True, api_key=key))
+
+    def probe():
+        return server.loop.barrier(lambda: probe_engine(server.llm)).result(timeout=60)
+
+    with running(server.app) as url:
+        with pytest.raises(RuntimeError, match="401"):
+            _Remote(url, None, 60).generate([[72, 105]], [1], SamplingParams(max_tokens=2), [0])
+        calls, seen = run_grpo(tmp_path, url, probe, api_key=key)
+        version = httpx.get(f"{url}/get_weight_version", headers={"Authorization": f"Bearer {key}"}).json()
+    assert version == {"weight_version": "2", "weight_version_name": None}
+    check_weights_follow_the_trainer(calls)
+    assert seen["tree_origin"] == [None] * 4
+    # after train() the server holds the weights pushed before the last rollout (not the last step's update)
+    held = server.engine.runner.model.hf_parameter_views()["model.embed_tokens.weight"]
+    assert torch.equal(held, calls[1]["weights"])
+    out = calls[1]["out"]
+    model = make_reference_model(tmp_path / "model", server)
+    for prompt, completion, logprobs in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].double()
+        expected = torch.log_softmax(logits, -1)[range(len(completion)), completion]
+        assert logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def make_reference_model(model_dir, server):
+    """The trainer's model as the server holds it now (its weights read back from the engine)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    views = server.engine.runner.model.hf_parameter_views()
+    model.load_state_dict({name: views[name] for name in model.state_dict() if name in views}, strict=False)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    return model
 
 
 def test_prompt_groups_and_fill():

@@ -14,7 +14,8 @@ from ettrl.backends.torch_backend import TorchBackend  # noqa: E402
 from ettrl.config import TrainerConfig  # noqa: E402
 from ettrl.loss import grpo_loss  # noqa: E402
 from ettrl.policy import load_policy, pad_batch, response_stats  # noqa: E402
-from ettrl.update import TrainSample, _checkpointing, pad_samples, policy_update  # noqa: E402
+from ettrl.samples import TrainSample, pad_samples  # noqa: E402
+from ettrl.update import _checkpointing, policy_update  # noqa: E402
 from tiny_models import make_tiny_policy  # noqa: E402
 
 EPS = 0.2

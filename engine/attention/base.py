@@ -10,6 +10,11 @@ from abc import ABC, abstractmethod
 import torch
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend that passed why_unsupported() cannot start after all (its kernels did not build or load); the
+    message says what is missing. In auto mode the registry tries the next backend."""
+
+
 class AttentionBackend(ABC):
     name: str = ""            # its registry name (EngineConfig.attention_backend)
     takes_qkv: bool = False   # the model calls attend_qkv with the layer's fused qkv projection, unrotated
@@ -26,7 +31,8 @@ class AttentionBackend(ABC):
     @classmethod
     def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
                config) -> "AttentionBackend":
-        """The backend over this KV pool for an engine of `config` (EngineConfig: backends read their switches)."""
+        """The backend over this KV pool for an engine of `config` (EngineConfig: backends read their switches).
+        Raises BackendUnavailable when it cannot start on this machine."""
         return cls(k_cache, v_cache, num_heads, scale)
 
     @abstractmethod

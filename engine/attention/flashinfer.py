@@ -6,23 +6,32 @@ and BatchDecodeWithPagedKVCacheWrapper, NHD layout, K and V caches passed as a t
 New K/V are written with index_copy_ at their slots, as on the CPU. FlashInfer's causal mask aligns each
 sequence's queries with the end of its keys, which is what a prefill over a cached prefix needs.
 
-flashinfer is imported only when this backend is built; `flashinfer_usable` says whether it can be (installed,
-recent enough, a dtype it has kernels for), so the caller can fall back to the torch attention with a warning.
-Decode runs on the tensor-core kernels with a fixed KV split size (in pages): the split of a sequence's keys,
-and so the order of its softmax reduction, no longer depends on the batch (batch-invariant decode attention).
+Both wrappers run FA2 (`backend="fa2"`): prefill's default "auto" picks FA3 on sm_90, whose JIT build needs
+headers a CUDA toolkit may lack (curand_kernel.h) and compiles ~4x slower; with FA2 prefill and tensor-core decode
+share one JIT module per (dtype, head_dim). Both plans take the same fixed KV split size (in pages): the split of
+a sequence's keys, and so the order of its softmax reduction, no longer depends on the batch (batch invariance).
+
+Usable means installed, recent enough, a dtype it has kernels for and importable (a `--no-deps` install lacks
+apache-tvm-ffi: `flashinfer_usable`); building the backend then plans one tiny decode and prefill batch, which
+JIT-compiles its kernels (nvcc and ninja; flashinfer finds the toolkit through CUDA_HOME or `which nvcc`) and
+raises BackendUnavailable when that fails. In auto mode the registry then falls back to the torch attention with
+a warning; a named flashinfer backend fails at construction with that message.
 """
+import importlib
 import importlib.metadata
 import re
 
 import torch
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, BackendUnavailable
 
-MIN_VERSION = (0, 5, 3)       # oldest release whose plan() arguments (fixed_split_size, ...) were checked
+MIN_VERSION = (0, 5, 3)       # oldest release whose decode plan() arguments (fixed_split_size, ...) were checked
 PINNED_VERSION = "0.6.18.post1"  # the release this file was written against (setup.py's `cuda` extra)
+TVM_FFI_VERSION = "0.1.15.post2"  # apache-tvm-ffi, flashinfer 0.6.18's runtime dependency
 DTYPES = (torch.float16, torch.bfloat16)  # flashinfer has no float32 attention kernels
 WORKSPACE_BYTES = 256 * 2**20
-SPLIT_TOKENS = 2048           # decode KV split size in tokens (fixed: batch-invariant), converted to pages
+SPLIT_TOKENS = 2048           # KV split size in tokens (fixed: batch-invariant), converted to pages
+BACKEND = "fa2"               # FlashInfer's kernel family for both wrappers (see above)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -54,11 +63,24 @@ def flashinfer_usable(device, dtype: torch.dtype) -> tuple[bool, str]:
     if _version_tuple(version) < MIN_VERSION:
         return False, (f"flashinfer {version} is older than {'.'.join(map(str, MIN_VERSION))}, whose plan() "
                        f"arguments this backend uses (pip install flashinfer-python=={PINNED_VERSION})")
+    return _importable(version)
+
+
+def _importable(version: str) -> tuple[bool, str]:
+    try:
+        importlib.import_module("flashinfer")
+    except Exception as e:  # noqa: BLE001 - any failure to import means: not usable, and say why
+        hint = ""
+        if isinstance(e, ImportError) and "tvm_ffi" in str(e):
+            hint = (f"; flashinfer needs apache-tvm-ffi (pip install apache-tvm-ffi=={TVM_FFI_VERSION}, or beside a "
+                    f"--no-deps install of flashinfer: pip install --no-index --no-deps --target DIR its wheel)")
+        return False, f"flashinfer {version} is installed but does not import ({type(e).__name__}: {e}){hint}"
     return True, ""
 
 
-def decode_plan_args(block_size: int) -> dict:
-    """Arguments of the decode plan() that make its split of the keys independent of the batch."""
+def split_plan_args(block_size: int) -> dict:
+    """Arguments of both plans (decode and prefill, FA2) that make their split of the keys independent of the
+    batch: a fixed split size in pages."""
     return {"fixed_split_size": max(1, SPLIT_TOKENS // block_size)}
 
 
@@ -69,11 +91,22 @@ class FlashInferPagedAttention(AttentionBackend):
     def why_unsupported(cls, device, dtype):
         return flashinfer_usable(device, dtype)[1]
 
+    @classmethod
+    def create(cls, k_cache, v_cache, num_heads, scale, config):
+        """The backend, once it has planned one tiny decode and prefill batch (its first plans JIT-build the
+        kernels): BackendUnavailable says what is missing when that fails."""
+        backend = cls(k_cache, v_cache, num_heads, scale)
+        try:
+            backend.plan_tiny_batches()
+        except RuntimeError as e:
+            raise BackendUnavailable(str(e)) from e
+        return backend
+
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim] on a CUDA device."""
         usable, why = flashinfer_usable(k_cache.device, k_cache.dtype)
         if not usable:
-            raise RuntimeError(f"FlashInferPagedAttention: {why}")
+            raise BackendUnavailable(f"FlashInferPagedAttention: {why}")
         import flashinfer
 
         self.k_cache, self.v_cache = k_cache, v_cache
@@ -83,29 +116,39 @@ class FlashInferPagedAttention(AttentionBackend):
         self.num_heads, self.scale = num_heads, scale
         # flashinfer: "must be initialized to 0 for its first use" (its split-k counters live there)
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=k_cache.device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=BACKEND)
         # tensor cores for every group size: only that path takes a fixed split size
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True,
+                                                                    backend=BACKEND)
         self.slot_mapping = None
         self.is_decode = True
 
+    def plan_tiny_batches(self):
+        """Plans a one-token decode and a two-token prefill over block 0 (nothing is written): builds or loads the
+        JIT module, and fails here, with what is missing, rather than at the first step."""
+        device = self.k_cache.device
+        for tokens in (1, 2):
+            pages = -(-tokens // self.block_size)
+            self.plan([tokens], [tokens], torch.zeros(1, pages, dtype=torch.int64, device=device),
+                      torch.arange(tokens, device=device))
+
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
-        """The index tensors flashinfer wants on the host (indptr, last page lengths) are built there: plan()
-        reads them on the host, so no device round trip. The page list is gathered on the device."""
-        device = block_tables.device
+        """The index tensors flashinfer reads on the host (indptr, last page lengths) are built there. The page
+        list is gathered on the device from the block tables by an index built on the host from the lengths
+        alone (one non-blocking copy): no boolean mask, whose gather would wait for the device."""
         bs = self.block_size
         pages = [-(-n // bs) for n in kv_lens]
         kv_indptr = torch.tensor([0, *pages], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        used = torch.arange(block_tables.shape[1]) < torch.tensor(pages)[:, None]
-        kv_indices = block_tables[used.to(device, non_blocking=True)].to(torch.int32)
+        kv_indices = block_tables.reshape(-1).index_select(0, page_positions(pages, block_tables)).to(torch.int32)
         last_page_len = torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32)
-        common = {"q_data_type": self.k_cache.dtype, "kv_data_type": self.k_cache.dtype, "sm_scale": self.scale}
+        common = {"q_data_type": self.k_cache.dtype, "kv_data_type": self.k_cache.dtype, "sm_scale": self.scale,
+                  **split_plan_args(bs)}
         self.slot_mapping = slot_mapping
         self.is_decode = max(query_lens) == 1
         try:
             if self.is_decode:
                 self.decode.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
-                                 self.head_dim, bs, pos_encoding_mode="NONE", **decode_plan_args(bs), **common)
+                                 self.head_dim, bs, pos_encoding_mode="NONE", **common)
             else:
                 qo_indptr = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
                 self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_heads, self.kv_heads,
@@ -114,7 +157,8 @@ class FlashInferPagedAttention(AttentionBackend):
             step = "decode" if self.is_decode else "prefill"
             raise RuntimeError(f"flashinfer {installed_version()} failed to plan a {step} step "
                                f"({type(e).__name__}: {e}); its first plan() compiles kernels, which needs nvcc "
-                               f"and ninja; attention_backend='torch' avoids flashinfer") from e
+                               f"and ninja (flashinfer finds the CUDA toolkit through CUDA_HOME or `which nvcc`); "
+                               f"attention_backend='torch' avoids flashinfer") from e
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D]. Returns [T, heads * D]."""
@@ -124,3 +168,13 @@ class FlashInferPagedAttention(AttentionBackend):
         wrapper = self.decode if self.is_decode else self.prefill
         out = wrapper.run(q.contiguous(), cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def page_positions(pages: list[int], block_tables: torch.Tensor) -> torch.Tensor:
+    """Where each sequence's first pages[i] entries sit in the flattened [B, width] block tables, built on the host
+    and sent in one pinned, non-blocking copy to the tables' device."""
+    width = block_tables.shape[1]
+    positions = torch.tensor([i * width + j for i, n in enumerate(pages) for j in range(n)], dtype=torch.int64)
+    if block_tables.device.type == "cuda":
+        positions = positions.pin_memory().to(block_tables.device, non_blocking=True)
+    return positions

@@ -1,5 +1,6 @@
 """Paged-attention backends by name. EngineConfig.attention_backend picks one; "auto" takes the first of
-AUTO_ORDER that supports the device and KV dtype.
+AUTO_ORDER that supports the device and KV dtype and starts (`create_backend`: a backend whose kernels do not
+build, BackendUnavailable, gives way to the next with a warning; a named one raises).
 
 Backends are imported only when considered or chosen (a module path per name), so a CPU machine never imports
 flashinfer. Adding one: a subclass of base.AttentionBackend in its own module, and a line in BACKENDS.
@@ -9,7 +10,7 @@ import warnings
 
 import torch
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, BackendUnavailable
 
 BACKENDS = {  # name -> "module:class"
     "flashinfer": "engine.attention.flashinfer:FlashInferPagedAttention",  # CUDA, fp16 / bf16
@@ -27,8 +28,10 @@ def backend_class(name: str) -> type[AttentionBackend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> type[AttentionBackend]:
-    """The backend class for EngineConfig.attention_backend `name` and a KV cache of `dtype` on `device`."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype,
+                   skip: dict[str, str] | None = None) -> type[AttentionBackend]:
+    """The backend class for EngineConfig.attention_backend `name` and a KV cache of `dtype` on `device`.
+    skip: auto mode's candidates that failed to start, with why (they are passed over)."""
     device = torch.device(device)
     if name != "auto":
         cls, why = _usable(name, device, dtype)
@@ -36,10 +39,10 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> type[
             raise ValueError(f"attention_backend={name!r} cannot serve a {dtype} KV cache on {device}: {why}; "
                              f"use attention_backend='auto' or one of {list(NAMES)}")
         return cls
-    reasons = {}
+    reasons = dict(skip or {})
     for candidate in AUTO_ORDER:
-        if device.type != "cuda" and candidate == "flashinfer":
-            continue  # not even imported: it serves CUDA only
+        if candidate in reasons or device.type != "cuda" and candidate == "flashinfer":
+            continue  # failed to start, or not even imported: it serves CUDA only
         cls, reasons[candidate] = _usable(candidate, device, dtype)
         if not reasons[candidate]:
             if device.type == "cuda" and candidate != "flashinfer":
@@ -47,6 +50,24 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> type[
                               stacklevel=2)
             return cls
     raise ValueError(f"no attention backend serves a {dtype} KV cache on {device}: {reasons}")
+
+
+def create_backend(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+                   config, device: torch.device | None = None) -> AttentionBackend:
+    """The backend over this KV pool (engine/attention/base.py: create). device: where the pool lives (default:
+    the pool's own device). A named backend that cannot start raises ValueError with its reason; in auto mode it
+    gives way to the next candidate."""
+    device = torch.device(device if device is not None else k_cache.device)
+    failed = {}
+    while True:
+        cls = select_backend(name, device, k_cache.dtype, failed)
+        try:
+            return cls.create(k_cache, v_cache, num_heads, scale, config)
+        except BackendUnavailable as e:
+            if name != "auto":
+                raise ValueError(f"attention_backend={name!r} cannot start on {device}: {e}; use "
+                                 f"attention_backend='auto' or one of {list(NAMES)}") from e
+            failed[cls.name] = str(e)
 
 
 def _usable(name: str, device: torch.device, dtype: torch.dtype) -> tuple[type[AttentionBackend] | None, str]:

@@ -35,6 +35,25 @@ def iter_safetensors(model_dir: Path) -> Iterable[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def check_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    """Raises unless every (HF name, tensor) names a parameter of the model (KeyError), has its shape, a
+    floating-point dtype and only finite values (ValueError): checked for all before any weight is written."""
+    for name, tensor in named_tensors:
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name not in views:
+            raise KeyError(f"unknown parameter name {name!r}; expected Hugging Face names such as "
+                           f"'model.layers.0.self_attn.q_proj.weight'")
+        if tuple(views[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's "
+                             f"{tuple(views[name].shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name}: dtype {tensor.dtype} is not a floating-point type; send the weights as "
+                             f"float32, bfloat16 or float16")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} holds NaN or infinite values; nothing was written")
+
+
 @torch.inference_mode()
 def copy_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
     """Copies each (HF name, tensor) into its view in place; returns the names written."""

@@ -1,32 +1,81 @@
 """Which model class serves a Hugging Face checkpoint: config.json's `architectures` (else its model_type) -> a
 ModelSpec (the class and the parser of its config).
 
-The model interface, what the model runner, loader and engine use (llama.CausalLM is the reference):
-    Model.from_hf(config: dict) is the spec's `parse_args`: -> args with vocab_size, num_layers, num_heads,
-        num_kv_heads, head_dim, max_position_embeddings, tie_word_embeddings, torch_dtype (a str or None)
-    Model(args, dtype, device, max_positions)          allocates the weights (uninitialised)
-    .args                                             the parsed args
-    .hf_parameter_views() -> {HF name: tensor}        where each checkpoint tensor lives (the loader and
-                                                      update_weights copy into these views in place)
-    .set_attention(backend)                           the engine's paged-attention backend (engine/attention)
-    .pack_weights(enabled, kernel=None)               (re)build packed matmul weights; called after weights change
-    .use_fused_ops(enabled) -> bool                   C++ layer ops where they apply; returns whether they do
-    .forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]
-    .fused_decode: bool                               whether decode steps may take the C++ layer stack; only
-                                                      classes that declare fused_decode_layout (decode_layers.py)
+The model interface is `Model` below, what the model runner, loader and engine use (llama.CausalLM is the
+reference); `ModelArgsLike` is what they read of the parsed config. A class that also declares
+`fused_decode_layout` may take decode steps through the C++ layer stack (decode_layers.py).
 Adding a Llama-like architecture: a parser (or a module with its own model class) and one line in MODELS.
 """
-from collections.abc import Callable
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from engine.models.llama import CausalLM, ModelArgs
+
+if TYPE_CHECKING:  # annotations only
+    from typing_extensions import Self
+
+    from engine.attention.base import AttentionBackend
+
+
+class ModelArgsLike(Protocol):
+    """A model's config.json as parsed by its spec's `parse_args` (llama.ModelArgs is one)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    torch_dtype: str | None  # the checkpoint's dtype name, if it gives one
+
+
+class Model(Protocol):
+    """The model interface: a torch module built from its args with uninitialised weights, which the loader fills
+    through hf_parameter_views()."""
+    fused_decode: bool  # whether decode steps may take the C++ layer stack (only where fused_decode_layout is set)
+
+    def __init__(self, args: ModelArgsLike, dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+        """Allocates the weights (uninitialised)."""
+
+    @property
+    def args(self) -> ModelArgsLike:
+        """The parsed args it was built from."""
+
+    def hf_parameter_views(self) -> dict[str, torch.Tensor]:
+        """Hugging Face name -> where that checkpoint tensor lives (the loader and update_weights copy into these
+        views in place)."""
+
+    def set_attention(self, attn: AttentionBackend | None) -> None:
+        """The engine's paged-attention backend (engine/attention); None while asleep."""
+
+    def pack_weights(self, enabled: bool = True, kernel: str | None = None) -> None:
+        """(Re)builds packed matmul weights; called after weights change."""
+
+    def use_fused_ops(self, enabled: bool = True) -> bool:
+        """C++ layer ops where they apply; returns whether they do."""
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids [T], positions [T], logits_indices [B] -> fp32 logits [B, vocab]."""
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        """Its weights (torch.nn.Module's)."""
+
+    def eval(self) -> Self:
+        """Inference mode (torch.nn.Module's)."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_class: type
-    parse_args: Callable[[dict], object]  # config.json as a dict -> the args model_class takes
+    model_class: type[Model]
+    parse_args: Callable[[dict[str, Any]], ModelArgsLike]  # config.json as a dict -> the args model_class takes
 
 
 def _llama(kind: str) -> ModelSpec:
@@ -43,9 +92,9 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
                "qwen3": "Qwen3ForCausalLM"}  # for a config.json without `architectures`
 
 
-def model_spec(hf_config: dict) -> ModelSpec:
+def model_spec(hf_config: dict[str, Any]) -> ModelSpec:
     """The spec of the first of the config's architectures that is registered; a clear error if none is."""
-    names = hf_config.get("architectures") or [MODEL_TYPES.get(hf_config.get("model_type"))]
+    names = hf_config.get("architectures") or [MODEL_TYPES.get(hf_config.get("model_type", ""))]
     for name in names:
         if name in MODELS:
             return MODELS[name]

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from ettrl.config import TrainerConfig
 
-def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """lr multiplier: linear warm-up over warmup_ratio * total steps, then cosine decay to 0."""
     warmup = max(1, math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
 
@@ -19,16 +24,18 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.Tensor], tcfg: TrainerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
 
 
-def trained_parameters(model) -> list[torch.nn.Parameter]:
+def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 class OptimizerState:
     """What a checkpoint keeps of a backend besides the weights: its optimizer's and scheduler's state."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -12,11 +12,20 @@ overwrote each micro-batch's gradient with the next one's instead of summing the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ettrl.backends.common import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ettrl.config import TrainerConfig
+
+T = TypeVar("T")
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:
@@ -33,16 +42,17 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
 class _Forward(torch.nn.Module):
     """The module the engine wraps: engine(fn) runs fn(model) inside the engine's forward."""
 
-    def __init__(self, model):
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, fn):
+    def forward(self, fn: Callable[[PreTrainedModel], T]) -> T:
         return fn(self.model)
 
 
 class DeepSpeedBackend(OptimizerState):
-    def __init__(self, model, tcfg, total_steps: int, micro_batches_per_step: int):
+    def __init__(self, model: PreTrainedModel, tcfg: TrainerConfig, total_steps: int,
+                 micro_batches_per_step: int) -> None:
         import deepspeed
 
         init_distributed("cuda" if next(model.parameters()).is_cuda else "cpu")
@@ -69,7 +79,7 @@ class DeepSpeedBackend(OptimizerState):
         self._micro = 0
         self._lr = optimizer.param_groups[0]["lr"]
 
-    def forward(self, fn):
+    def forward(self, fn: Callable[[PreTrainedModel], T]) -> T:
         return self.engine(fn)
 
     def backward(self, loss: torch.Tensor) -> None:

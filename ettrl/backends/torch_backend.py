@@ -7,19 +7,29 @@ never change.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 import torch
 
 from ettrl.backends.common import OptimizerState, cosine_with_warmup, make_optimizer, trained_parameters
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ettrl.config import TrainerConfig
+
+T = TypeVar("T")
 
 
 class TorchBackend(OptimizerState):
     rank, world_size = 0, 1
 
-    def __init__(self, model, tcfg, total_steps: int):
+    def __init__(self, model: PreTrainedModel, tcfg: TrainerConfig, total_steps: int) -> None:
         self.model = model
         self.grad_clip = tcfg.grad_clip
         self.params = trained_parameters(model)
-        self.master = None
+        self.master: list[torch.Tensor] | None = None
         if any(p.dtype != torch.float32 for p in self.params):
             self.master = [p.detach().float().clone() for p in self.params]
             for p, m in zip(self.params, self.master):
@@ -28,7 +38,7 @@ class TorchBackend(OptimizerState):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            cosine_with_warmup(total_steps, tcfg.warmup_ratio))
 
-    def forward(self, fn):
+    def forward(self, fn: Callable[[PreTrainedModel], T]) -> T:
         return fn(self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -73,10 +83,11 @@ class TorchBackend(OptimizerState):
         pass
 
 
-def _accumulate_into(master: torch.Tensor):
+def _accumulate_into(master: torch.Tensor) -> Callable[[torch.Tensor], None]:
     """A hook that moves a parameter's gradient into its fp32 master's (summed in fp32 over micro-batches)."""
 
     def hook(param: torch.Tensor) -> None:
+        assert param.grad is not None, "a post-accumulate-grad hook runs once the gradient is there"
         grad = param.grad.float()
         master.grad = grad if master.grad is None else master.grad.add_(grad)
         param.grad = None

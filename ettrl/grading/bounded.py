@@ -6,6 +6,8 @@ Other threads (and platforms without SIGALRM): signals are unavailable, so the c
 long-lived helper process (`python -m ettrl.grading._worker`), which is killed and restarted when it
 overruns. Both paths return `default` on timeout.
 """
+from __future__ import annotations
+
 import json
 import os
 import select
@@ -14,6 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -30,7 +37,7 @@ def _raise_timeout(signum, frame):
     raise ComparisonTimeout
 
 
-def run_with_alarm(fn, args: tuple, seconds: float, default):
+def run_with_alarm(fn: Callable[..., T], args: tuple, seconds: float, default: D) -> T | D:
     """fn(*args), or `default` if it runs past `seconds`. Main thread only. A timer the caller had armed
     keeps its remaining time (less the time spent here)."""
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
@@ -61,7 +68,7 @@ class WorkerProcess:
         self._proc: subprocess.Popen | None = None
         self._owner_pid = os.getpid()
 
-    def call(self, args: tuple, seconds: float, default):
+    def call(self, args: tuple, seconds: float, default: Any) -> Any:
         with self._lock:
             try:
                 proc = self._ensure_started()

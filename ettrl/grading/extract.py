@@ -9,6 +9,19 @@ BOX_COMMANDS = ("\\boxed", "\\fbox")
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+def _brace_group(depth: int) -> str:
+    """A regex for "{...}" whose content nests at most `depth` more brace groups; a backslash and the character
+    after it are one atom, so an escaped brace never counts (as in `_balanced_group`)."""
+    inner = r"\\.|[^{}\\]" + ("|" + _brace_group(depth - 1) if depth else "")
+    return r"\{(?:" + inner + r")*\}"
+
+
+# The first complete \boxed{...} with up to three levels of braces inside (\boxed{\frac{1}{\sqrt{2}}} uses two):
+# the stop pattern of rollout.stop_at_answer. Written in the engine's regex dialect (no recursion, no lookaround);
+# deeper nesting never matches, so such a response runs on rather than being cut inside its answer.
+BOXED_ANSWER_REGEX = r"\\boxed" + _brace_group(3)
+
+
 def extract_answer(text: str | None, last_number_fallback: bool = False) -> str | None:
     """The content of the last \\boxed{...}/\\fbox{...} in `text` (balanced braces), or None.
 

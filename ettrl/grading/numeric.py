@@ -3,15 +3,18 @@
 math-verify's verify is slow (simplify, set symmetric differences; docs/benchmarks.md); grouping 64 answers may
 need hundreds of pairs. Evaluating each parsed answer once (cached) settles most of them.
 """
+from __future__ import annotations
+
 import cmath
 from functools import lru_cache
+from typing import Any
 
 _PROBE_VALUES = (0.7071, 1.3183, 0.9273, 1.6180, 0.5772, 1.2021)
 _REJECT_TOL = 1e-6  # relative; looser than math-verify's own float comparison, so never a false rejection
 _ACCEPT_TOL = 1e-12
 
 
-def numeric_verdict(a, b) -> bool | None:
+def numeric_verdict(a: Any, b: Any) -> bool | None:
     """A cheap decision before math-verify's simplify and set algebra, or None to ask math-verify.
 
     False: two plain expressions that differ at one point of their free symbols (assignments "y = f" count

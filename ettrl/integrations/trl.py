@@ -17,21 +17,32 @@ filled as the ettrl trainer fills it (ettrl.update.pad_samples): zero-weight cop
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from engine import LLM, SamplingParams, TreeParams
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from trl import GRPOConfig, GRPOTrainer
 
-def make_rollout_func(llm_or_url, tree_params: TreeParams | None = None, api_key: str | None = None,
-                      timeout: float = 600.0):
+Prompt = str | list[dict[str, str]]  # a text prompt, or a conversation (chat messages)
+Row = dict[str, Any]  # one completion: token_ids, logprobs, entropies; a tree leaf's origin; padding for fillers
+RolloutFunc = Callable[[list[Prompt], "GRPOTrainer"], dict[str, list]]
+
+
+def make_rollout_func(llm_or_url: LLM | str, tree_params: TreeParams | None = None, api_key: str | None = None,
+                      timeout: float = 600.0) -> RolloutFunc:
     """llm_or_url: an engine `LLM` in this process, or the base URL of `python -m engine.serve` (started with
     --enable-weight-updates so that weights can be pushed). Returns rollout_func(prompts, trainer) -> dict."""
-    backend = _InProcess(llm_or_url) if isinstance(llm_or_url, LLM) else _Remote(str(llm_or_url), api_key, timeout)
-    state = {"pushed_step": None, "calls": 0}
+    backend: _Rollouts = (_InProcess(llm_or_url) if isinstance(llm_or_url, LLM)
+                          else _Remote(str(llm_or_url), api_key, timeout))
+    state: dict[str, Any] = {"pushed_step": None, "calls": 0}
 
-    def rollout_func(prompts: list, trainer) -> dict:
+    def rollout_func(prompts: list[Prompt], trainer: GRPOTrainer) -> dict[str, list]:
         step = trainer.state.global_step
         if state["pushed_step"] != step:
             backend.push_weights(trainer_weights(trainer))
@@ -53,9 +64,9 @@ def make_rollout_func(llm_or_url, tree_params: TreeParams | None = None, api_key
     return rollout_func
 
 
-def skip_padding(reward_func):
+def skip_padding(reward_func: Callable[..., list[float]]) -> Callable[..., Sequence[float | None]]:
     """A reward function that returns None for padding rows (TRL then leaves them out of the advantages)."""
-    def wrapped(*args, padding=None, **kwargs):
+    def wrapped(*args: Any, padding: list[bool] | None = None, **kwargs: Any) -> Sequence[float | None]:
         rewards = reward_func(*args, **kwargs)
         return [None if pad else r for r, pad in zip(rewards, padding)] if padding is not None else rewards
     wrapped.__name__ = getattr(reward_func, "__name__", "reward")
@@ -63,10 +74,10 @@ def skip_padding(reward_func):
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------
-def prompt_groups(prompts: list, num_generations: int) -> list[tuple[object, int]]:
+def prompt_groups(prompts: list[Prompt], num_generations: int) -> list[tuple[Prompt, int]]:
     """(prompt, rows) per run of equal consecutive prompts, each run cut into groups of num_generations (a
     slice may start or end inside a group: its run is shorter)."""
-    groups = []
+    groups: list[list[Any]] = []
     for prompt in prompts:
         if groups and groups[-1][0] == prompt and groups[-1][1] < num_generations:
             groups[-1][1] += 1
@@ -75,7 +86,7 @@ def prompt_groups(prompts: list, num_generations: int) -> list[tuple[object, int
     return [(p, n) for p, n in groups]
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     """A text prompt as the trainer's tokenizer encodes it; a conversation through its chat template."""
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -83,7 +94,7 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def trainer_sampling(args) -> dict:
+def trainer_sampling(args: GRPOConfig) -> dict[str, Any]:
     """SamplingParams fields from GRPOConfig (top_k 0 or None: off; min_p and repetition penalties are not
     supported and refused rather than ignored)."""
     if getattr(args, "min_p", None) not in (None, 0.0) or getattr(args, "repetition_penalty", 1.0) != 1.0:
@@ -93,7 +104,7 @@ def trainer_sampling(args) -> dict:
             "top_k": top_k if top_k else -1, "max_tokens": args.max_completion_length or 256}
 
 
-def trainer_weights(trainer) -> dict[str, torch.Tensor]:
+def trainer_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
     """The trained model's tensors by Hugging Face name (one name per storage: tied weights once)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights, seen = {}, set()
@@ -105,7 +116,7 @@ def trainer_weights(trainer) -> dict[str, torch.Tensor]:
     return weights
 
 
-def fill(rows: list[dict], count: int) -> list[dict]:
+def fill(rows: list[Row], count: int) -> list[Row]:
     """Tree leaves of one prompt to exactly `count` rows: zero-weight copies of the last leaf (padding)."""
     if len(rows) > count:
         raise ValueError(f"a tree set gives {len(rows)} leaves but the trainer asks for {count} completions "
@@ -113,9 +124,9 @@ def fill(rows: list[dict], count: int) -> list[dict]:
     return rows + [dict(rows[-1], padding=True)] * (count - len(rows))
 
 
-def as_trl_output(prompt_ids: list[list[int]], groups: list[list[dict]]) -> dict:
-    out = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "entropies", "tree_origin", "padding",
-                           "env_mask")}
+def as_trl_output(prompt_ids: list[list[int]], groups: list[list[Row]]) -> dict[str, list]:
+    keys = ("prompt_ids", "completion_ids", "logprobs", "entropies", "tree_origin", "padding", "env_mask")
+    out: dict[str, list] = {k: [] for k in keys}
     for ids, rows in zip(prompt_ids, groups):
         for row in rows:
             out["prompt_ids"].append(list(ids))
@@ -128,20 +139,34 @@ def as_trl_output(prompt_ids: list[list[int]], groups: list[list[dict]]) -> dict
     return out
 
 
+class _Rollouts(Protocol):
+    """Where the completions come from: the engine in this process or a server."""
+
+    def push_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def generate(self, prompt_ids: list[list[int]], counts: list[int], base: SamplingParams,
+                 seeds: list[int]) -> list[list[Row]]: ...
+
+    def trees(self, prompt_ids: list[list[int]], counts: list[int], tree_params: TreeParams, base: SamplingParams,
+              seeds: list[int]) -> list[list[Row]]: ...
+
+
 class _InProcess:
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM) -> None:
         self.llm = llm
 
-    def push_weights(self, weights: dict):
+    def push_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.llm.update_weights(weights)
 
-    def generate(self, prompt_ids, counts, base: SamplingParams, seeds) -> list[list[dict]]:
+    def generate(self, prompt_ids: list[list[int]], counts: list[int], base: SamplingParams,
+                 seeds: list[int]) -> list[list[Row]]:
         params = [SamplingParams(**{**vars(base), "n": n, "seed": s}) for n, s in zip(counts, seeds)]
         outs = self.llm.generate(prompt_ids, params)
         return [[{"token_ids": o.token_ids, "logprobs": o.logprobs, "entropies": o.entropies} for o in out.outputs]
                 for out in outs]
 
-    def trees(self, prompt_ids, counts, tree_params, base: SamplingParams, seeds) -> list[list[dict]]:
+    def trees(self, prompt_ids: list[list[int]], counts: list[int], tree_params: TreeParams, base: SamplingParams,
+              seeds: list[int]) -> list[list[Row]]:
         params = [SamplingParams(**{**vars(base), "seed": s}) for s in seeds]
         results = self.llm.sample_tree(prompt_ids, tree_params, params)
         return [fill([{"token_ids": leaf.token_ids, "logprobs": leaf.logprobs, "entropies": leaf.entropies,
@@ -151,19 +176,21 @@ class _InProcess:
 class _Remote:
     """A server started with `python -m engine.serve --enable-weight-updates`."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float):
+    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
         import httpx
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def push_weights(self, weights: dict):
+    def push_weights(self, weights: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
         body = save({name: t.cpu().contiguous() for name, t in weights.items()})
         self._post("/update_weights_from_tensor?if_busy=wait", content=body,
                    headers={"Content-Type": "application/octet-stream"})
 
-    def generate(self, prompt_ids, counts, base: SamplingParams, seeds) -> list[list[dict]]:
-        def one(ids, n, seed):  # one request per prompt: each its own seed, all in one continuous batch
+    def generate(self, prompt_ids: list[list[int]], counts: list[int], base: SamplingParams,
+                 seeds: list[int]) -> list[list[Row]]:
+        # one request per prompt: each its own seed, all in one continuous batch
+        def one(ids: list[int], n: int, seed: int) -> list[Row]:
             body = {**_sampling_body(base), "prompt": ids, "n": n, "seed": seed, "return_token_ids": True,
                     "return_entropies": True, "logprobs": 0}
             choices = self._post("/v1/completions", json=body)["choices"]
@@ -172,11 +199,10 @@ class _Remote:
         with ThreadPoolExecutor(max(1, min(64, len(prompt_ids)))) as pool:
             return list(pool.map(one, prompt_ids, counts, seeds))
 
-    def trees(self, prompt_ids, counts, tree_params, base: SamplingParams, seeds) -> list[list[dict]]:
-        def one(ids, n, seed):
-            body = {**_sampling_body(base), "prompts": [ids], "seed": seed, "trees": tree_params.trees,
-                    "forks": tree_params.forks, "branches": tree_params.branches, "metric": tree_params.metric,
-                    "distinct": tree_params.distinct}
+    def trees(self, prompt_ids: list[list[int]], counts: list[int], tree_params: TreeParams, base: SamplingParams,
+              seeds: list[int]) -> list[list[Row]]:
+        def one(ids: list[int], n: int, seed: int) -> list[Row]:
+            body = {**_sampling_body(base), "prompts": [ids], "seed": seed, **vars(tree_params)}
             leaves = self._post("/v1/sample_tree", json=body)["results"][0]["leaves"]
             return fill([{"token_ids": leaf["token_ids"], "logprobs": leaf["logprobs"],
                           "entropies": leaf["entropies"], "origin": tuple(leaf["origin"].values())}
@@ -184,12 +210,15 @@ class _Remote:
         with ThreadPoolExecutor(max(1, min(64, len(prompt_ids)))) as pool:
             return list(pool.map(one, prompt_ids, counts, seeds))
 
-    def _post(self, path: str, **kwargs) -> dict:
+    def _post(self, path: str, **kwargs: Any) -> dict[str, Any]:
         r = self.http.post(path, **kwargs)
         if r.status_code != 200:
             raise RuntimeError(f"POST {path} answered {r.status_code}: {r.text[:500]}")
         return r.json()
 
 
-def _sampling_body(p: SamplingParams) -> dict:
-    return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "max_tokens": p.max_tokens}
+def _sampling_body(p: SamplingParams) -> dict[str, Any]:
+    """The request fields of SamplingParams (what the server's routes take under the same names)."""
+    return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "max_tokens": p.max_tokens,
+            "stop": p.stop, "stop_regex": p.stop_regex, "stop_token_ids": p.stop_token_ids,
+            "include_stop_str_in_output": p.include_stop_str_in_output, "ignore_eos": p.ignore_eos}

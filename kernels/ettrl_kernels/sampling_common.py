@@ -1,10 +1,15 @@
 """What every `entropy_sample` backend shares: per-row parameters as tensors, the top-k / top-p thresholds and the
 checks on the logits (sampling.py documents the semantics)."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
 
 from ettrl_kernels.noise import row_keys
+
+SampleResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (tokens int64 [B], logprobs, entropies float32 [B])
+Param = float | int | torch.Tensor  # a sampling parameter: a python scalar, a 0-dim tensor or one value per row [B]
 
 
 @dataclass
@@ -20,7 +25,7 @@ class RowParams:
     any_exclude: bool
 
 
-def _per_row(value, batch: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
+def _per_row(value: Param, batch: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             return value.to(device=device, dtype=dtype).expand(batch).contiguous()
@@ -30,7 +35,8 @@ def _per_row(value, batch: int, dtype: torch.dtype, device, name: str) -> torch.
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def row_params(logits, temperature, top_k, top_p, seeds, seq_ids, positions, exclude) -> RowParams:
+def row_params(logits: torch.Tensor, temperature: Param, top_k: Param, top_p: Param, seeds: Param,
+               seq_ids: Param | None, positions: Param, exclude: Param | None) -> RowParams:
     """Per-row parameters on the logits' device; checked with one device-to-host read (one sync on a GPU)."""
     batch, vocab = logits.shape
     device = logits.device
@@ -129,6 +135,7 @@ def check_finite_rows(max_x: torch.Tensor, best: torch.Tensor | None = None) -> 
     if bool(bad_logits.any()):
         rows = torch.nonzero(bad_logits).flatten().tolist()
         raise ValueError(f"entropy_sample: logits contain NaN or +inf in rows {rows[:8]}")
+    assert empty is not None  # the rows above are fine, so some row is empty
     rows = torch.nonzero(empty).flatten().tolist()
     raise ValueError(f"entropy_sample: no allowed token with nonzero probability in rows {rows[:8]} "
                      "(all logits -inf, or `exclude` removed the only one)")

@@ -8,7 +8,7 @@ blocks that can still win (exact; see `_pruned_winners`), or for every token whe
 import torch
 
 from ettrl_kernels.noise import GUMBEL_MAX, U_SCALE, mix32_, uniform_bits_
-from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncation_thresholds
+from ettrl_kernels.sampling_common import RowParams, SampleResult, check_finite_rows, truncation_thresholds
 
 CHUNK_ELEMENTS = 1 << 20  # single-threaded: the chunk's buffers stay in cache
 # With several threads every op is an OpenMP fork/join, which costs milliseconds on busy shared cores: use
@@ -129,7 +129,7 @@ def _scaled(chunk: torch.Tensor, inv_temp, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(chunk).mul_(inv_temp)
 
 
-def entropy_sample_torch(logits: torch.Tensor, params: RowParams):
+def entropy_sample_torch(logits: torch.Tensor, params: RowParams) -> SampleResult:
     batch, vocab = logits.shape
     chunk_elements = CHUNK_ELEMENTS if torch.get_num_threads() == 1 else CHUNK_ELEMENTS_THREADED
     rows_per_chunk = max(1, min(batch, chunk_elements // vocab))

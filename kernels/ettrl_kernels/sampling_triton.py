@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ettrl_kernels import noise
 from ettrl_kernels.backend import device_guard
-from ettrl_kernels.sampling_common import RowParams, check_finite_rows, truncation_thresholds
+from ettrl_kernels.sampling_common import RowParams, SampleResult, check_finite_rows, truncation_thresholds
 from ettrl_kernels.triton_online import online_entropy_update
 
 MIX_MUL1 = tl.constexpr(noise.MIX_MUL1)
@@ -85,7 +85,8 @@ def _entropy_sample_kernel(logits_ptr, stride, vocab, split_size, inv_temp_ptr, 
         tl.store(best_ptr + part, best)
 
 
-def merge_stats(m: torch.Tensor, z: torch.Tensor, s: torch.Tensor, bad: torch.Tensor):
+def merge_stats(m: torch.Tensor, z: torch.Tensor, s: torch.Tensor,
+                bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logsumexp, entropy, max or NaN for rows with NaN/+inf) of rows from their slices' accumulators [B, S]:
     z = sum_j z_j e^(m_j - M), s = sum_j e^(m_j - M) (s_j + z_j (m_j - M)) for M = max_j m_j."""
     top = m.amax(dim=1)
@@ -98,7 +99,7 @@ def merge_stats(m: torch.Tensor, z: torch.Tensor, s: torch.Tensor, bad: torch.Te
     return top + log_z, log_z - weighted / total, torch.where(bad.any(1), float("nan"), top)
 
 
-def merge_winners(best: torch.Tensor, token: torch.Tensor):
+def merge_winners(best: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's best score and its token over the slices [B, S]; ties go to the first slice (lowest token)."""
     row_best, part = best.max(dim=1)
     return row_best, token.gather(1, part[:, None]).squeeze(1).to(torch.int64)
@@ -109,7 +110,7 @@ def split_size(vocab: int, block: int) -> int:
     return min(triton.cdiv(vocab, block), triton.cdiv(SPLIT, block)) * block
 
 
-def entropy_sample_triton(logits: torch.Tensor, params: RowParams, block: int = 1024):
+def entropy_sample_triton(logits: torch.Tensor, params: RowParams, block: int = 1024) -> SampleResult:
     batch, vocab = logits.shape
     device = logits.device
     block = min(block, triton.next_power_of_2(vocab))
@@ -121,7 +122,7 @@ def entropy_sample_triton(logits: torch.Tensor, params: RowParams, block: int = 
     threshold = torch.full((batch,), float("-inf"), device=device)
     greedy = params.greedy.to(torch.int8)
 
-    def launch(stats: bool, sample: bool):
+    def launch(stats: bool, sample: bool) -> None:
         with device_guard(logits):
             _entropy_sample_kernel[(batch, splits)](
                 logits, logits.stride(0), vocab, size, params.inv_temp, greedy, params.keys, params.exclude,

@@ -5,13 +5,18 @@ logprob = log_softmax(x)[target], entropy = -sum softmax(x) * log_softmax(x). Bo
 tiles with online max / sum-exp accumulators, keep only per-row statistics for backward, and never hold a
 full softmax: memory is O(T x tile) besides the gradient itself.
 """
+from __future__ import annotations
+
 import torch
 
-from ettrl_kernels.backend import resolve_backend
+from ettrl_kernels.backend import implementation, resolve_backend
 
 
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature=1.0, backend: str = "auto"):
-    """Return (logprobs float32 [T], differentiable w.r.t. logits; entropies float32 [T], detached)."""
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logprobs float32 [T], differentiable w.r.t. logits; entropies float32 [T], detached).
+
+    backend (ettrl_kernels/backend.py's table): "auto" (Triton for CUDA tensors, else torch), "torch" or "triton"."""
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be a [T, V] float tensor, got {logits.dtype} {tuple(logits.shape)}")
     rows, vocab = logits.shape
@@ -26,10 +31,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature=1.0, ba
     inv_temp = (1.0 / temp).contiguous()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    if resolve_backend(backend, logits) == "triton":
-        from ettrl_kernels.token_stats_triton import TokenStatsTriton as function
-    else:
-        from ettrl_kernels.token_stats_torch import TokenStatsTorch as function
+    function = implementation("token_stats", resolve_backend("token_stats", backend, logits))
     logprobs, entropies = function.apply(logits, targets, inv_temp)
     if rows and bool(entropies.isnan().any()):
         raise ValueError("token_stats: logits contain NaN or +inf (or a row is all -inf)")

@@ -1,10 +1,13 @@
 """Vocab-chunked torch implementation of `token_stats` (CPU path and reference for the Triton kernels)."""
+from typing import Any
+
 import torch
 
 CHUNK = 8192
 
 
-def online_stats(logits: torch.Tensor, inv_temp: torch.Tensor, chunk: int = CHUNK):
+def online_stats(logits: torch.Tensor, inv_temp: torch.Tensor,
+                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Row logsumexp and entropy of softmax(logits * inv_temp), one vocab chunk at a time."""
     rows = logits.shape[0]
     m = torch.full((rows,), float("-inf"), device=logits.device)
@@ -27,7 +30,8 @@ def online_stats(logits: torch.Tensor, inv_temp: torch.Tensor, chunk: int = CHUN
 
 class TokenStatsTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp):
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
+                inv_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lse, entropies = online_stats(logits.detach(), inv_temp)
         logprobs = logits.detach().gather(1, targets[:, None]).squeeze(1).float() * inv_temp - lse
         ctx.save_for_backward(logits, targets, inv_temp, lse)
@@ -35,7 +39,8 @@ class TokenStatsTorch(torch.autograd.Function):
         return logprobs, entropies
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropies):
+    def backward(ctx: Any, grad_logprobs: torch.Tensor,
+                 grad_entropies: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets, inv_temp, lse = ctx.saved_tensors
         scale = (grad_logprobs * inv_temp)[:, None]
         grad = torch.empty_like(logits)

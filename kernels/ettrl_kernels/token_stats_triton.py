@@ -1,4 +1,6 @@
 """Triton forward/backward for `token_stats`: one program per row, tiles over V, no softmax kept."""
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -51,7 +53,8 @@ class TokenStatsTriton(torch.autograd.Function):
     BLOCK = 2048
 
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp):
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
+                inv_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, vocab = logits.shape
         logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
         entropies = torch.empty_like(logprobs)
@@ -66,7 +69,8 @@ class TokenStatsTriton(torch.autograd.Function):
         return logprobs, entropies
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropies):
+    def backward(ctx: Any, grad_logprobs: torch.Tensor,
+                 grad_entropies: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets, inv_temp, lse = ctx.saved_tensors
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
