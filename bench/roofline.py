@@ -1,4 +1,5 @@
-"""The machine the benchmarks ran on, and the roofline floor of a generation: no engine can beat it on this CPU.
+"""The machine the benchmarks ran on, and the roofline floor of a generation or a prefill: no engine can beat it on
+this CPU.
 
 Per decode step at batch b and context L: max(matmul FLOPs / the measured matmul rate, (weight + KV bytes) / the
 measured memory bandwidth), where FLOPs = b x (2 x matmul parameters + 4 x layers x heads x head_dim x L) (the
@@ -57,12 +58,25 @@ def memory_gbps(mib: int = 256, repeats: int = 5) -> float:
 
 
 def model_sizes(model) -> dict:
-    """Matmul parameters (layers + lm_head, tied or not) and the attention shape of an engine CausalLM."""
+    """Matmul parameters (layers + lm_head, tied or not), the lm_head's, and the attention shape of an engine
+    CausalLM."""
     a = model.args
     params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens")
     params += model.lm_head.numel() * bool(a.tie_word_embeddings)
-    return {"matmul_params": params, "layers": a.num_layers, "heads": a.num_heads, "kv_heads": a.num_kv_heads,
-            "head_dim": a.head_dim}
+    return {"matmul_params": params, "lm_head_params": model.lm_head.numel(), "layers": a.num_layers,
+            "heads": a.num_heads, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim}
+
+
+def prefill_seconds(sizes: dict, dtype: torch.dtype, tokens: int, gflops: float, gbps: float) -> float:
+    """The floor of one prompt's prefill: the layers' matmuls for every token and the lm_head for the last one, q.k
+    and p.v over the causal half of the key pairs (tokens^2 / 2), at the measured matmul rate; or the weight and
+    KV bytes at the measured bandwidth where that takes longer."""
+    elt = torch.finfo(dtype).bits // 8
+    head = sizes.get("lm_head_params", 0)
+    attn_flops = 4 * sizes["layers"] * sizes["heads"] * sizes["head_dim"]
+    flops = 2 * (sizes["matmul_params"] - head) * tokens + 2 * head + attn_flops * tokens * tokens / 2
+    kv_bytes = tokens * 2 * sizes["layers"] * sizes["kv_heads"] * sizes["head_dim"] * elt
+    return max(flops / (gflops * 1e9), (sizes["matmul_params"] * elt + kv_bytes) / (gbps * 1e9))
 
 
 def floor_tokens_per_s(sizes: dict, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int,

@@ -29,6 +29,18 @@ static T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+static void paged_prefill_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+                                    uintptr_t block_tables, uintptr_t q_starts, uintptr_t kv_lens, int64_t batch,
+                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t table_width,
+                                    int64_t block_size, float scale, bool bf16, int num_threads) {
+  ettrl::PrefillAttentionArgs a{ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache), ptr(out),
+                                ptr<const int64_t>(block_tables), ptr<const int64_t>(q_starts),
+                                ptr<const int64_t>(kv_lens), batch, num_heads, num_kv_heads, head_dim, table_width,
+                                block_size, scale, bf16, num_threads};
+  py::gil_scoped_release release;
+  ettrl::paged_prefill_attention(a);
+}
+
 static void residual_rms_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out, int64_t rows,
                               int64_t dim, float eps, bool bf16, int num_threads) {
   py::gil_scoped_release release;
@@ -76,23 +88,29 @@ static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uin
                           uintptr_t qkv, uintptr_t q, uintptr_t attn, uintptr_t gate_up, uintptr_t act, int64_t tokens,
                           int64_t hidden, int64_t inter, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                           float eps, float qk_norm_eps, uintptr_t slots, uintptr_t positions, uintptr_t cos,
-                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, int64_t table_width,
-                          int64_t block_size, float scale, bool bf16, int num_threads) {
+                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, uintptr_t q_starts, int64_t batch,
+                          int64_t num_decode, int64_t table_width, int64_t block_size, float scale, bool bf16,
+                          int num_threads) {
   ettrl::DecodeLayersArgs a{ptr<const uint64_t>(layers), num_layers, ptr(x), ptr(residual), ptr(h), ptr(qkv), ptr(q),
                             ptr(attn), ptr(gate_up), ptr(act), tokens, hidden, inter, num_heads, num_kv_heads,
                             head_dim, eps, qk_norm_eps, ptr<const int64_t>(slots), ptr<const int64_t>(positions),
                             ptr<const float>(cos), ptr<const float>(sin), ptr<const int64_t>(block_tables),
-                            ptr<const int64_t>(kv_lens), table_width, block_size, scale, bf16, num_threads};
+                            ptr<const int64_t>(kv_lens), ptr<const int64_t>(q_starts), batch, num_decode,
+                            table_width, block_size, scale, bf16, num_threads};
   py::gil_scoped_release release;
   ettrl::decode_layers(a);
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ETTRL C++ kernels (CPU): paged decode attention, fused layer ops, panel matmuls, decode layer stack, entropy_sample";
+  m.doc() = "ETTRL C++ kernels (CPU): paged decode and prefill attention, fused layer ops, panel matmuls, decode layer stack, entropy_sample";
   m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("out"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("batch"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("table_width"), py::arg("block_size"),
         py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
+  m.def("paged_prefill_attention", &paged_prefill_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("out"), py::arg("block_tables"), py::arg("q_starts"), py::arg("kv_lens"), py::arg("batch"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("table_width"),
+        py::arg("block_size"), py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
   m.def("residual_rms_norm", &residual_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"),
         py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("bf16"), py::arg("num_threads"));
   m.def("rope_and_cache", &rope_and_cache, py::arg("qkv"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"),
@@ -116,7 +134,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("h"), py::arg("qkv"), py::arg("q"), py::arg("attn"), py::arg("gate_up"), py::arg("act"),
         py::arg("tokens"), py::arg("hidden"), py::arg("inter"), py::arg("num_heads"), py::arg("num_kv_heads"),
         py::arg("head_dim"), py::arg("eps"), py::arg("qk_norm_eps"), py::arg("slots"), py::arg("positions"),
-        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("table_width"),
-        py::arg("block_size"), py::arg("scale"), py::arg("bf16"), py::arg("num_threads"));
+        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("q_starts"),
+        py::arg("batch"), py::arg("num_decode"), py::arg("table_width"), py::arg("block_size"), py::arg("scale"),
+        py::arg("bf16"), py::arg("num_threads"));
   m.def("decode_layer_pointers", [] { return static_cast<int64_t>(ettrl::kDecodeLayerPointers); });
 }

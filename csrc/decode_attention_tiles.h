@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -71,8 +72,8 @@ inline void key_rows(const T* cache, const int64_t* table, const Shape& sh, int6
 
 // Asks for the slots of keys [k0, k0 + 16) ahead of use: a sequence's own blocks come cold from memory, and
 // the loads of load_tile otherwise wait on them one row at a time.
-template <typename T>
-ETTRL_TILE_TARGET inline void prefetch_tile(const DecodeAttentionArgs& a, const int64_t* table, const Shape& sh,
+template <typename T, typename Args>
+ETTRL_TILE_TARGET inline void prefetch_tile(const Args& a, const int64_t* table, const Shape& sh,
                                             int64_t k0, int64_t len) {
   const int64_t bytes = sh.row * static_cast<int64_t>(sizeof(T));
   for (int64_t key = k0; key < std::min(len, k0 + kTile); ++key) {
@@ -102,23 +103,7 @@ ETTRL_TILE_TARGET inline __m512 tile_scores(const float* q, const float* keys, _
 }
 
 #if ETTRL_TILE_DOT_BF16
-// The same from the bf16 query (unscaled) and the bf16 key rows in place: pairs of products summed in fp32 by
-// vdpbf16ps, then the scale. No fp32 copy of the keys is made.
-template <int64_t D>
-ETTRL_TILE_TARGET inline __m512 tile_scores(const uint16_t* q, const uint16_t* const* rows, int64_t offset,
-                                            float scale, __mmask16 live) {
-  constexpr int64_t C = D / 32;
-  __m512bh qv[C];
-  __m512 acc[kTile];
-  for (int64_t c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-  for (int64_t l = 0; l < kTile; ++l) {
-    acc[l] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; ++c)
-      acc[l] = _mm512_dpbf16_ps(acc[l], qv[c], (__m512bh)_mm512_loadu_si512(rows[l] + offset + 32 * c));
-  }
-  const __m512 scores = _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale));
-  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, scores);
-}
+#include "attention_bf16_tiles.h"
 #endif
 
 // The online-softmax state of one query head, D + 2 floats: o[D] = sum of exp(score - m) * value, then m (the
@@ -155,8 +140,44 @@ ETTRL_TILE_TARGET inline void tile_update(__m512 scores, const float* values, in
   st[D] = m_new;
 }
 
-template <typename T, int64_t D>
-inline void scaled_query(const DecodeAttentionArgs& a, int64_t b, int64_t head, float* q) {
+// N query heads (of rows that see the whole tile) over one tile, each exactly as tile_update does it with valid = 16,
+// with their operations interleaved so that N independent dependency chains fill the pipeline (the prefill's rows;
+// a decode has too few of them to share a tile).
+template <int64_t D, int N>
+ETTRL_TILE_TARGET inline void tile_update_full(const __m512* scores, const float* values, float* const* st) {
+  constexpr int64_t C = D / 16;
+  float m_new[N], corr[N];
+  alignas(64) float p[N][kTile];
+  for (int k = 0; k < N; ++k) {
+    const float m_old = st[k][D];
+    m_new[k] = std::max(m_old, _mm512_reduce_max_ps(scores[k]));
+    corr[k] = exp_fast(m_old - m_new[k]);
+    _mm512_store_ps(p[k], _mm512_sub_ps(scores[k], _mm512_set1_ps(m_new[k])));
+  }
+  for (int k = 0; k < N; ++k) {
+#pragma omp simd
+    for (int64_t l = 0; l < kTile; ++l) p[k][l] = exp_fast(p[k][l]);
+  }
+  __m512 o[N][C];
+  for (int k = 0; k < N; ++k) {
+    const __m512 pv = _mm512_maskz_mov_ps(live_keys(kTile), _mm512_load_ps(p[k]));
+    st[k][D + 1] = st[k][D + 1] * corr[k] + _mm512_reduce_add_ps(pv);
+    for (int64_t c = 0; c < C; ++c) o[k][c] = _mm512_mul_ps(_mm512_loadu_ps(st[k] + 16 * c), _mm512_set1_ps(corr[k]));
+  }
+  for (int64_t l = 0; l < kTile; ++l)
+    for (int k = 0; k < N; ++k) {
+      const __m512 pl = _mm512_set1_ps(p[k][l]);
+      for (int64_t c = 0; c < C; ++c) o[k][c] = _mm512_fmadd_ps(pl, _mm512_loadu_ps(values + l * D + 16 * c), o[k][c]);
+    }
+  for (int k = 0; k < N; ++k) {
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(st[k] + 16 * c, o[k][c]);
+    st[k][D] = m_new[k];
+  }
+}
+
+// Query row b (a sequence in a decode step, a new token in a prefill step) of head `head`, scaled, in fp32.
+template <typename T, int64_t D, typename Args>
+inline void scaled_query(const Args& a, int64_t b, int64_t head, float* q) {
   const T* src = static_cast<const T*>(a.q) + (b * a.num_heads + head) * D;
   for (int64_t j = 0; j < D; ++j) q[j] = load(src, j) * a.scale;
 }
@@ -175,10 +196,19 @@ struct KeyTile {
   }
 };
 
-// The query of head `head` of sequence b as tile_scores takes it: the bf16 row in place (vdpbf16ps) or fp32 scaled.
+// One query head's state over one tile: tile_update, or the vdpbf16ps path's update_lanes.
 template <typename T, int64_t D>
+ETTRL_TILE_TARGET inline void update(__m512 scores, const float* values, int64_t valid, float* st) {
+#if ETTRL_TILE_DOT_BF16
+  if constexpr (kDotBf16<T>) return update_lanes<D>(scores, values, valid, st);
+#endif
+  tile_update<D>(scores, values, valid, st);
+}
+
+// The query of head `head` of row b as tile_scores takes it: the bf16 row in place (vdpbf16ps) or fp32 scaled.
+template <typename T, int64_t D, typename Args = DecodeAttentionArgs>
 struct Queries {
-  const DecodeAttentionArgs& a;
+  const Args& a;
   float* f32;  // [rows][num_heads][D] scaled, fp32 path only
 
   void fill(int64_t row, int64_t b) {
@@ -229,7 +259,7 @@ inline std::vector<PrefixGroup> prefix_groups(const DecodeAttentionArgs& a) {
 
 // Thread-local scratch, reused across calls: decode runs once per layer and step.
 inline std::vector<float>& scratch(int which, size_t size) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[5];
   if (buffers[which].size() < size) buffers[which].resize(size);
   return buffers[which];
 }
@@ -252,9 +282,19 @@ ETTRL_TILE_TARGET void fold_shared(const DecodeAttentionArgs& a, const Shape& sh
       float* st = states + b * a.num_heads * kState<D>;
       for (int64_t i = 0; i < a.num_heads; ++i) {
         const int64_t g = i / sh.group;
-        tile_update<D>(queries.scores(m, b, i, keys, g, 0xFFFF), values + g * kTile * D, kTile, st + i * kState<D>);
+        update<T, D>(queries.scores(m, b, i, keys, g, 0xFFFF), values + g * kTile * D, kTile, st + i * kState<D>);
       }
     }
+  }
+}
+
+// A query row's output from its heads' final states: o / s per head.
+template <typename T, int64_t D>
+inline void write_row(const float* states, int64_t heads, T* out) {
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* h = states + i * kState<D>;
+    const float inv = 1.f / h[D + 1];
+    for (int64_t j = 0; j < D; ++j) store(out + i * D, j, h[j] * inv);
   }
 }
 
@@ -276,16 +316,11 @@ ETTRL_TILE_TARGET void fold_own(const DecodeAttentionArgs& a, const Shape& sh, i
     const int64_t valid = std::min(kTile, len - k0);
     for (int64_t i = 0; i < a.num_heads; ++i) {
       const int64_t g = i / sh.group;
-      tile_update<D>(queries.scores(0, b, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
-                     st + i * kState<D>);
+      update<T, D>(queries.scores(0, b, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
+                   st + i * kState<D>);
     }
   }
-  T* out = static_cast<T*>(a.out) + b * a.num_heads * D;
-  for (int64_t i = 0; i < a.num_heads; ++i) {
-    const float* h = st + i * kState<D>;
-    const float inv = 1.f / h[D + 1];
-    for (int64_t j = 0; j < D; ++j) store(out + i * D, j, h[j] * inv);
-  }
+  write_row<T, D>(st, a.num_heads, static_cast<T*>(a.out) + b * a.num_heads * D);
 }
 
 template <typename T, int64_t D>
@@ -324,6 +359,162 @@ ETTRL_TILE_TARGET bool decode_tiles(const DecodeAttentionArgs& a, int workers) {
     a.bf16 ? decode<uint16_t, 64>(a, workers) : decode<float, 64>(a, workers);
   else
     a.bf16 ? decode<uint16_t, 128>(a, workers) : decode<float, 128>(a, workers);
+  return true;
+}
+
+// ---- prefill: several new tokens per sequence, each attending to the keys up to its own position ----------------
+//
+// Row r of sequence b sees n_r = kv_lens[b] - (q_starts[b + 1] - r) + 1 keys, and its result is the fold a decode
+// with n_r keys computes: tile_update over tiles 0, 16, ... with the same scores, the last tile cut at n_r. Rows of
+// one sequence are taken kRowsPerTask at a time, so that each tile is loaded (and its values converted) once for
+// all of them; which rows share a task changes what is loaded together, not what any row computes.
+
+constexpr int64_t kRowsPerTask = 16;
+constexpr int kRowBundle = 4;  // rows whose updates of one head are interleaved (tile_update_full)
+
+struct RowTask {
+  int64_t seq, begin, end;  // rows [begin, end) of sequence seq
+  int64_t cost;             // row tiles: the work of the task
+};
+
+inline int64_t row_keys(const PrefillAttentionArgs& a, int64_t b, int64_t row) {
+  return a.kv_lens[b] - (a.q_starts[b + 1] - row) + 1;
+}
+
+inline std::vector<RowTask> row_tasks(const PrefillAttentionArgs& a) {
+  std::vector<RowTask> tasks;
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t r = a.q_starts[b]; r < a.q_starts[b + 1]; r += kRowsPerTask) {
+      const int64_t end = std::min(a.q_starts[b + 1], r + kRowsPerTask);
+      tasks.push_back({b, r, end, (end - r) * ((row_keys(a, b, end - 1) + kTile - 1) / kTile)});
+    }
+  return tasks;
+}
+
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh, const RowTask& task) {
+  const int64_t n = task.end - task.begin, tile = sh.kv_heads * kTile * D, heads = a.num_heads;
+  const int64_t first = row_keys(a, task.seq, task.begin), len = first + n - 1;  // keys of the first, last row
+  const int64_t* table = a.block_tables + task.seq * a.table_width;
+  Queries<T, D, PrefillAttentionArgs> queries{a, kDotBf16<T> ? nullptr : scratch(0, n * heads * D).data()};
+  KeyTile<T, D> keys{kDotBf16<T> ? nullptr : scratch(1, tile).data(), {}};
+  float* values = scratch(2, tile).data();
+  float* states = scratch(4, n * heads * kState<D>).data();
+  for (int64_t s = 0; s < n * heads; ++s) reset_state<D>(states + s * kState<D>);
+  for (int64_t m = 0; m < n; ++m) queries.fill(m, task.begin + m);
+  for (int64_t k0 = 0; k0 < len; k0 += kTile) {
+    prefetch_tile<T>(a, table, sh, k0 + kPrefetchTiles * kTile, len);
+    keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, len);
+    load_tile<T, D>(static_cast<const T*>(a.v_cache), table, sh, k0, len, values);
+    // rows [seen, whole) see part of this tile, rows [whole, n) all of it (those go kRowBundle at a time)
+    const int64_t seen = std::max<int64_t>(0, k0 + 1 - first), whole = std::max(seen, std::min(n, k0 + kTile - first));
+    const int64_t bundled = whole + (n - whole) / kRowBundle * kRowBundle;
+    for (int64_t m = seen; m < n; ++m) {
+      if (m == whole) m = bundled;
+      if (m == n) break;
+      const int64_t valid = std::min(kTile, first + m - k0);
+      float* st = states + m * heads * kState<D>;
+      for (int64_t i = 0; i < heads; ++i) {
+        const int64_t g = i / sh.group;
+        tile_update<D>(queries.scores(m, task.begin + m, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
+                       st + i * kState<D>);
+      }
+    }
+    for (int64_t m = whole; m < bundled; m += kRowBundle)
+      for (int64_t i = 0; i < heads; ++i) {
+        const int64_t g = i / sh.group;
+        __m512 scores[kRowBundle];
+        float* st[kRowBundle];
+        for (int k = 0; k < kRowBundle; ++k) {
+          scores[k] = queries.scores(m + k, task.begin + m + k, i, keys, g, live_keys(kTile));
+          st[k] = states + ((m + k) * heads + i) * kState<D>;
+        }
+        tile_update_full<D, kRowBundle>(scores, values + g * kTile * D, st);
+      }
+  }
+  for (int64_t m = 0; m < n; ++m)
+    write_row<T, D>(states + m * heads * kState<D>, heads, static_cast<T*>(a.out) + (task.begin + m) * heads * D);
+}
+
+#if ETTRL_TILE_DOT_BF16
+// fold_rows for bf16 caches with vdpbf16ps: the 16 rows of a task share each head's vectors (lane = row), their
+// queries transposed once, each key's pairs broadcast from the cache row (attention_bf16_tiles.h).
+template <int64_t D>
+ETTRL_TILE_TARGET void fold_rows_bf16(const PrefillAttentionArgs& a, const Shape& sh, const RowTask& task) {
+  const int64_t n = task.end - task.begin, heads = a.num_heads;
+  const int64_t first = row_keys(a, task.seq, task.begin), len = first + n - 1;  // keys of the first, last row
+  const int64_t* table = a.block_tables + task.seq * a.table_width;
+  uint32_t* qt = reinterpret_cast<uint32_t*>(scratch(0, heads * D / 2 * kTile).data());
+  float* values = scratch(2, sh.kv_heads * kTile * D).data();
+  float* states = scratch(4, heads * kRowState<D> * kTile).data();
+  const uint16_t* q = static_cast<const uint16_t*>(a.q) + task.begin * heads * D;
+  for (int64_t i = 0; i < heads; ++i) {
+    transpose_queries<D>(q + i * D, heads * D, n, qt + i * D / 2 * kTile);
+    float* st = states + i * kRowState<D> * kTile;
+    std::fill(st, st + D * kTile, 0.f);
+    std::fill(st + D * kTile, st + (D + 1) * kTile, -INFINITY);
+    std::fill(st + (D + 1) * kTile, st + (D + 2) * kTile, 0.f);
+  }
+  const __mmask16 padding = static_cast<__mmask16>(~((1u << n) - 1));  // lanes past n: no row, never written
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t k0 = 0; k0 < len; k0 += kTile) {
+    const uint16_t* keys[kTile];
+    key_rows(static_cast<const uint16_t*>(a.k_cache), table, sh, k0, len, keys);
+    load_tile<uint16_t, D>(static_cast<const uint16_t*>(a.v_cache), table, sh, k0, len, values);
+    __mmask16 live[kTile];  // row m sees key k iff k < first + m
+    for (int64_t l = 0; l < kTile; ++l) {
+      const int64_t blind = std::clamp<int64_t>(k0 + l - first + 1, 0, kTile);  // rows [0, blind) do not see it
+      live[l] = static_cast<__mmask16>(~((1u << blind) - 1)) | padding;
+    }
+    for (int64_t i = 0; i < heads; ++i) {
+      const int64_t g = i / sh.group;
+      update_rows<D>(qt + i * D / 2 * kTile, keys, g * D, values + g * kTile * D, live, scale,
+                     states + i * kRowState<D> * kTile);
+    }
+  }
+  uint16_t* out = static_cast<uint16_t*>(a.out) + task.begin * heads * D;
+  alignas(64) float o[kTile];
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* st = states + i * kRowState<D> * kTile;
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(st + (D + 1) * kTile));
+    for (int64_t d = 0; d < D; ++d) {
+      _mm512_store_ps(o, _mm512_mul_ps(_mm512_loadu_ps(st + d * kTile), inv));
+      for (int64_t m = 0; m < n; ++m) store(out + (m * heads + i) * D, d, o[m]);
+    }
+  }
+}
+#endif
+
+template <typename T, int64_t D>
+ETTRL_TILE_TARGET void prefill(const PrefillAttentionArgs& a, int workers) {
+  const Shape sh{__builtin_ctzll(static_cast<uint64_t>(a.block_size)), a.num_kv_heads * D, a.num_kv_heads,
+                 a.num_heads / a.num_kv_heads};
+  const std::vector<RowTask> tasks = row_tasks(a);
+  std::vector<int64_t> done(tasks.size() + 1, 0);  // cost of the tasks before each: threads take equal shares
+  for (size_t t = 0; t < tasks.size(); ++t) done[t + 1] = done[t] + tasks[t].cost;
+  parallel_ranges(workers, workers, [&](int64_t w0, int64_t w1) {
+    const int64_t lo = done.back() * w0 / workers, hi = done.back() * w1 / workers;
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      if (done[t] < lo || done[t] >= hi) continue;
+#if ETTRL_TILE_DOT_BF16
+      if constexpr (kDotBf16<T>) {
+        fold_rows_bf16<D>(a, sh, tasks[t]);
+        continue;
+      }
+#endif
+      fold_rows<T, D>(a, sh, tasks[t]);
+    }
+  });
+}
+
+template <bool Bf16Only>
+ETTRL_TILE_TARGET bool prefill_tiles(const PrefillAttentionArgs& a, int workers) {
+  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
+  if (!pow2_blocks || (a.head_dim != 64 && a.head_dim != 128) || (Bf16Only && !a.bf16)) return false;
+  if (a.head_dim == 64)
+    a.bf16 ? prefill<uint16_t, 64>(a, workers) : prefill<float, 64>(a, workers);
+  else
+    a.bf16 ? prefill<uint16_t, 128>(a, workers) : prefill<float, 128>(a, workers);
   return true;
 }
 

@@ -1,4 +1,5 @@
-// The decoder layers of one decode step in one call: the same fused ops the Python layer loop calls, in its order.
+// The decoder layers of one step in one call: the same fused ops the Python layer loop calls, in its order. A step is
+// decodes (one new token per sequence) first, then prefill pieces (several new tokens per sequence).
 #pragma once
 
 #include <cstdint>
@@ -29,8 +30,11 @@ struct DecodeLayersArgs {
   const int64_t* positions;  // [tokens]
   const float* cos;          // rotary tables [max_positions, head_dim / 2]
   const float* sin;
-  const int64_t* block_tables;  // [tokens, table_width]: one sequence per token (a decode step)
-  const int64_t* kv_lens;       // [tokens]
+  const int64_t* block_tables;  // [batch, table_width]
+  const int64_t* kv_lens;       // [batch] keys per sequence, its new tokens included
+  const int64_t* q_starts;      // [batch - num_decode + 1]: rows of the sequences after the decodes (prefill
+                                // pieces) from the first of them; null when every sequence decodes
+  int64_t batch, num_decode;    // sequences, and how many of them lead with one new token each
   int64_t table_width, block_size;
   float scale;
   bool bf16;

@@ -37,15 +37,22 @@ struct Scratch {
 // One sequence, all heads: exact softmax(q k^T * scale) v. Each key (and value) row of all KV heads is read once,
 // front to back, and converted to fp32 once; every query head of its group then uses it. D > 0 fixes the head
 // size at compile time (the dot products then end in a short shuffle tree instead of a scalar loop).
-template <typename T, int64_t D>
-__attribute__((always_inline)) inline void attend(const DecodeAttentionArgs& a, int64_t b, Scratch& s) {
-  const int64_t heads = a.num_heads, group = a.num_heads / a.num_kv_heads, len = a.kv_lens[b];
+// One query row: its query [heads, d], the block table and number of keys it sees, where its output goes.
+struct QueryRow {
+  int64_t q;  // row index into q and out
+  const int64_t* table;
+  int64_t len;
+};
+
+template <typename T, int64_t D, typename Args>
+__attribute__((always_inline)) inline void attend(const Args& a, const QueryRow& r, Scratch& s) {
+  const int64_t heads = a.num_heads, group = a.num_heads / a.num_kv_heads, len = r.len;
   const int64_t d = D > 0 ? D : a.head_dim;
   const int64_t row = a.num_kv_heads * d;  // elements of one slot
-  const T* q = static_cast<const T*>(a.q) + b * heads * d;
+  const T* q = static_cast<const T*>(a.q) + r.q * heads * d;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  const int64_t* table = a.block_tables + b * a.table_width;
+  const int64_t* table = r.table;
   s.scores.resize(heads * len);
   for (int64_t j = 0; j < heads * d; ++j) s.q[j] = load(q, j) * a.scale;
   float* rf = s.row.data();
@@ -82,31 +89,41 @@ __attribute__((always_inline)) inline void attend(const DecodeAttentionArgs& a, 
       }
     }
   }
-  T* out = static_cast<T*>(a.out) + b * heads * d;
+  T* out = static_cast<T*>(a.out) + r.q * heads * d;
   for (int64_t j = 0; j < heads * d; ++j) store(out, j, s.acc[j]);
 }
 
-template <typename T>
-__attribute__((always_inline)) inline void attend_range(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {
+// Row b of a decode step is sequence b; row r of a prefill step belongs to the sequence whose rows hold it.
+inline QueryRow query_row(const DecodeAttentionArgs& a, int64_t b) {
+  return {b, a.block_tables + b * a.table_width, a.kv_lens[b]};
+}
+inline QueryRow query_row(const PrefillAttentionArgs& a, int64_t r) {
+  const int64_t b = std::upper_bound(a.q_starts, a.q_starts + a.batch + 1, r) - a.q_starts - 1;
+  return {r, a.block_tables + b * a.table_width, a.kv_lens[b] - (a.q_starts[b + 1] - r) + 1};
+}
+
+template <typename T, typename Args>
+__attribute__((always_inline)) inline void attend_range(const Args& a, int64_t begin, int64_t end) {
   Scratch s;
   s.q.resize(a.num_heads * a.head_dim);
   s.acc.resize(a.num_heads * a.head_dim);
   s.row.resize(a.num_kv_heads * a.head_dim);
   switch (a.head_dim) {  // the head sizes of Llama, Qwen2/2.5 and Qwen3 models, then any other
     case 64:
-      for (int64_t b = begin; b < end; ++b) attend<T, 64>(a, b, s);
+      for (int64_t b = begin; b < end; ++b) attend<T, 64>(a, query_row(a, b), s);
       break;
     case 128:
-      for (int64_t b = begin; b < end; ++b) attend<T, 128>(a, b, s);
+      for (int64_t b = begin; b < end; ++b) attend<T, 128>(a, query_row(a, b), s);
       break;
     default:
-      for (int64_t b = begin; b < end; ++b) attend<T, 0>(a, b, s);
+      for (int64_t b = begin; b < end; ++b) attend<T, 0>(a, query_row(a, b), s);
   }
 }
 
-// The same loops compiled for three instruction sets; the widest the CPU has is picked at run time.
+// The same loops compiled for two instruction sets; the widest the CPU has is picked at run time.
 #define ETTRL_RANGE_FN(name, target_attr)                                                        \
-  target_attr void name(const DecodeAttentionArgs& a, int64_t begin, int64_t end) {              \
+  template <typename Args>                                                                       \
+  target_attr void name(const Args& a, int64_t begin, int64_t end) {                             \
     if (a.bf16)                                                                                  \
       attend_range<uint16_t>(a, begin, end);                                                     \
     else                                                                                         \
@@ -120,14 +137,16 @@ ETTRL_RANGE_FN(range_default, )
 
 constexpr int64_t kElementsPerThread = 1 << 19;
 
-using RangeFn = void (*)(const DecodeAttentionArgs&, int64_t, int64_t);
+template <typename Args>
+using RangeFn = void (*)(const Args&, int64_t, int64_t);
 
-RangeFn pick_range_fn() {
+template <typename Args>
+RangeFn<Args> pick_range_fn() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return range_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return range_avx2<Args>;
 #endif
-  return range_default;
+  return range_default<Args>;
 }
 
 bool avx512_allowed() { return !env_flag("ETTRL_NO_AVX512") && has_avx512(); }
@@ -150,8 +169,28 @@ void paged_decode_attention(const DecodeAttentionArgs& a) {
   static const bool avx512 = avx512_allowed(), avx512_bf16 = avx512_bf16_allowed();
   if (avx512_bf16 && paged_decode_attention_avx512_bf16(a, workers)) return;
   if (avx512 && paged_decode_attention_avx512(a, workers)) return;
-  static const RangeFn range = pick_range_fn();
+  static const RangeFn<DecodeAttentionArgs> range = pick_range_fn<DecodeAttentionArgs>();
   parallel_ranges(a.batch, workers, [&](int64_t b, int64_t e) { range(a, b, e); });
+}
+
+void paged_prefill_attention(const PrefillAttentionArgs& a) {
+  if (a.batch < 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads || a.head_dim <= 0 || a.block_size <= 0 ||
+      a.q_starts[0] != 0)
+    throw std::invalid_argument("paged_prefill_attention: bad shapes (num_heads must be a multiple of num_kv_heads)");
+  int64_t work = 0;  // query-key pairs, about
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t rows = a.q_starts[b + 1] - a.q_starts[b];
+    if (rows < 1 || rows > a.kv_lens[b] || a.kv_lens[b] > a.table_width * a.block_size)
+      throw std::invalid_argument("paged_prefill_attention: need 1 <= rows <= kv_len <= table_width * block_size");
+    work += rows * (a.kv_lens[b] - rows / 2);
+  }
+  const int64_t useful = 1 + work * a.num_kv_heads * a.head_dim / kElementsPerThread;
+  const int workers = static_cast<int>(std::min<int64_t>(a.num_threads, useful));
+  static const bool avx512 = avx512_allowed(), avx512_bf16 = avx512_bf16_allowed();
+  if (avx512_bf16 && paged_prefill_attention_avx512_bf16(a, workers)) return;
+  if (avx512 && paged_prefill_attention_avx512(a, workers)) return;
+  static const RangeFn<PrefillAttentionArgs> range = pick_range_fn<PrefillAttentionArgs>();
+  parallel_ranges(a.q_starts[a.batch], workers, [&](int64_t b, int64_t e) { range(a, b, e); });
 }
 
 }  // namespace ettrl

@@ -26,12 +26,16 @@ namespace ettrl {
 bool paged_decode_attention_avx512(const DecodeAttentionArgs& a, int workers) {
   return decode_tiles<false>(a, workers);
 }
+bool paged_prefill_attention_avx512(const PrefillAttentionArgs& a, int workers) {
+  return prefill_tiles<false>(a, workers);
+}
 }  // namespace ettrl
 
 #else
 
 namespace ettrl {
 bool paged_decode_attention_avx512(const DecodeAttentionArgs&, int) { return false; }
+bool paged_prefill_attention_avx512(const PrefillAttentionArgs&, int) { return false; }
 }  // namespace ettrl
 
 #endif

@@ -14,12 +14,16 @@ namespace ettrl {
 bool paged_decode_attention_avx512_bf16(const DecodeAttentionArgs& a, int workers) {
   return decode_tiles<true>(a, workers);
 }
+bool paged_prefill_attention_avx512_bf16(const PrefillAttentionArgs& a, int workers) {
+  return prefill_tiles<true>(a, workers);
+}
 }  // namespace ettrl
 
 #else
 
 namespace ettrl {
 bool paged_decode_attention_avx512_bf16(const DecodeAttentionArgs&, int) { return false; }
+bool paged_prefill_attention_avx512_bf16(const PrefillAttentionArgs&, int) { return false; }
 }  // namespace ettrl
 
 #endif

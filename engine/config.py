@@ -36,8 +36,15 @@ class EngineConfig:
     vLLM."""
     max_num_seqs: int = 256
     """Decode budget: sequences per step."""
-    max_num_batched_tokens: int = 8192
-    """Prefill budget: tokens per prefill step."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per step (decodes first, then prefill pieces); without chunked prefill, prompt tokens per prefill
+    step. None: 256 on the CPU, 8192 on CUDA."""
+    enable_chunked_prefill: bool = True
+    """Decodes and prompt pieces share steps (scheduler.py)."""
+    long_prefill_token_threshold: int | None = None
+    """A prompt longer than this takes at most this many tokens of a step while anything else runs or waits, and
+    its pieces end at multiples of it; 0: no cap (pieces of max_num_batched_tokens). None: 16 on the CPU, 512 on
+    CUDA."""
     max_model_len: int | None = None
     """Longest sequence (prompt + completion); default: the model's max_position_embeddings."""
     enable_prefix_caching: bool = True
@@ -48,8 +55,8 @@ class EngineConfig:
     fused_ops: bool = True
     """CPU: C++ passes for RMSNorm + residual, rope + KV write, SiLU * up."""
     fused_decode: bool = True
-    """CPU: a decode step's whole layer stack in one C++ call where it applies (weights in panels, fused_ops,
-    cpu_paged attention)."""
+    """CPU: a step's whole layer stack (decodes and prefill pieces) in one C++ call where it applies (weights in
+    panels, fused_ops, cpu_paged attention)."""
     attention_backend: str = "auto"
     """engine/attention/registry.py: auto, flashinfer (CUDA), cpu_paged, torch."""
     matmul_kernel: str = "auto"
@@ -62,6 +69,11 @@ class EngineConfig:
     def __post_init__(self):
         if self.device == "auto":
             self.device = default_device()
+        cuda = str(self.device).startswith("cuda")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if cuda else 256
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = min(512 if cuda else 16, self.max_num_batched_tokens)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -79,3 +91,6 @@ class EngineConfig:
             raise ValueError(f"matmul_kernel must be 'auto', 'panel', 'onednn' or 'torch', got {self.matmul_kernel!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 <= self.long_prefill_token_threshold <= self.max_num_batched_tokens:
+            raise ValueError(f"long_prefill_token_threshold must be in [0, max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}] (0: no cap), got {self.long_prefill_token_threshold}")

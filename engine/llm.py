@@ -61,8 +61,9 @@ def _eos_token_ids(model_dir: Path, tokenizer: "PreTrainedTokenizerBase | None")
 
 class LLM:
     """LLM(model, dtype="bfloat16", device="auto", block_size=16, num_kv_blocks | kv_cache_tokens |
-    kv_cache_memory_gb | gpu_memory_utilization, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len,
-    enable_prefix_caching). device "auto" is cuda where torch sees a GPU, else cpu."""
+    kv_cache_memory_gb | gpu_memory_utilization, max_num_seqs=256, max_num_batched_tokens (256 CPU, 8192 CUDA),
+    enable_chunked_prefill, long_prefill_token_threshold, max_model_len, enable_prefix_caching, ...: every field of
+    engine.config.EngineConfig). device "auto" is cuda where torch sees a GPU, else cpu."""
 
     def __init__(self, model: str | Path, dtype: str = "bfloat16", device: str = "auto", **options: Any) -> None:
         self.config = EngineConfig(model=str(model), dtype=dtype, device=device, **options)

@@ -2,7 +2,7 @@
 generate() and tree sampling are built on.
 
     engine.add_sequence(seq)        # queue a sequence (prompt tokens, params, noise key)
-    finished = engine.step()        # one prefill or decode step; returns sequences that finished in it
+    finished = engine.step()        # decodes and prompt pieces; returns the sequences that finished in it
     child = engine.fork(parent, position, params, seed, seq_id, exclude_token=None)
     engine.free(seq)                # release a finished (or abandoned) sequence's KV blocks
 
@@ -45,8 +45,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = self.runner.max_model_len
         self.finished: dict[int, Sequence] = {}  # finished but not yet freed, by uid
-        self.num_prefill_tokens = 0   # tokens computed in prefill steps (prompts, recomputation after preemption)
-        self.num_decode_tokens = 0    # tokens computed in decode steps (one per running sequence per step)
+        self.num_prefill_tokens = 0   # tokens computed as prompt pieces (prompts, recomputation after preemption)
+        self.num_decode_tokens = 0    # tokens computed as decodes (one per running sequence per step)
         self.num_steps = 0
 
     # ---- submitting ---------------------------------------------------------------------------------------
@@ -150,16 +150,24 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        seqs, is_prefill = self.scheduler.schedule()
+        """One step: the running sequences' decodes and pieces of prompts (chunked prefill), or a prefill or a
+        decode step (without it). Returns the sequences that finished in it."""
+        seqs, num_decodes = self.scheduler.schedule()
         if not seqs:
             return []
-        computed = sum(len(s) - s.num_cached_tokens for s in seqs)
-        if is_prefill:
-            self.num_prefill_tokens += computed
-        else:
-            self.num_decode_tokens += computed
+        self.num_decode_tokens += num_decodes
+        self.num_prefill_tokens += sum(s.num_scheduled_tokens for s in seqs[num_decodes:])
         self.num_steps += 1
-        logits = self.runner.run(seqs)
+        logits = self.runner.run(seqs)  # rows of the sequences whose step reaches their last token
+        done = []
+        for seq in seqs:
+            if seq.num_cached_tokens + seq.num_scheduled_tokens == len(seq):
+                done.append(seq)
+            else:  # a prompt piece: nothing to sample yet
+                seq.num_cached_tokens += seq.num_scheduled_tokens
+        seqs = done
+        if not seqs:
+            return []
         rows = [(seq, i) for i, seq in enumerate(seqs)]
         for i, seq in enumerate(seqs):
             rows += [(sib, i) for sib in seq.pending_siblings]

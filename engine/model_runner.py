@@ -1,5 +1,5 @@
 """Loads the model and its KV pool, turns a batch of sequences into flat step inputs and returns last logits."""
-from itertools import accumulate, chain
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -141,24 +141,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Computes tokens[num_cached:] of every sequence; returns fp32 logits of each one's last token [B, V]."""
+        """Computes tokens[num_cached : num_cached + num_scheduled] of every sequence; returns the fp32 logits [B, V]
+        of the last token of each sequence whose piece reaches its end (the others sample nothing yet)."""
         self.kv.copy_blocks(self.kv.take_pending_copies())
         input_ids, positions, logits_indices = self._prepare(seqs)
         return self.model(input_ids, positions, logits_indices)
 
     def _prepare(self, seqs: list[Sequence]):
         bs = self.block_size
-        input_ids, positions, slots, q_lens, kv_lens = [], [], [], [], []
+        input_ids, positions, slots, q_lens, kv_lens, last_rows = [], [], [], [], [], []
         for seq in seqs:
-            start, end, table = seq.num_cached_tokens, len(seq), seq.block_table
+            start, table = seq.num_cached_tokens, seq.block_table
+            end = start + seq.num_scheduled_tokens
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             q_lens.append(end - start)
             kv_lens.append(end)
+            if end == len(seq):
+                last_rows.append(len(input_ids) - 1)
         width = max(len(seq.block_table) for seq in seqs)
         tables = chain.from_iterable(seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs)
-        last_rows = list(accumulate(q_lens, initial=-1))[1:]
         input_ids, positions, slots, tables, logits_indices = to_device(
             self.device, torch.int64, input_ids, positions, slots, list(tables), last_rows)
         self.attn.plan(q_lens, kv_lens, tables.view(len(seqs), width), slots)

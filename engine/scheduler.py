@@ -1,8 +1,18 @@
-"""Continuous batching: each step is either a prefill of waiting sequences or one decode token for every running
-one. When blocks run out, cached prefixes are evicted first, then the most recently admitted sequences are
-preempted (their blocks released, their tokens kept) and recomputed later from their tokens. When more sequences
-run than max_num_seqs, those of lower fork depth decode first (round robin within a depth)."""
-from collections import deque
+"""Continuous batching: which sequences run in the next step, and how many of their tokens each computes.
+
+With chunked prefill (the default) a step holds the running sequences' decodes (one token each) and then pieces of
+prompts: the step's token budget (max_num_batched_tokens) goes to the decodes first and to prefill pieces after.
+A piece ends at a multiple of the chunk size counted from the start of its sequence (or at the sequence's end),
+whatever the load, and a prompt longer than long_prefill_token_threshold takes at most that many tokens of a step
+when anything else runs or waits, so that queued short prompts prefill in the same step and running decodes keep
+their pace. Without chunked prefill each step is either a prefill of whole prompts or one decode token for every
+running sequence (prefill first).
+
+When blocks run out, cached prefixes are evicted first, then the most recently admitted sequences are preempted
+(their blocks released, their tokens kept) and recomputed later from their tokens. When more sequences run than
+max_num_seqs, those of lower fork depth go first (round robin within a depth)."""
+from collections import Counter, deque
+from itertools import chain
 
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
@@ -13,9 +23,12 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCache):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.chunked = config.enable_chunked_prefill
+        self.long_prefill = config.long_prefill_token_threshold  # 0: no cap
+        self.chunk = config.long_prefill_token_threshold or config.max_num_batched_tokens  # pieces end at multiples
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admitted: decoding, or prefilling (part of the prompt computed)
         self.num_preemptions = 0
 
     def add_waiting(self, seq: Sequence):
@@ -30,22 +43,76 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences to run, is_prefill)."""
+    def schedule(self) -> tuple[list[Sequence], int]:
+        """(the step's sequences, how many of them lead as decodes); each has num_scheduled_tokens set: 1 for a
+        decode, the piece's length for a prefill. A sequence samples in this step when its piece reaches its end."""
+        if self.chunked:
+            return self._schedule_mixed()
         prefill = self._schedule_prefill()
         if prefill:
-            return prefill, True
-        decode = self._schedule_decode()
+            return prefill, 0
+        decode = self._schedule_decode(list(self.running), self.max_num_seqs)
         if not decode and self.waiting and not self.running:
             prefill = self._schedule_prefill()
             if not prefill:
-                raise RuntimeError(
-                    f"the KV pool ({self.kv.num_blocks} blocks) cannot hold the next waiting sequence "
-                    f"({len(self.waiting[0])} tokens): its blocks are held by finished sequences that were "
-                    f"never freed; call free() on them")
-            return prefill, True
-        return decode, False
+                self._pool_too_small()
+            return prefill, 0
+        return decode, len(decode)
 
+    # ---- chunked prefill: decodes and prefill pieces in one step -----------------------------------------------
+    def _schedule_mixed(self) -> tuple[list[Sequence], int]:
+        decoding = [s for s in self.running if not s.is_prefilling]
+        eligible = self._prefill_candidates(decoding)
+        decode = self._schedule_decode(decoding, self.max_num_seqs - len(eligible))
+        budget = max(self.max_num_batched_tokens - len(decode), self.chunk)  # at least one chunk of prefill
+        pieces = []
+        for i, seq in enumerate(eligible):
+            waiting_others = len(self.waiting) - (seq.status == SequenceStatus.WAITING)
+            others = bool(decoding or pieces or i + 1 < len(eligible) or waiting_others)
+            if seq.status == SequenceStatus.WAITING:
+                if not self.kv.admit(seq):
+                    break
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            seq.num_scheduled_tokens = self._piece(seq, budget, capped=others and self.long_prefill > 0)
+            if not seq.num_scheduled_tokens:
+                break
+            budget -= seq.num_scheduled_tokens
+            pieces.append(seq)
+        if not decode and not pieces and self.waiting and not self.running:
+            self._pool_too_small()
+        return decode + pieces, len(decode)
+
+    def _prefill_candidates(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Prefilling sequences, then waiting ones in order, while decode slots allow: a sequence gets a slot
+        when fewer than max_num_seqs decoding sequences of its fork depth or lower (and candidates before it)
+        hold one, so a waiting root is admitted past running forks."""
+        depths = Counter(d.fork_depth for d in decoding)
+        eligible = []
+        for seq in chain((s for s in self.running if s.is_prefilling), self.waiting):
+            ahead = sum(n for depth, n in depths.items() if depth <= seq.fork_depth)
+            if ahead + len(eligible) >= self.max_num_seqs:
+                break
+            eligible.append(seq)
+        return eligible
+
+    def _piece(self, seq: Sequence, budget: int, capped: bool) -> int:
+        """Tokens of seq's prompt to compute now: all the rest when it fits the limit, else up to the last
+        multiple of the chunk size within it (0 when none is)."""
+        start, end = seq.num_cached_tokens, len(seq)
+        limit = min(budget, self.long_prefill) if capped else budget
+        if end - start <= limit:
+            return end - start
+        return max(0, (start + limit) // self.chunk * self.chunk - start)
+
+    def _pool_too_small(self):
+        raise RuntimeError(
+            f"the KV pool ({self.kv.num_blocks} blocks) cannot hold the next waiting sequence "
+            f"({len(self.waiting[0])} tokens): its blocks are held by finished sequences that were "
+            f"never freed; call free() on them")
+
+    # ---- without chunked prefill: whole prompts in prefill-only steps ------------------------------------------
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled, num_tokens = [], 0
         while self.waiting:
@@ -56,7 +123,8 @@ class Scheduler:
                 break
             if not self.kv.admit(seq):
                 break
-            num_tokens += len(seq) - seq.num_cached_tokens
+            seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+            num_tokens += seq.num_scheduled_tokens
             seq.status = SequenceStatus.RUNNING
             scheduled.append(self.waiting.popleft())
         self.running += scheduled
@@ -66,29 +134,38 @@ class Scheduler:
         """Running sequences that take a decode slot before `seq` would (a root is admitted past forks)."""
         return sum(1 for other in self.running if other.fork_depth <= seq.fork_depth)
 
-    def _schedule_decode(self) -> list[Sequence]:
-        if len(self.running) > self.max_num_seqs:
+    # ---- decodes --------------------------------------------------------------------------------------------------
+    def _schedule_decode(self, decoding: list[Sequence], slots: int) -> list[Sequence]:
+        """Up to `slots` of the decoding sequences, each with room for its next token. Short of blocks, prefilling
+        sequences are preempted first (the latest admitted), then decoding ones from the back of the queue."""
+        if len(decoding) > slots:
             # Sequences that may still be forked (roots) go first: their forks can only start once they
             # finish, so a root left to wait behind forks stretches the tail of a tree with a half-empty batch.
-            self.running.sort(key=lambda seq: seq.fork_depth)  # stable: round robin within a depth
-        queue = deque(self.running[:self.max_num_seqs])
-        rest = self.running[self.max_num_seqs:]
+            decoding.sort(key=lambda seq: seq.fork_depth)  # stable: round robin within a depth
+        queue = deque(decoding[:max(slots, 0)])
         scheduled = []
         while queue:
             seq = queue.popleft()
             while not self.kv.reserve_decode(seq):
-                if queue:
+                victim = next((s for s in reversed(self.running) if s.is_prefilling), None)
+                if victim is not None:
+                    self._preempt(victim)
+                elif queue:
                     self._preempt(queue.pop())
                 else:
                     self._preempt(seq)
                     break
             else:
+                seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        self.running = rest + scheduled  # sequences left out by max_num_seqs go first next time
+        left_out = [s for s in decoding[max(slots, 0):] if s.status == SequenceStatus.RUNNING]
+        others = [s for s in self.running if s.is_prefilling]
+        self.running = left_out + scheduled + others  # sequences left out by max_num_seqs go first next time
         return scheduled
 
     def _preempt(self, seq: Sequence):
         self.kv.release(seq)
+        self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -8,7 +8,7 @@ from engine.stop_checker import TextStop
 
 class SequenceStatus(Enum):
     WAITING = auto()   # no KV blocks; the next step that schedules it is a prefill
-    RUNNING = auto()   # holds KV blocks for tokens[:num_cached_tokens]; decodes one token per step
+    RUNNING = auto()   # holds KV blocks for tokens[:num_cached_tokens]; prefills the rest, then decodes
     FINISHED = auto()  # keeps its blocks until free() so that it can still be forked
 
 
@@ -27,6 +27,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.num_scheduled_tokens = 0  # tokens the current step computes (the scheduler sets it)
         self.cache_node = None         # radix-tree node locked while this sequence uses the matched prefix
         self.logprobs: list[float] = []
         self.entropies: list[float] = []
@@ -56,6 +57,11 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Admitted with more than its last token still to compute (a prompt, or recomputation after preemption)."""
+        return self.status == SequenceStatus.RUNNING and self.num_cached_tokens < len(self.token_ids) - 1
 
     @property
     def is_finished(self) -> bool:

@@ -40,7 +40,9 @@ class EngineSection:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.4
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     pack_weights: bool = True

@@ -89,10 +89,11 @@ def test_decode_batch_is_capped_by_max_num_seqs(model_dir):
     assert got == [[c.token_ids for c in out.outputs] for out in ref.generate(PROMPTS, SAMPLED)]
 
 
-def test_full_batch_decodes_roots_before_forks(model_dir):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_full_batch_decodes_roots_before_forks(model_dir, chunked):
     """With more running sequences than max_num_seqs, a root (it may still be forked) is admitted and decodes
     at every step, while the forks take turns in the slots left."""
-    llm = LLM(model_dir, dtype="float32", block_size=4, max_num_seqs=2)
+    llm = LLM(model_dir, dtype="float32", block_size=4, max_num_seqs=2, enable_chunked_prefill=chunked)
     engine = llm.engine
     params = SamplingParams(temperature=1.0, max_tokens=30, seed=3, ignore_eos=True)
     parent, root = engine.make_sequences(PROMPTS[0], params)[0], engine.make_sequences(PROMPTS[1], params)[0]
@@ -102,9 +103,10 @@ def test_full_batch_decodes_roots_before_forks(model_dir):
     engine.free(parent)
     engine.add_sequence(root)
     engine.step()  # the batch is full of forks, and the root is still admitted: it prefills now
-    assert root.num_completion_tokens == 1 and [f.num_completion_tokens for f in forks] == [1, 1]
+    # chunked: one fork decodes beside the root's prefill; else the prefill has the step to itself
+    assert root.num_completion_tokens == 1 and [f.num_completion_tokens for f in forks] == [1 + chunked, 1]
     for _ in range(4):
         engine.step()
         llm.check_integrity()
     assert root.num_completion_tokens == 5
-    assert [f.num_completion_tokens for f in forks] == [3, 3]  # the second slot alternates between them
+    assert [f.num_completion_tokens for f in forks] == [3 + chunked, 3]  # the second slot alternates

@@ -1,4 +1,5 @@
-"""Paged attention on the CPU: the C++ decode kernel and the torch path against dense attention per sequence."""
+"""Paged attention on the CPU: the C++ decode and prefill kernels and the torch path against dense attention per
+sequence; the prefill kernel against the decode kernel bit for bit."""
 import pytest
 import torch
 
@@ -105,7 +106,9 @@ def test_kernel_variants_match_dense(switch):
             "for d in (torch.float32, torch.bfloat16) "
             "for c in range(len(t.SHARED_CASES))]; "
             "[t.test_shared_prefix_attention_is_batch_invariant(d, *shape) for d in (torch.float32, torch.bfloat16) "
-            "for shape in ((9, 3, 64), (14, 2, 64))]")
+            "for shape in ((9, 3, 64), (14, 2, 64))]; "
+            "[t.test_prefill_rows_equal_decode_rows(d, *shape, bs) for d in (torch.float32, torch.bfloat16) "
+            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, switch: "1"}, check=True, timeout=300)
 
@@ -188,3 +191,71 @@ def test_shared_prefix_attention_is_batch_invariant(dtype, heads, kv_heads, dim)
     shuffled = run_kernel(k_cache, v_cache, tables[perm], [lens[i] for i in perm], q[perm].contiguous(), heads,
                           kv_heads, dim, block_size)
     assert torch.equal(shuffled, together[perm])
+
+
+def run_prefill_kernel(k_cache, v_cache, tables, lens, query_lens, q, heads, kv_heads, dim, block_size):
+    from ettrl_kernels import _C
+
+    out = torch.empty_like(q)
+    k, v = k_cache[0].reshape(-1, kv_heads * dim), v_cache[0].reshape(-1, kv_heads * dim)
+    tables, kv_lens = tables.contiguous(), torch.tensor(lens, dtype=torch.int64)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int64)
+    _C.paged_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), tables.data_ptr(),
+                               starts.data_ptr(), kv_lens.data_ptr(), len(lens), heads, kv_heads, dim, tables.shape[1],
+                               block_size, dim ** -0.5, q.dtype == torch.bfloat16, 2)
+    return out
+
+
+PREFILL_LENS = [1, 5, 16, 17, 70, 33, 200]   # keys per sequence after the step
+PREFILL_ROWS = [1, 5, 3, 17, 70, 1, 37]      # new tokens (query rows): whole prompts, chunks over a cached prefix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (14, 2, 64)])
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_prefill_rows_equal_decode_rows(dtype, heads, kv_heads, dim, block_size):
+    """Every query row of the prefill kernel is, bit for bit, the decode kernel's result for one query at that
+    position (alone), and near dense attention over the keys up to it: a token's attention does not depend on
+    where its prefill starts, how it is split, or what else is in the step."""
+    if decode_kernel(torch.empty(1, dtype=dtype), "paged_prefill_attention") is None:
+        pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_prefill_attention)")
+    k_cache, v_cache, tables, dense, _ = random_pool(PREFILL_LENS, block_size, heads, kv_heads, dim, dtype, seed=dim)
+    rows = sum(PREFILL_ROWS)
+    q = torch.randn(rows, heads, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = run_prefill_kernel(k_cache, v_cache, tables, PREFILL_LENS, PREFILL_ROWS, q, heads, kv_heads, dim,
+                             block_size)
+    r = 0
+    for b, (n, new) in enumerate(zip(PREFILL_LENS, PREFILL_ROWS)):
+        for i in range(new):
+            keys = n - new + i + 1
+            alone = run_kernel(k_cache, v_cache, tables[b:b + 1], [keys], q[r:r + 1], heads, kv_heads, dim, block_size)
+            assert torch.equal(out[r], alone[0]), f"row {i} of sequence {b} differs from its decode"
+            ref = dense_reference(q[r], dense[b][0][:keys], dense[b][1][:keys], dim ** -0.5)
+            torch.testing.assert_close(out[r].double(), ref, **TOLERANCE[dtype])
+            r += 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_step_in_the_backend_equals_the_torch_path(dtype):
+    """A step of decodes and prefill rows through cpu_paged's plan (decode kernel, then prefill kernel) against
+    the gather + SDPA reference, and its decode rows bit for bit against a decode-only step."""
+    heads, kv_heads, dim, block_size = 9, 3, 64, 4
+    lens, query_lens = [9, 40, 3, 70, 33], [1, 1, 3, 20, 1]  # two decodes, a prompt, a chunk, a last token
+    k_cache, v_cache, tables, _, _ = random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    rows = sum(query_lens)
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    k, v = (torch.randn(rows, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    slots = torch.tensor([t[p // block_size] * block_size + p % block_size
+                          for t, n, m in zip(tables.tolist(), lens, query_lens) for p in range(n - m, n)])
+    outs = {}
+    for use_kernel in (True, False):
+        attn = TorchPagedAttention(k_cache.clone(), v_cache.clone(), heads, dim ** -0.5, use_decode_kernel=use_kernel)
+        if use_kernel and attn.prefill_kernel is None:
+            pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_prefill_attention)")
+        attn.plan(query_lens, lens, tables, slots)
+        outs[use_kernel] = attn(0, q, k, v)
+    torch.testing.assert_close(outs[True].double(), outs[False].double(), **TOLERANCE[dtype])
+    attn = TorchPagedAttention(k_cache.clone(), v_cache.clone(), heads, dim ** -0.5)
+    attn.plan([1, 1], lens[:2], tables[:2], slots[:2])
+    assert torch.equal(attn(0, q[:2], k[:2], v[:2]), outs[True][:2])

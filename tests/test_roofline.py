@@ -46,3 +46,11 @@ def test_samples_of_one_prompt_prefill_it_once():
     one = roofline.floor_tokens_per_s(SIZES, torch.float32, 2, 2, 2, distinct_prompts=1, **compute_bound)
     two = roofline.floor_tokens_per_s(SIZES, torch.float32, 2, 2, 2, **compute_bound)
     assert one == pytest.approx(4 / 8.064) and two == pytest.approx(4 / 12.08)
+
+
+def test_prefill_floor():
+    # 1000 matmul parameters of which 100 lm_head, 10 tokens: 2 x 900 x 10 + 2 x 100 + 8 x 100 / 2 = 18600 FLOPs at
+    # 1000 FLOP/s; bytes 4000 + 10 x 16 at unlimited bandwidth
+    sizes = {**SIZES, "lm_head_params": 100}
+    assert roofline.prefill_seconds(sizes, torch.float32, 10, gflops=1e-6, gbps=1e9) == pytest.approx(18.6)
+    assert roofline.prefill_seconds(sizes, torch.float32, 10, gflops=1e9, gbps=1e-6) == pytest.approx(4.16)

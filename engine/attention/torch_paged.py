@@ -6,14 +6,18 @@ padded to the longest sequence. Each layer then writes its new K/V with one inde
 keys and values with one index_select each, and runs one scaled_dot_product_attention over the padded batch.
 Query heads are grouped by their KV head ([B, kv_heads, q_len * group, D]), so GQA needs no repeated K/V.
 
-Decode steps of fp32/bf16 caches go to the C++ kernel `ettrl_kernels._C.paged_decode_attention` instead, which reads
-keys and values in place through the block tables: no gather, no padding, no mask (faster than gather + SDPA at
-decode shapes: docs/benchmarks.md). With AVX-512 it works in 16-key tiles with an online
-softmax and reads a prefix that several sequences share (same leading blocks: the n samples of a prompt, a tree's
-branches) once for all of them, bit-identical to reading it per sequence (csrc/paged_attention_avx512.cpp). The
-torch path stays the reference for it.
+Steps of fp32/bf16 caches go to the C++ kernels instead (`cpu_paged`), which read keys and values in place through
+the block tables: no gather, no padding, no mask. `paged_decode_attention` takes the sequences with one new token
+(faster than gather + SDPA at decode shapes: docs/benchmarks.md); with AVX-512 it works in 16-key tiles with an
+online softmax and reads a prefix that several sequences share (same leading blocks: the n samples of a prompt, a
+tree's branches) once for all of them, bit-identical to reading it per sequence (csrc/paged_attention_avx512.cpp).
+`paged_prefill_attention` takes the rest (prompts, prefill chunks, recomputation) and gives each new token exactly
+what a decode of its position gives, so a token's attention, and with row-invariant matmuls its logits and KV, do
+not depend on how its prompt was split into chunks, on a cached prefix, or on the rest of the batch. The torch path
+stays the reference for both.
 """
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +38,18 @@ class StepPlan:
     decode: bool                 # every sequence has exactly one new token
     q_index: torch.Tensor | None = None    # [B * max_q] row of each padded query in the flat batch (T = padding)
     out_index: torch.Tensor | None = None  # [T] padded row of each real query
-    block_tables: torch.Tensor | None = None  # decode kernel: [B, max_blocks] int64
-    kv_lens: torch.Tensor | None = None       # decode kernel: [B] int64
+    block_tables: torch.Tensor | None = None  # C++ kernels: [B, max_blocks] int64
+    kv_lens: torch.Tensor | None = None       # C++ kernels: [B] int64
+    num_decode: int = 0                       # C++ kernels: leading sequences with one new token (decode kernel)
+    q_starts: torch.Tensor | None = None      # prefill kernel: [B - num_decode + 1] int64, rows of the others
 
 
-def decode_kernel(cache: torch.Tensor):
-    """ettrl_kernels._C.paged_decode_attention where it applies to this cache (CPU, fp32 or bf16), else None."""
+def decode_kernel(cache: torch.Tensor, name: str = "paged_decode_attention"):
+    """ettrl_kernels._C.paged_decode_attention (or another of its paged kernels, by name) where it applies to this
+    cache (CPU, fp32 or bf16), else None."""
     if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return extension_op("paged_decode_attention")
+    return extension_op(name)
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -67,6 +74,7 @@ class TorchPagedAttention(AttentionBackend):
         self.group = num_heads // self.kv_heads
         self.scale = scale
         self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
+        self.prefill_kernel = decode_kernel(k_cache, "paged_prefill_attention") if self.kernel else None
         self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
         self.plan_: StepPlan | None = None
         self._rope_checked = None  # (plan, StepRope) whose step tensors the fused rope op has checked
@@ -75,10 +83,14 @@ class TorchPagedAttention(AttentionBackend):
         """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
         device = block_tables.device
         batch, max_q, max_kv = len(kv_lens), max(query_lens), max(kv_lens)
-        if max_q == 1 and self.kernel is not None:
+        if self.kernel is not None and (max_q == 1 or self.prefill_kernel is not None):
             tables = block_tables.to(torch.int64).contiguous()
             lens = torch.tensor(kv_lens, dtype=torch.int64)
-            self.plan_ = StepPlan(slot_mapping, None, None, batch, 1, max_kv, True, block_tables=tables, kv_lens=lens)
+            num_decode = next((i for i, n in enumerate(query_lens) if n != 1), batch)
+            rows = [0, *accumulate(query_lens[num_decode:])]
+            starts = None if num_decode == batch else torch.tensor(rows, dtype=torch.int64)
+            self.plan_ = StepPlan(slot_mapping, None, None, batch, max_q, max_kv, max_q == 1, block_tables=tables,
+                                  kv_lens=lens, num_decode=num_decode, q_starts=starts)
             return
         nblocks = -(-max_kv // self.block_size)
         offsets = torch.arange(self.block_size, device=device)
@@ -128,7 +140,7 @@ class TorchPagedAttention(AttentionBackend):
         t, hkv, d, g = q.shape[0], self.kv_heads, self.head_dim, self.group
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
         if p.block_tables is not None:
-            return self._decode_kernel(layer, q)
+            return self._paged_kernels(layer, q)
         keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         values = v_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         if p.decode:
@@ -141,17 +153,24 @@ class TorchPagedAttention(AttentionBackend):
         out = out.view(p.batch, hkv, p.max_q, g, d).transpose(1, 2).reshape(p.batch * p.max_q, hkv * g * d)
         return out.index_select(0, p.out_index)
 
-    def _decode_kernel(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _paged_kernels(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The decode kernel for the leading one-token sequences, the prefill kernel for the others."""
         p = self.plan_
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
         if q.dtype != k_slots.dtype:
             raise TypeError(f"queries are {q.dtype} but the KV cache is {k_slots.dtype}")
         q = q.contiguous()
         out = torch.empty_like(q)
-        self.kernel(q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out.data_ptr(), p.block_tables.data_ptr(),
-                    p.kv_lens.data_ptr(), p.batch, self.num_heads, self.kv_heads, self.head_dim,
-                    p.block_tables.shape[1], self.block_size, self.scale, q.dtype == torch.bfloat16,
-                    torch.get_num_threads())
+        width, bf16, threads = p.block_tables.shape[1], q.dtype == torch.bfloat16, torch.get_num_threads()
+        shape = (self.num_heads, self.kv_heads, self.head_dim, width, self.block_size, self.scale, bf16, threads)
+        d = p.num_decode
+        if d:
+            self.kernel(q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out.data_ptr(),
+                        p.block_tables.data_ptr(), p.kv_lens.data_ptr(), d, *shape)
+        if d < p.batch:
+            self.prefill_kernel(q[d:].data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out[d:].data_ptr(),
+                                p.block_tables[d:].data_ptr(), p.q_starts.data_ptr(), p.kv_lens[d:].data_ptr(),
+                                p.batch - d, *shape)
         return out.view(q.shape[0], -1)
 
 

@@ -1,11 +1,10 @@
-"""A decode step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`,
-csrc/decode_layers.cpp).
+"""A step's whole stack of decoder layers in one C++ call (`ettrl_kernels._C.decode_layers`, csrc/decode_layers.cpp).
 
 The Python layer loop (llama.py) calls eight C++ ops a layer, and the Python around them is a measurable share of a
 decode step (docs/benchmarks.md). This calls the same ops with the same arguments in the same order, so it gives
 the same bits (tests/test_decode_layers.py). It applies where every matmul weight is in panels (AVX-512 BF16
-CPUs), the fused ops are on and the step is a decode step of the paged decode kernel; everything else (prefill,
-other CPUs, CUDA) takes the Python loop.
+CPUs), the fused ops are on and the step runs on the paged C++ kernels (decodes, prefill pieces or both, as the
+attention backend planned them); everything else (other CPUs, CUDA, the torch attention) takes the Python loop.
 """
 import torch
 
@@ -59,12 +58,12 @@ def _qk_norms(att) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def run(model, table: torch.Tensor, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(last layer's MLP output, residual stream) as the Python loop returns them, or None if this step is not a
-    decode step of the paged kernel (the caller then runs the loop)."""
+    """(last layer's MLP output, residual stream) as the Python loop returns them, or None if this step is not
+    planned for the paged C++ kernels (the caller then runs the loop)."""
     a, attn = model.args, model.layers[0].self_attn.attn
     plan = attn.plan_
     t = x.shape[0]
-    if plan is None or plan.block_tables is None or plan.batch != t or not x.is_contiguous():
+    if plan is None or plan.block_tables is None or not x.is_contiguous():
         return None
     first = model.layers[0].self_attn
     q_norm, k_norm = _qk_norms(first)
@@ -79,6 +78,6 @@ def run(model, table: torch.Tensor, x: torch.Tensor, rope) -> tuple[torch.Tensor
         a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps, 1e-6 if first.q_norm is None else first.q_norm.eps,
         plan.slot_mapping.data_ptr(), rope.positions.data_ptr(), rope.table.cos.data_ptr(),
         rope.table.sin.data_ptr(), plan.block_tables.data_ptr(), plan.kv_lens.data_ptr(),
-        plan.block_tables.shape[1], attn.block_size, attn.scale, x.dtype == torch.bfloat16,
-        torch.get_num_threads())
+        _address(plan.q_starts), plan.batch, plan.num_decode, plan.block_tables.shape[1], attn.block_size, attn.scale,
+        x.dtype == torch.bfloat16, torch.get_num_threads())
     return x, residual

@@ -167,7 +167,8 @@ def engine_options(config, options: EttrlRolloutOptions) -> dict:
     """engine.LLM's keyword arguments from verl's rollout config; engine_kwargs.ettrl.engine wins."""
     out = dict(dtype=config.dtype, max_num_seqs=config.max_num_seqs,
                max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
-               enable_prefix_caching=config.enable_prefix_caching)
+               enable_prefix_caching=config.enable_prefix_caching,
+               enable_chunked_prefill=getattr(config, "enable_chunked_prefill", True))
     if torch.cuda.is_available():
         out["gpu_memory_utilization"] = config.gpu_memory_utilization
     return {**out, **options.engine}
