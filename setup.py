@@ -79,10 +79,10 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...) (4.56 renamed torch_dtype); CI's floor stage tests 4.56
         "accelerate",
         "safetensors",
-        "gguf",
+        "gguf>=0.16",  # GGUFReader fields' contents() (engine/gguf_convert.py)
         "numpy",
         "sympy",
         "math-verify",

@@ -9,9 +9,9 @@ nothing a mutant changes can leak into the repository or into other people's tes
 
 - mutmut on each module of MODULES, running only that module's test files (TESTS) against each mutant;
 - hand-planted mutants (HAND_MUTANTS) for what mutmut cannot reach: module-level tables, @triton.jit kernels, the
-  engine's sampling call, the bugs of issue 23's table, and (with --cpp, which rebuilds the extension in the scratch
-  copy) the C++ sampler. Each is a text replacement; a mutant whose text is no longer in the file is reported as
-  "stale" (update it).
+  engine's sampling call, the planted bugs of docs/testing.md, and (with --cpp, which rebuilds the extension in
+  the scratch copy) the C++ sampler. Each is a text replacement; a mutant whose text is no longer in the file is
+  reported as "stale" (update it).
 
 The time cap is split over the parts in order (hand mutants first); mutmut's unchecked mutants are reported as
 such. The report (kill rate per module, every surviving mutant) goes to stdout and <workdir>/report.md;
@@ -70,7 +70,7 @@ S, R, ES = "ettrl/scoring.py", "ettrl/rollout.py", "tests/test_engine_sampling.p
 T, TR = "kernels/ettrl_kernels/sampling_torch.py", "kernels/ettrl_kernels/sampling_triton.py"
 CPP, ENGINE = "csrc/entropy_sample.cpp", "engine/llm_engine.py"
 HAND_MUTANTS = [
-    # issue 23's table
+    # docs/testing.md, "Planted bugs"
     Hand("rewards-by-position", S, "compute_advantages([rewards[i] for i in keep]",
          "compute_advantages([rewards[j] for j in range(len(keep))]", ["tests/test_scoring.py"],
          "advantages get the first len(keep) rewards instead of the kept responses'"),
@@ -114,7 +114,7 @@ HAND_MUTANTS = [
     # the torch path
     Hand("bf16-product-rounded", T, "    if chunk.dtype == torch.float32:\n        return torch.mul(",
          "    if True:\n        return torch.mul(", ["tests/test_sampling_backends.py"],
-         "bf16 logits * 1/T rounded to bf16 (the bug issue 20 fixed)"),
+         "bf16 logits * 1/T rounded to bf16 (a bug the torch path once had)"),
     # module-level constants of the noise
     Hand("gumbel-max-bound", "kernels/ettrl_kernels/noise.py", "GUMBEL_MAX = -math.log(-math.log1p(-U_SCALE))",
          "GUMBEL_MAX = 2.0", SAMPLER_TESTS, "the pruning bound of the noise too small"),
