@@ -79,7 +79,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
-        "transformers>=4.56",  # from_pretrained(dtype=...) (4.56 renamed torch_dtype); CI's floor stage tests 4.56
+        # 5.6: SmolLM2's GGUF tokenizer no longer adds <|im_start|> to every text (older releases do, and the
+        # converted default model keeps it); from_pretrained(dtype=) needs 4.56. CI's floor stage tests 5.6
+        "transformers>=5.6",
         "accelerate",
         "safetensors",
         "gguf>=0.16",  # GGUFReader fields' contents() (engine/gguf_convert.py)
