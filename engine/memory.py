@@ -22,7 +22,7 @@ def _madvise_hugepage(address: int, length: int) -> bool:
         return False
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """torch.zeros(shape), on huge pages where possible: the pages are advised before they are first touched."""
     device = torch.device(device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
