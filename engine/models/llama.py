@@ -270,8 +270,8 @@ class CausalLM(nn.Module):
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""
         a = self.args
-        views: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm.weight,
-                 "lm_head.weight": self.lm_head}
+        views: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens,
+                                          "model.norm.weight": self.norm.weight, "lm_head.weight": self.lm_head}
         q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
         for i, layer in enumerate(self._decoder_layers()):
             p, att, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
