@@ -108,4 +108,5 @@ def test_the_check_sees_what_it_should(tmp_path):
 
 def test_the_checked_paths_exist():
     assert all((ROOT / p).exists() for p in CHECKED), "a CHECKED path was moved: update the list"
+    assert all((ROOT / p).exists() for p in EXCLUDED), "an EXCLUDED path was moved (to engine/layers?): drop it"
     assert len(checked_files()) > 40

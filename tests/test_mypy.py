@@ -1,6 +1,6 @@
-"""mypy on the typed seams: the packages in CHECKED, less EXCLUDED, type-check with pyproject.toml's [tool.mypy]
-(imports followed silently, third-party packages without types as Any, the cache in .mypy_cache), and every
-`type: ignore` in them names its error code and says why.
+"""mypy on engine/, ettrl/ and the kernels: the packages in CHECKED, less EXCLUDED, type-check with pyproject.toml's
+[tool.mypy] (imports followed silently, third-party packages without types as Any, the cache in .mypy_cache), and
+every `type: ignore` in them names its error code and says why.
 
 A cold cache takes about a minute on a busy 2-core machine (13 s of CPU), a warm one a few seconds."""
 import re

@@ -134,7 +134,7 @@ class Attention(nn.Module):
         if attn is None:
             raise RuntimeError("no paged-attention backend: the model runner sets one (set_attention)")
         qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_packed)
-        if attn.takes_qkv:  # the backend applies rope (and q/k norms) and writes the cache
+        if getattr(attn, "takes_qkv", False):  # the backend applies rope (and q/k norms) and writes the cache
             out = attn.attend_qkv(self.layer_idx, qkv, rope, self.q_norm, self.k_norm)
             return linear(out, self.o_weight, self.o_bias, self.o_packed)
         cos, sin = rope.cos_sin()
