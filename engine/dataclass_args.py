@@ -18,12 +18,15 @@ import inspect
 import textwrap
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if TYPE_CHECKING:  # annotations only
+    from _typeshed import DataclassInstance
 
 NONE_WORDS = ("none", "None")
 
 
-def field_docs(cls) -> dict[str, str]:
+def field_docs(cls: type[DataclassInstance]) -> dict[str, str]:
     """{field name: its attribute docstring} for the fields of `cls` and its dataclass bases."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -33,7 +36,10 @@ def field_docs(cls) -> dict[str, str]:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError):  # no source (a frozen or zipped install): the flags go without help
             continue
-        body = tree.body[0].body
+        class_def = tree.body[0]
+        if not isinstance(class_def, ast.ClassDef):
+            continue
+        body = class_def.body
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
@@ -46,9 +52,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, aliases: dict[str, list[str]] | None = None,
-                       defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = (),
-                       title: str | None = None) -> argparse._ArgumentGroup:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type[DataclassInstance],
+                       aliases: dict[str, list[str]] | None = None, defaults: dict[str, Any] | None = None,
+                       skip: tuple[str, ...] = (), title: str | None = None) -> argparse._ArgumentGroup:
     """Adds one flag per field of `cls` (except `skip`) to a group of `parser`, dest = the field's name.
     aliases: other spellings of a field's flag (a bool's alias also gets its --no- form); defaults: overrides
     of the fields' defaults (e.g. one read from the environment)."""
@@ -75,7 +81,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, aliases: dict[str, 
     return group
 
 
-def dataclass_kwargs(cls, namespace: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def dataclass_kwargs(cls: type[DataclassInstance], namespace: argparse.Namespace,
+                     skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The parsed values of `cls`'s fields, to construct it with cls(**kwargs)."""
     return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
             if f.init and f.name not in skip and hasattr(namespace, f.name)}

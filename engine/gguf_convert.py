@@ -100,12 +100,12 @@ def _memoized_gguf_parsing():
     import gguf
 
     saved = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(saved[0])
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(saved[0])  # type: ignore[misc, assignment]  # a cached stand-in
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved  # type: ignore[misc]  # the class put back
 
 
 def _gguf_metadata(gguf_path: Path, key: str):

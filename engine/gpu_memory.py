@@ -5,15 +5,32 @@ gave back is still free when the engine wakes up.
 NOT YET RUN ON A GPU: the arithmetic is tested on the CPU with given numbers; `cuda_kv_budget` and
 `device_free_bytes` read them from torch.cuda.mem_get_info.
 """
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    from engine.models.registry import ModelArgsLike
 
 ACTIVATION_MARGIN = 2.0                 # allocator rounding and temporaries the estimate does not name
 ATTENTION_WORKSPACE_BYTES = 256 * 2**20  # flashinfer's workspace (engine/attention/flashinfer.py)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
+class Weights(Protocol):
+    """What these sums read of a model: its parameters and buffers (a torch.nn.Module, a registry.Model)."""
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]: ...
+
+
+def module_bytes(module: Weights) -> int:
     """Bytes of the module's parameters and buffers (shared tensors counted once)."""
-    seen, total = set(), 0
+    seen: set[int] = set()
+    total = 0
     for t in [*module.parameters(), *module.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
@@ -21,12 +38,12 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def parameter_bytes(module: torch.nn.Module) -> int:
+def parameter_bytes(module: Weights) -> int:
     """Bytes of the module's parameters (what sleep level 2 offloads; buffers stay on the device)."""
     return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in module.parameters()}.values())
 
 
-def activation_bytes(args, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
+def activation_bytes(args: ModelArgsLike, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
     """Peak activation estimate of one step: per-token hidden states, qkv, attention output and MLP, plus the
     fp32 logits and the sampler's buffers of the decode batch."""
     element = torch.empty((), dtype=dtype).element_size()

@@ -19,7 +19,7 @@ def cdiv(a: int, b: int) -> int:
 def _batchable(copies: list[tuple[int, int]]) -> bool:
     """True when reading every source before writing any target equals copying in order: no target is written
     twice and none is the source of a later copy. (A source freed and reused as a later target is fine.)"""
-    written = set()
+    written: set[int] = set()
     for src, dst in copies:
         if src in written or dst in written:
             return False
@@ -29,7 +29,7 @@ def _batchable(copies: list[tuple[int, int]]) -> bool:
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, prefix_caching: bool = True):
+                 dtype: torch.dtype, device: torch.device | str, prefix_caching: bool = True) -> None:
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = memory.zeros(shape, dtype, device)
         self.v = memory.zeros(shape, dtype, device)
@@ -40,7 +40,7 @@ class KVCache:
         self.pending_copies: list[tuple[int, int]] = []
 
     @staticmethod
-    def bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype) -> int:
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
@@ -91,7 +91,7 @@ class KVCache:
             seq.block_table += self.allocator.allocate(grow)
         return True
 
-    def release(self, seq: Sequence):
+    def release(self, seq: Sequence) -> None:
         """Drops the sequence's blocks; its fully computed blocks stay cached in the radix tree."""
         full = seq.num_cached_tokens // self.block_size
         if self.prefix_caching and full:
@@ -101,7 +101,7 @@ class KVCache:
         self.allocator.release_many(seq.block_table)
         seq.block_table, seq.num_cached_tokens, seq.cache_node = [], 0, None
 
-    def share_prefix(self, parent: Sequence, child: Sequence, num_tokens: int):
+    def share_prefix(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
         """Child reuses the parent's KV of tokens[:num_tokens]: it retains the blocks that hold them."""
         assert num_tokens <= parent.num_cached_tokens
         child.block_table = parent.block_table[:cdiv(num_tokens, self.block_size)]
@@ -112,7 +112,7 @@ class KVCache:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
-    def copy_blocks(self, copies: list[tuple[int, int]]):
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Performs the queued copies as if in order, with one gather and one index_copy_ per pool (K, V) when
         that is the same: every source is read before any target is written, which is what the sequential order
         gives unless a target is written twice or read by a later copy (then they run one by one)."""
@@ -123,15 +123,15 @@ class KVCache:
                 self.k[:, dst] = self.k[:, src]
                 self.v[:, dst] = self.v[:, src]
             return
-        src, dst = (torch.tensor(ids, dtype=torch.int64).to(self.k.device, non_blocking=True)
-                    for ids in zip(*copies))
+        sources, targets = (torch.tensor(ids, dtype=torch.int64).to(self.k.device, non_blocking=True)
+                            for ids in zip(*copies))
         for pool in (self.k, self.v):
-            pool.index_copy_(1, dst, pool.index_select(1, src))
+            pool.index_copy_(1, targets, pool.index_select(1, sources))
 
-    def reset_prefix_cache(self):
+    def reset_prefix_cache(self) -> None:
         self.tree.reset()
 
-    def check_integrity(self, live: list[Sequence]):
+    def check_integrity(self, live: list[Sequence]) -> None:
         """free + referenced == total, and every block's reference count == its holders (sequences + tree)."""
         self.cache.check_integrity()
         holders = [0] * self.num_blocks

@@ -2,11 +2,12 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, NamedTensors
+from engine.llm_engine import LLMEngine
 from engine.model_files import resolve_model
+from engine.models.loader import NamedTensors
 from engine.progress import Progress
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus, per_prompt
@@ -102,9 +103,9 @@ class LLM:
     def chat(self, conversations: Conversation | list[Conversation],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """conversations: one list of {"role", "content"} messages, or a list of them."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        prompts = [self.apply_chat_template(c) for c in conversations]
+        one = bool(conversations) and isinstance(conversations[0], dict)  # a list of messages, not of conversations
+        batch = [cast(Conversation, conversations)] if one else cast(list[Conversation], conversations)
+        prompts = [self.apply_chat_template(c) for c in batch]
         return self.generate(prompts, sampling_params)
 
     def apply_chat_template(self, messages: Conversation) -> str:
@@ -164,6 +165,7 @@ class LLM:
     def _completion(self, seq: Sequence) -> CompletionOutput:
         """The text is cut at a stop match's start, or its end with include_stop_str_in_output; the tokens keep
         every sampled token (the one completing the match last)."""
+        assert seq.finish_reason is not None, f"{seq} has not finished"
         text = None
         if seq.text_stop is not None and seq.text_stop.span is not None:
             text = seq.text_stop.output_text(seq.params.include_stop_str_in_output)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import cdiv
+from engine.kv_cache import KVCache, cdiv
 from engine.model_runner import ModelRunner
+from engine.models.loader import NamedTensors
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -30,7 +31,6 @@ from ettrl_kernels import entropy_sample
 if TYPE_CHECKING:  # annotations only: transformers loads with the model's tokenizer
     from transformers import PreTrainedTokenizerBase
 
-NamedTensors = dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or (HF name, tensor) pairs
 WAKE_UP_TAGS = ("weights", "kv_cache")  # vLLM's sleep-mode tags, in the order wake_up() restores them
 
 
@@ -39,7 +39,7 @@ class LLMEngine:
                  eos_token_ids: Iterable[int] = ()) -> None:
         self.config = config
         self.runner = ModelRunner(config, model_dir)
-        self.kv = self.runner.kv
+        self.kv: KVCache | None = self.runner.kv  # None while asleep
         self.scheduler = Scheduler(config, self.kv)
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -65,8 +65,8 @@ class LLMEngine:
         self._check_fits(seq)
         self.scheduler.add_waiting(seq)
 
-    def _check_fits(self, seq: Sequence):
-        self._check_awake()
+    def _check_fits(self, seq: Sequence) -> None:
+        kv = self._check_awake()
         if (seq.params.stop or seq.params.stop_regex) and self.tokenizer is None:
             raise ValueError("stop strings and stop_regex need a tokenizer and this model has none; use stop_token_ids")
         if not seq.token_ids:
@@ -80,10 +80,10 @@ class LLMEngine:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the model's max length "
                              f"{self.max_model_len} with one token to generate; shorten the prompt")
         final_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
-        need = cdiv(final_len, self.kv.block_size)
-        if need > self.kv.num_blocks:
+        need = cdiv(final_len, kv.block_size)
+        if need > kv.num_blocks:
             raise ValueError(f"a sequence of up to {final_len} tokens needs {need} KV blocks but the pool has "
-                             f"{self.kv.num_blocks}; lower max_tokens or enlarge the KV cache")
+                             f"{kv.num_blocks}; lower max_tokens or enlarge the KV cache")
 
     # ---- forking --------------------------------------------------------------------------------------------
     def fork(self, parent: Sequence, position: int, params: SamplingParams, seed: int, seq_id: int,
@@ -108,12 +108,13 @@ class LLMEngine:
         child.exclude_token = -1 if exclude_token is None else exclude_token
         if params.stop or params.stop_regex:  # the text so far, read once (the parent's when it has the same stops)
             same = parent.text_stop is not None and parent.text_stop.patterns is params.stop_patterns
-            base = parent.text_stop if same else TextStop(params.stop_patterns, self._decode, parent.num_prompt_tokens)
+            base = parent.text_stop if same and parent.text_stop is not None else self._new_text_stop(
+                params, parent.num_prompt_tokens)
             child.text_stop = base.fork(child.token_ids, position - parent.num_prompt_tokens)
         child.parent_uid, child.fork_position, child.request_id = parent.uid, position, parent.request_id
         child.fork_depth = parent.fork_depth + 1
         self._check_fits(child)
-        self.kv.share_prefix(parent, child, position - 1)
+        self._pool().share_prefix(parent, child, position - 1)
         self.scheduler.add_running(child)
         return child
 
@@ -125,7 +126,7 @@ class LLMEngine:
             self.scheduler.running.remove(seq)
         self.finished.pop(seq.uid, None)
         if seq.block_table:
-            self.kv.release(seq)
+            self._pool().release(seq)
         seq.status = SequenceStatus.FINISHED
 
     def park(self, seq: Sequence) -> None:
@@ -176,7 +177,7 @@ class LLMEngine:
         finished = []
         for (seq, i), token, logprob, entropy in zip(rows, tokens, logprobs, entropies):
             if seq is not seqs[i]:  # an n>1 sibling: it starts from the first sample's prompt KV
-                self.kv.share_prefix(seqs[i], seq, len(seq))
+                self._pool().share_prefix(seqs[i], seq, len(seq))
                 self.scheduler.add_running(seq)
             else:
                 seq.num_cached_tokens = len(seq)
@@ -190,7 +191,8 @@ class LLMEngine:
             seq.pending_siblings = []
         return finished
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]):
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]
+                ) -> tuple[list[int], list[float], list[float]]:
         seqs = [s for s, _ in rows]
         siblings = len(rows) != logits.shape[0]
         top_k, seeds, seq_ids, positions, exclude, row_index = to_device(
@@ -208,7 +210,7 @@ class LLMEngine:
         return [int(t) for t in columns[0]], columns[1], columns[2]
 
     @staticmethod
-    def _record_top_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[int]):
+    def _record_top_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[int]) -> None:
         """Rows whose params ask for logprobs (alternatives, or another distribution than the sampler's)."""
         for (seq, i), token in zip(rows, tokens):
             p = seq.params
@@ -230,18 +232,24 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif (p.stop or p.stop_regex) and self._text_stop(seq).step(seq.token_ids):
-            seq.finish_reason, seq.stop_reason = "stop", seq.text_stop.matched
+        elif (p.stop or p.stop_regex) and (text_stop := self._text_stop(seq)).step(seq.token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", text_stop.matched
         elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
     def _text_stop(self, seq: Sequence) -> TextStop:
         if seq.text_stop is None:
-            seq.text_stop = TextStop(seq.params.stop_patterns, self._decode, seq.num_prompt_tokens)
+            seq.text_stop = self._new_text_stop(seq.params, seq.num_prompt_tokens)
         return seq.text_stop
 
+    def _new_text_stop(self, params: SamplingParams, num_prompt_tokens: int) -> TextStop:
+        """For params with stop strings or stop_regex (so their patterns are set)."""
+        assert params.stop_patterns is not None, "no stop strings or stop_regex"
+        return TextStop(params.stop_patterns, self._decode, num_prompt_tokens)
+
     def _decode(self, token_ids: list[int]) -> str:
+        assert self.tokenizer is not None, "stop strings need a tokenizer (_check_fits refuses them without one)"
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -255,6 +263,10 @@ class LLMEngine:
     def check_integrity(self) -> None:
         if self.kv is not None:
             self.kv.check_integrity(self.live_sequences())
+
+    def reset_prefix_cache(self) -> None:
+        """Empties the prefix cache (blocks held by live sequences stay); refused while asleep (no pool)."""
+        self._pool().reset_prefix_cache()
 
     def update_weights(self, named_tensors: NamedTensors) -> int:
         live = self.num_live_sequences()
@@ -289,19 +301,25 @@ class LLMEngine:
         empty pool of the same size); None is both. Weights come back first, so a trainer can wake them, write new
         ones and only then re-create the pool. Each part first checks that it fits in the device's free memory and
         raises DeviceMemoryError (still asleep) when it does not."""
-        tags = wake_up_tags(tags)
-        if "weights" in tags:
+        woken = wake_up_tags(tags)
+        if "weights" in woken:
             self.runner.wake_up_weights()
-        if "kv_cache" in tags:
+        if "kv_cache" in woken:
             self.runner.wake_up_kv_cache()
             self.kv = self.scheduler.kv = self.runner.kv
 
-    def _check_awake(self):
-        if self.kv is None:
-            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+    def _check_awake(self) -> KVCache:
+        """The KV pool, or a clear error when the engine sleeps."""
+        kv = self._pool()
         if self.runner.weights_offloaded:
             raise RuntimeError("the engine's weights are offloaded (sleep(level=2)): call wake_up() or "
                                "wake_up(['weights']) first")
+        return kv
+
+    def _pool(self) -> KVCache:
+        if self.kv is None:
+            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+        return self.kv
 
 
 def wake_up_tags(tags: Iterable[str] | None) -> tuple[str, ...]:

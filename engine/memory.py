@@ -16,7 +16,7 @@ import torch
 HUGE_PAGE = 2 << 20
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """torch.zeros(shape), on huge pages where possible: the pages are advised before they are first touched."""
     device = torch.device(device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

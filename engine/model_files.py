@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import env
@@ -26,7 +27,7 @@ def default_cache_dir() -> Path:
     return env.cache_dir()
 
 
-def resolve_model(spec, cache_dir=None) -> Path:
+def resolve_model(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Return a local directory with config.json and safetensors weights for `spec`.
 
     `spec` is the built-in name DEFAULT_MODEL (converted once into the cache), a local directory, or a
@@ -116,7 +117,7 @@ def ensure_default_model(cache: Path) -> Path:
     return validate_model_dir(target)
 
 
-def build_once(target: Path, build) -> None:
+def build_once(target: Path, build: Callable[[Path], None]) -> None:
     """Run `build(tmp_dir)` and move the result to `target`, unless a complete `target` exists.
 
     Safe against concurrent processes (a file lock) and crashes (build into a temp dir beside `target`,

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    from engine.llm_engine import LLMEngine
 
 
 class Progress:
-    def __init__(self, engine, total: int, desc: str, enabled: bool):
+    def __init__(self, engine: LLMEngine, total: int, desc: str, enabled: bool) -> None:
         self.engine, self.bar = engine, None
         if enabled:
             from tqdm.auto import tqdm
@@ -18,19 +22,19 @@ class Progress:
                             dynamic_ncols=True)
             self.start, self.tokens0 = time.perf_counter(), engine.num_decode_tokens
 
-    def update(self, finished: int = 1):
+    def update(self, finished: int = 1) -> None:
         if self.bar is None or not finished:
             return
         rate = (self.engine.num_decode_tokens - self.tokens0) / max(1e-9, time.perf_counter() - self.start)
         self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
         self.bar.update(finished)
 
-    def shrink(self, fewer: int):
+    def shrink(self, fewer: int) -> None:
         """The total drops (a root too short for all its fork points has fewer branches)."""
         if self.bar is not None and fewer:
             self.bar.total -= fewer
             self.bar.refresh()
 
-    def close(self):
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -69,7 +69,7 @@ class SamplingParams:
     @property
     def stop_patterns(self) -> StopPatterns | None:
         """stop and stop_regex compiled (cached across requests with the same patterns); None if neither is set."""
-        return compile_stop_patterns(tuple(self.stop), tuple(self.stop_regex))
+        return compile_stop_patterns(tuple(self.stop or ()), tuple(self.stop_regex or ()))  # lists by __post_init__
 
     @property
     def greedy(self) -> bool:

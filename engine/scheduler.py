@@ -20,22 +20,24 @@ from engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCache):
+    def __init__(self, config: EngineConfig, kv: KVCache | None) -> None:
+        assert config.max_num_batched_tokens is not None and config.long_prefill_token_threshold is not None, \
+            "EngineConfig.__post_init__ resolves them"
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked = config.enable_chunked_prefill
         self.long_prefill = config.long_prefill_token_threshold  # 0: no cap
         self.chunk = config.long_prefill_token_threshold or config.max_num_batched_tokens  # pieces end at multiples
-        self.kv = kv
+        self.kv = kv  # None while the engine sleeps (it schedules nothing then)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: decoding, or prefilling (part of the prompt computed)
         self.num_preemptions = 0
 
-    def add_waiting(self, seq: Sequence):
+    def add_waiting(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence):
+    def add_running(self, seq: Sequence) -> None:
         """For sequences that already hold the KV of their prefix (forks): they decode at the next step."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -65,12 +67,12 @@ class Scheduler:
         eligible = self._prefill_candidates(decoding)
         decode = self._schedule_decode(decoding, self.max_num_seqs - len(eligible))
         budget = max(self.max_num_batched_tokens - len(decode), self.chunk)  # at least one chunk of prefill
-        pieces = []
+        pieces: list[Sequence] = []
         for i, seq in enumerate(eligible):
             waiting_others = len(self.waiting) - (seq.status == SequenceStatus.WAITING)
             others = bool(decoding or pieces or i + 1 < len(eligible) or waiting_others)
             if seq.status == SequenceStatus.WAITING:
-                if not self.kv.admit(seq):
+                if not self._pool().admit(seq):
                     break
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
@@ -89,7 +91,7 @@ class Scheduler:
         when fewer than max_num_seqs decoding sequences of its fork depth or lower (and candidates before it)
         hold one, so a waiting root is admitted past running forks."""
         depths = Counter(d.fork_depth for d in decoding)
-        eligible = []
+        eligible: list[Sequence] = []
         for seq in chain((s for s in self.running if s.is_prefilling), self.waiting):
             ahead = sum(n for depth, n in depths.items() if depth <= seq.fork_depth)
             if ahead + len(eligible) >= self.max_num_seqs:
@@ -106,22 +108,28 @@ class Scheduler:
             return end - start
         return max(0, (start + limit) // self.chunk * self.chunk - start)
 
-    def _pool_too_small(self):
+    def _pool(self) -> KVCache:
+        if self.kv is None:
+            raise RuntimeError("the engine is asleep (sleep() freed its KV pool): call wake_up() first")
+        return self.kv
+
+    def _pool_too_small(self) -> None:
         raise RuntimeError(
-            f"the KV pool ({self.kv.num_blocks} blocks) cannot hold the next waiting sequence "
+            f"the KV pool ({self._pool().num_blocks} blocks) cannot hold the next waiting sequence "
             f"({len(self.waiting[0])} tokens): its blocks are held by finished sequences that were "
             f"never freed; call free() on them")
 
     # ---- without chunked prefill: whole prompts in prefill-only steps ------------------------------------------
     def _schedule_prefill(self) -> list[Sequence]:
-        scheduled, num_tokens = [], 0
+        scheduled: list[Sequence] = []
+        num_tokens = 0
         while self.waiting:
             seq = self.waiting[0]
             if self._num_decoding_before(seq) + len(scheduled) >= self.max_num_seqs:
                 break
             if scheduled and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
-            if not self.kv.admit(seq):
+            if not self._pool().admit(seq):
                 break
             seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
             num_tokens += seq.num_scheduled_tokens
@@ -146,7 +154,7 @@ class Scheduler:
         scheduled = []
         while queue:
             seq = queue.popleft()
-            while not self.kv.reserve_decode(seq):
+            while not self._pool().reserve_decode(seq):
                 victim = next((s for s in reversed(self.running) if s.is_prefilling), None)
                 if victim is not None:
                     self._preempt(victim)
@@ -163,13 +171,13 @@ class Scheduler:
         self.running = left_out + scheduled + others  # sequences left out by max_num_seqs go first next time
         return scheduled
 
-    def _preempt(self, seq: Sequence):
-        self.kv.release(seq)
+    def _preempt(self, seq: Sequence) -> None:
+        self._pool().release(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence):
+    def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -1,9 +1,15 @@
 """One sampled sequence: its tokens, its KV blocks and its per-token statistics."""
+from __future__ import annotations
+
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING, cast
 
 from engine.sampling_params import SamplingParams
 from engine.stop_checker import TextStop
+
+if TYPE_CHECKING:  # annotations only: engine.llm imports this module
+    from engine.llm import Prompt, Prompts
 
 
 class SequenceStatus(Enum):
@@ -67,18 +73,19 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def append(self, token: int, logprob: float, entropy: float):
+    def append(self, token: int, logprob: float, entropy: float) -> None:
         self.token_ids.append(token)
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
 
 
-def per_prompt(prompts, sampling_params: SamplingParams | list[SamplingParams]):
+def per_prompt(prompts: Prompts, sampling_params: SamplingParams | list[SamplingParams]
+               ) -> tuple[list[Prompt], list[SamplingParams]]:
     """(list of prompts, one SamplingParams per prompt): one str or id list becomes a list of one, and one
     SamplingParams serves every prompt."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-    if len(params) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-    return prompts, params
+    one = isinstance(prompts, str) or bool(prompts) and isinstance(prompts[0], int)
+    prompt_list = cast("list[Prompt]", [prompts] if one else prompts)
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompt_list)
+    if len(params) != len(prompt_list):
+        raise ValueError(f"{len(prompt_list)} prompts but {len(params)} SamplingParams")
+    return prompt_list, params

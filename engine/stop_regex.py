@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 try:  # Python >= 3.11
-    from re import _constants as C
-    from re import _parser as sre_parse
+    from re import _constants as C  # type: ignore[attr-defined]  # private in typeshed, there since 3.11
+    from re import _parser as sre_parse  # type: ignore[attr-defined]  # private in typeshed, there since 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as C
     import sre_parse
@@ -96,7 +96,8 @@ class _Compiler:
                 head = nfa.add(SPLIT, start, head)
             return head
         if op in (C.MAX_REPEAT, C.MIN_REPEAT):
-            return self.repeat(*arg, nxt=nxt, flags=flags)
+            low, high, sub = arg
+            return self.repeat(low, high, sub, nxt=nxt, flags=flags)
         if op is C.AT:
             if arg in (C.AT_BEGINNING, C.AT_BEGINNING_STRING):
                 return nfa.add(BEGIN, nxt)
@@ -203,7 +204,7 @@ class Automaton:
         nxt = self._cache.get(key)
         if nxt is None:
             kind, out1, pred = self.nfa.kind, self.nfa.out1, self.nfa.pred
-            moved = [out1[n] for n in state if kind[n] == CHAR and pred[n](c)]
+            moved = [out1[n] for n in state if kind[n] == CHAR and pred[n](c)]  # type: ignore[misc]  # CHAR: a pred
             nxt = self.closure(moved, False, False)
             if restart:
                 nxt = nxt | restart

@@ -1,6 +1,6 @@
-"""mypy on the typed seams: the packages in CHECKED, less EXCLUDED, type-check with pyproject.toml's [tool.mypy]
-(imports followed silently, third-party packages without types as Any, the cache in .mypy_cache), and every
-`type: ignore` in them names its error code and says why.
+"""mypy on engine/, ettrl/ and the kernels: the packages in CHECKED, less EXCLUDED, type-check with pyproject.toml's
+[tool.mypy] (imports followed silently, third-party packages without types as Any, the cache in .mypy_cache), and
+every `type: ignore` in them names its error code and says why.
 
 A cold cache takes about a minute on a busy 2-core machine (13 s of CPU), a warm one a few seconds."""
 import re
@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["ettrl", "kernels/ettrl_kernels", "engine/serve", "engine/tree.py", "engine/tree_select.py",
-           "engine/stop_checker.py", "engine/models/registry.py"]  # folders or files
-EXCLUDED = ["ettrl/integrations/verl", "ettrl/grading"]  # not yet typed to mypy's satisfaction
+CHECKED = ["engine", "ettrl", "kernels/ettrl_kernels"]  # folders or files
+# folders or files: the CPU kernel wrappers, on their way to engine/layers/ (which will replace these entries)
+EXCLUDED = ["engine/models/packed_linear.py", "engine/models/fused_ops.py", "engine/models/matmul_choice.py",
+            "engine/models/decode_layers.py", "engine/models/rope.py"]
 IGNORE = re.compile(r"#\s*type:\s*ignore(?P<rest>.*)")
 GOOD_IGNORE = re.compile(r"\[[a-z-]+(, *[a-z-]+)*\]  # \S")  # [code] and a reason: "# type: ignore[code]  # why"
 
@@ -19,11 +20,15 @@ GOOD_IGNORE = re.compile(r"\[[a-z-]+(, *[a-z-]+)*\]  # \S")  # [code] and a reas
 def checked_files() -> list[Path]:
     paths = [ROOT / p for p in CHECKED]
     files = [f for path in paths for f in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
-    return [f for f in files if not any(f.relative_to(ROOT).as_posix().startswith(e + "/") for e in EXCLUDED)]
+    return [f for f in files if not any(_under(f.relative_to(ROOT).as_posix(), e) for e in EXCLUDED)]
+
+
+def _under(relative: str, excluded: str) -> bool:
+    return relative == excluded or relative.startswith(excluded + "/")
 
 
 def test_mypy_passes_on_the_seams():
-    exclude = "|".join(re.escape(e) for e in EXCLUDED)
+    exclude = "|".join(f"^{re.escape(e)}(/|$)" for e in EXCLUDED)
     result = subprocess.run([sys.executable, "-m", "mypy", "--exclude", exclude, *CHECKED], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert "No module named mypy" not in result.stderr, "pip install mypy (the test extra has it)"

@@ -5,9 +5,17 @@ kv_heads, head_dim]). Each step the model runner calls `plan` once with the batc
 layer calls the backend once (`__call__`, or `attend_qkv` where `takes_qkv` is set) to write its new keys and
 values into the pool and attend over everything the sequence holds, its own new tokens included (causal).
 """
+from __future__ import annotations
+
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: the config names the backends, the model layers use them
+    from engine.config import EngineConfig
+    from engine.models.llama import RMSNorm
+    from engine.models.rope import StepRope
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,10 +38,10 @@ class AttentionBackend(ABC):
 
     @classmethod
     def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
-               config) -> "AttentionBackend":
+               config: EngineConfig) -> AttentionBackend:
         """The backend over this KV pool for an engine of `config` (EngineConfig: backends read their switches).
         Raises BackendUnavailable when it cannot start on this machine."""
-        return cls(k_cache, v_cache, num_heads, scale)
+        return cls(k_cache, v_cache, num_heads, scale)  # type: ignore[call-arg]  # subclasses take the pool
 
     @abstractmethod
     def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor,
@@ -47,7 +55,8 @@ class AttentionBackend(ABC):
         """q [T, heads, D] (rotated), k, v [T, kv_heads, D] of the new tokens: writes k and v at their slots of
         `layer`'s cache, returns the attention output [T, heads * D]."""
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope: StepRope, q_norm: RMSNorm | None = None,
+                   k_norm: RMSNorm | None = None) -> torch.Tensor:
         """Only where takes_qkv: the same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D],
         its StepRope (engine/models/rope.py) and q/k RMSNorms (Qwen3; else None), which the backend applies."""
         raise NotImplementedError(f"{type(self).__name__} does not take qkv (takes_qkv is False)")

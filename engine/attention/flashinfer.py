@@ -17,13 +17,19 @@ JIT-compiles its kernels (nvcc and ninja; flashinfer finds the toolkit through C
 raises BackendUnavailable when that fails. In auto mode the registry then falls back to the torch attention with
 a warning; a named flashinfer backend fails at construction with that message.
 """
+from __future__ import annotations
+
 import importlib
 import importlib.metadata
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.attention.base import AttentionBackend, BackendUnavailable
+
+if TYPE_CHECKING:  # annotations only: the config names the backends
+    from engine.config import EngineConfig
 
 MIN_VERSION = (0, 5, 3)       # oldest release whose decode plan() arguments (fixed_split_size, ...) were checked
 PINNED_VERSION = "0.6.18.post1"  # the release this file was written against (setup.py's `cuda` extra)
@@ -50,7 +56,7 @@ def installed_version() -> str | None:
     return None
 
 
-def flashinfer_usable(device, dtype: torch.dtype) -> tuple[bool, str]:
+def flashinfer_usable(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
     """(True, "") when this backend can serve a KV cache of `dtype` on `device`, else (False, why not)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -78,7 +84,7 @@ def _importable(version: str) -> tuple[bool, str]:
     return True, ""
 
 
-def split_plan_args(block_size: int) -> dict:
+def split_plan_args(block_size: int) -> dict[str, Any]:
     """Arguments of both plans (decode and prefill, FA2) that make their split of the keys independent of the
     batch: a fixed split size in pages."""
     return {"fixed_split_size": max(1, SPLIT_TOKENS // block_size)}
@@ -88,11 +94,12 @@ class FlashInferPagedAttention(AttentionBackend):
     name = "flashinfer"
 
     @classmethod
-    def why_unsupported(cls, device, dtype):
+    def why_unsupported(cls, device: torch.device, dtype: torch.dtype) -> str:
         return flashinfer_usable(device, dtype)[1]
 
     @classmethod
-    def create(cls, k_cache, v_cache, num_heads, scale, config):
+    def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               config: EngineConfig) -> FlashInferPagedAttention:
         """The backend, once it has planned one tiny decode and prefill batch (its first plans JIT-build the
         kernels): BackendUnavailable says what is missing when that fails."""
         backend = cls(k_cache, v_cache, num_heads, scale)
@@ -120,10 +127,10 @@ class FlashInferPagedAttention(AttentionBackend):
         # tensor cores for every group size: only that path takes a fixed split size
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True,
                                                                     backend=BACKEND)
-        self.slot_mapping = None
+        self.slot_mapping: torch.Tensor | None = None  # set by each plan()
         self.is_decode = True
 
-    def plan_tiny_batches(self):
+    def plan_tiny_batches(self) -> None:
         """Plans a one-token decode and a two-token prefill over block 0 (nothing is written): builds or loads the
         JIT module, and fails here, with what is missing, rather than at the first step."""
         device = self.k_cache.device
@@ -132,7 +139,8 @@ class FlashInferPagedAttention(AttentionBackend):
             self.plan([tokens], [tokens], torch.zeros(1, pages, dtype=torch.int64, device=device),
                       torch.arange(tokens, device=device))
 
-    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
+    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
         """The index tensors flashinfer reads on the host (indptr, last page lengths) are built there. The page
         list is gathered on the device from the block tables by an index built on the host from the lengths
         alone (one non-blocking copy): no boolean mask, whose gather would wait for the device."""
@@ -162,6 +170,7 @@ class FlashInferPagedAttention(AttentionBackend):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D]. Returns [T, heads * D]."""
+        assert self.slot_mapping is not None, "plan() the step first"
         self.k_slots[layer].index_copy_(0, self.slot_mapping, k)
         self.v_slots[layer].index_copy_(0, self.slot_mapping, v)
         cache = (self.k_cache[layer], self.v_cache[layer])

@@ -5,12 +5,18 @@ build, BackendUnavailable, gives way to the next with a warning; a named one rai
 Backends are imported only when considered or chosen (a module path per name), so a CPU machine never imports
 flashinfer. Adding one: a subclass of base.AttentionBackend in its own module, and a line in BACKENDS.
 """
+from __future__ import annotations
+
 import importlib
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention.base import AttentionBackend, BackendUnavailable
+
+if TYPE_CHECKING:  # annotations only: the config imports NAMES from here
+    from engine.config import EngineConfig
 
 BACKENDS = {  # name -> "module:class"
     "flashinfer": "engine.attention.flashinfer:FlashInferPagedAttention",  # CUDA, fp16 / bf16
@@ -35,7 +41,7 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype,
     device = torch.device(device)
     if name != "auto":
         cls, why = _usable(name, device, dtype)
-        if why:
+        if why or cls is None:  # no class comes with a reason
             raise ValueError(f"attention_backend={name!r} cannot serve a {dtype} KV cache on {device}: {why}; "
                              f"use attention_backend='auto' or one of {list(NAMES)}")
         return cls
@@ -44,7 +50,7 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype,
         if candidate in reasons or device.type != "cuda" and candidate == "flashinfer":
             continue  # failed to start, or not even imported: it serves CUDA only
         cls, reasons[candidate] = _usable(candidate, device, dtype)
-        if not reasons[candidate]:
+        if cls is not None and not reasons[candidate]:
             if device.type == "cuda" and candidate != "flashinfer":
                 warnings.warn(f"using the {candidate} paged attention on {device}: {reasons['flashinfer']}",
                               stacklevel=2)
@@ -53,12 +59,12 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype,
 
 
 def create_backend(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
-                   config, device: torch.device | None = None) -> AttentionBackend:
+                   config: EngineConfig, device: torch.device | None = None) -> AttentionBackend:
     """The backend over this KV pool (engine/attention/base.py: create). device: where the pool lives (default:
     the pool's own device). A named backend that cannot start raises ValueError with its reason; in auto mode it
     gives way to the next candidate."""
     device = torch.device(device if device is not None else k_cache.device)
-    failed = {}
+    failed: dict[str, str] = {}
     while True:
         cls = select_backend(name, device, k_cache.dtype, failed)
         try:

@@ -16,8 +16,12 @@ what a decode of its position gives, so a token's attention, and with row-invari
 not depend on how its prompt was split into chunks, on a cached prefix, or on the rest of the batch. The torch path
 stays the reference for both.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,11 @@ import torch.nn.functional as F
 from engine.attention.base import AttentionBackend
 from engine.extension import extension_op
 from engine.models import fused_ops
+
+if TYPE_CHECKING:  # annotations only: the config names the backends, the model layers use them
+    from engine.config import EngineConfig
+    from engine.models.llama import RMSNorm
+    from engine.models.rope import StepRope
 
 
 @dataclass
@@ -44,7 +53,7 @@ class StepPlan:
     q_starts: torch.Tensor | None = None      # prefill kernel: [B - num_decode + 1] int64, rows of the others
 
 
-def decode_kernel(cache: torch.Tensor, name: str = "paged_decode_attention"):
+def decode_kernel(cache: torch.Tensor, name: str = "paged_decode_attention") -> Callable[..., Any] | None:
     """ettrl_kernels._C.paged_decode_attention (or another of its paged kernels, by name) where it applies to this
     cache (CPU, fp32 or bf16), else None."""
     if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
@@ -57,7 +66,8 @@ class TorchPagedAttention(AttentionBackend):
     name = "torch"
 
     @classmethod
-    def create(cls, k_cache, v_cache, num_heads, scale, config):
+    def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               config: EngineConfig) -> TorchPagedAttention:
         """The pure torch path (the reference): no C++ kernel, whatever the device."""
         return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=False, fuse_rope=False)
 
@@ -77,9 +87,11 @@ class TorchPagedAttention(AttentionBackend):
         self.prefill_kernel = decode_kernel(k_cache, "paged_prefill_attention") if self.kernel else None
         self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
         self.plan_: StepPlan | None = None
-        self._rope_checked = None  # (plan, StepRope) whose step tensors the fused rope op has checked
+        # (plan, StepRope) whose step tensors the fused rope op has checked
+        self._rope_checked: tuple[StepPlan, StepRope] | None = None
 
-    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
+    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
         """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
         device = block_tables.device
         batch, max_q, max_kv = len(kv_lens), max(query_lens), max(kv_lens)
@@ -115,18 +127,19 @@ class TorchPagedAttention(AttentionBackend):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D] (new tokens). Returns [T, heads * D]."""
-        hkv, d = self.kv_heads, self.head_dim
-        self.k_slots[layer].view(-1, hkv, d).index_copy_(0, self.plan_.slot_mapping, k)
-        self.v_slots[layer].view(-1, hkv, d).index_copy_(0, self.plan_.slot_mapping, v)
+        hkv, d, p = self.kv_heads, self.head_dim, self._current_plan()
+        self.k_slots[layer].view(-1, hkv, d).index_copy_(0, p.slot_mapping, k)
+        self.v_slots[layer].view(-1, hkv, d).index_copy_(0, p.slot_mapping, v)
         return self._attend(layer, q)
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope: StepRope, q_norm: RMSNorm | None = None,
+                   k_norm: RMSNorm | None = None) -> torch.Tensor:
         """The same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D] and its StepRope.
         The step's shared tensors (slots, positions, rope tables; caches and norms alike in every layer) are
         checked in the first layer of a step only."""
-        step = (self.plan_, rope)
+        step = (self._current_plan(), rope)
         checked = self._rope_checked is not None and all(a is b for a, b in zip(step, self._rope_checked))
-        q = fused_ops.rope_and_cache(qkv, self.k_slots[layer], self.v_slots[layer], self.plan_.slot_mapping,
+        q = fused_ops.rope_and_cache(qkv, self.k_slots[layer], self.v_slots[layer], step[0].slot_mapping,
                                      rope.positions, rope.table.cos, rope.table.sin, self.num_heads, self.kv_heads,
                                      self.head_dim, None if q_norm is None else q_norm.weight,
                                      None if k_norm is None else k_norm.weight,
@@ -134,19 +147,25 @@ class TorchPagedAttention(AttentionBackend):
         self._rope_checked = step
         return self._attend(layer, q)
 
+    def _current_plan(self) -> StepPlan:
+        assert self.plan_ is not None, "plan() the step first"
+        return self.plan_
+
     def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the queries [T, heads, D] over the cache, their own keys included (already written)."""
-        p = self.plan_
+        p = self._current_plan()
         t, hkv, d, g = q.shape[0], self.kv_heads, self.head_dim, self.group
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
         if p.block_tables is not None:
             return self._paged_kernels(layer, q)
+        assert p.kv_slots is not None, "the torch path's plan gathers the keys by slot"
         keys = k_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         values = v_slots.index_select(0, p.kv_slots).view(p.batch, p.max_kv, hkv, d).transpose(1, 2)
         if p.decode:
             out = F.scaled_dot_product_attention(q.view(p.batch, hkv, g, d), keys, values, attn_mask=p.mask,
                                                  scale=self.scale)
             return out.reshape(t, hkv * g * d)
+        assert p.q_index is not None and p.out_index is not None, "a prefill plan pads the queries"
         padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, p.q_index)
         padded = padded.view(p.batch, p.max_q, hkv, g, d).transpose(1, 2).reshape(p.batch, hkv, p.max_q * g, d)
         out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=p.mask, scale=self.scale)
@@ -155,7 +174,8 @@ class TorchPagedAttention(AttentionBackend):
 
     def _paged_kernels(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The decode kernel for the leading one-token sequences, the prefill kernel for the others."""
-        p = self.plan_
+        p = self._current_plan()
+        assert p.block_tables is not None and p.kv_lens is not None, "planned for the C++ kernels"
         k_slots, v_slots = self.k_slots[layer], self.v_slots[layer]
         if q.dtype != k_slots.dtype:
             raise TypeError(f"queries are {q.dtype} but the KV cache is {k_slots.dtype}")
@@ -165,9 +185,11 @@ class TorchPagedAttention(AttentionBackend):
         shape = (self.num_heads, self.kv_heads, self.head_dim, width, self.block_size, self.scale, bf16, threads)
         d = p.num_decode
         if d:
+            assert self.kernel is not None, "planned for the C++ kernels"
             self.kernel(q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out.data_ptr(),
                         p.block_tables.data_ptr(), p.kv_lens.data_ptr(), d, *shape)
         if d < p.batch:
+            assert self.prefill_kernel is not None and p.q_starts is not None, "planned for the prefill kernel"
             self.prefill_kernel(q[d:].data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), out[d:].data_ptr(),
                                 p.block_tables[d:].data_ptr(), p.q_starts.data_ptr(), p.kv_lens[d:].data_ptr(),
                                 p.batch - d, *shape)
@@ -180,9 +202,10 @@ class CpuPagedAttention(TorchPagedAttention):
     name = "cpu_paged"
 
     @classmethod
-    def why_unsupported(cls, device, dtype):
+    def why_unsupported(cls, device: torch.device, dtype: torch.dtype) -> str:
         return "" if torch.device(device).type == "cpu" else f"it runs on the CPU only, not {device}"
 
     @classmethod
-    def create(cls, k_cache, v_cache, num_heads, scale, config):
+    def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               config: EngineConfig) -> CpuPagedAttention:
         return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=True, fuse_rope=config.fused_ops)

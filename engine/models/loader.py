@@ -1,15 +1,22 @@
 """Read a Hugging Face checkpoint directory: config.json and (possibly sharded) safetensors weights."""
+from __future__ import annotations
+
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
+if TYPE_CHECKING:  # annotations only: the registry imports the models, which the runner loads through here
+    from engine.models.registry import Model
+
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+NamedTensors = dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a state dict or (HF name, tensor) pairs
 
 
-def read_config(model_dir: Path) -> dict:
+def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
@@ -28,14 +35,14 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(model_dir: Path) -> Iterable[tuple[str, torch.Tensor]]:
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
-def check_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]):
+def check_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Raises unless every (HF name, tensor) names a parameter of the model (KeyError), has its shape, a
     floating-point dtype and only finite values (ValueError): checked for all before any weight is written."""
     for name, tensor in named_tensors:
@@ -57,7 +64,7 @@ def check_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[
 @torch.inference_mode()
 def copy_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
     """Copies each (HF name, tensor) into its view in place; returns the names written."""
-    written = set()
+    written: set[str] = set()
     for name, tensor in named_tensors:
         if name.endswith(IGNORED_SUFFIXES):
             continue
@@ -72,7 +79,7 @@ def copy_named_tensors(views: dict[str, torch.Tensor], named_tensors: Iterable[t
     return written
 
 
-def load_weights(model, model_dir: Path):
+def load_weights(model: Model, model_dir: Path) -> None:
     views = model.hf_parameter_views()
     written = copy_named_tensors(views, iter_safetensors(model_dir))
     missing = set(views) - written

@@ -68,6 +68,9 @@ class Model(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
         """Its weights (torch.nn.Module's)."""
 
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        """Its buffers (torch.nn.Module's)."""
+
     def eval(self) -> Self:
         """Inference mode (torch.nn.Module's)."""
 

@@ -185,7 +185,7 @@ def admin_router(host: AdminHost) -> APIRouter:
 
     async def reset_prefix_cache(if_busy: str = "wait") -> dict[str, Any]:
         require_enabled()
-        await barrier(host, host.llm.engine.kv.reset_prefix_cache, if_busy)
+        await barrier(host, host.llm.engine.reset_prefix_cache, if_busy)
         return {"success": True, "message": "prefix cache emptied"}
 
     router.post("/reset_prefix_cache")(reset_prefix_cache)

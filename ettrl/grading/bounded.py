@@ -65,13 +65,14 @@ class WorkerProcess:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[str] | None = None
         self._owner_pid = os.getpid()
 
     def call(self, args: tuple, seconds: float, default: Any) -> Any:
         with self._lock:
             try:
                 proc = self._ensure_started()
+                assert proc.stdin is not None and proc.stdout is not None, "started with pipes"
                 proc.stdin.write(json.dumps(list(args)) + "\n")
                 proc.stdin.flush()
                 if not _readable(proc.stdout, seconds):
@@ -83,15 +84,16 @@ class WorkerProcess:
                 self._kill()
                 return default
 
-    def _ensure_started(self) -> subprocess.Popen:
+    def _ensure_started(self) -> subprocess.Popen[str]:
         if self._owner_pid != os.getpid():  # forked: the helper and its pipes belong to the parent
             self._proc, self._owner_pid = None, os.getpid()
         if self._proc is None or self._proc.poll() is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self._proc = subprocess.Popen(
+            self._proc = proc = subprocess.Popen(
                 [sys.executable, "-m", "ettrl.grading._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)
-            if not _readable(self._proc.stdout, WORKER_START_TIMEOUT_S) or self._proc.stdout.readline() != "ready\n":
+            assert proc.stdout is not None, "started with pipes"
+            if not _readable(proc.stdout, WORKER_START_TIMEOUT_S) or proc.stdout.readline() != "ready\n":
                 self._kill()
                 raise OSError("grading worker failed to start")
         return self._proc

@@ -66,8 +66,9 @@ def _is_endpoint_pair(interval, finite) -> bool:
     """Whether `finite` holds just the interval's two ends (values that do not evaluate count as "maybe")."""
     if len(finite.args) != 2:
         return False
-    values = [_value(x) for x in (interval.start, interval.end, *finite.args)]
-    if None in values:
+    maybe = [_value(x) for x in (interval.start, interval.end, *finite.args)]
+    values = [v for v in maybe if v is not None]
+    if len(values) < len(maybe):
         return True
     ends, elements = sorted(values[:2], key=_real), sorted(values[2:], key=_real)
     return all(_close(x, y, _REJECT_TOL) for x, y in zip(ends, elements))
@@ -105,7 +106,7 @@ def _signature(obj):
         intervals = _intervals(obj)
         return None if intervals is None else ("U", *_merge_intervals(intervals))
     tag = "S" if isinstance(obj, FiniteSet) else "T" if isinstance(obj, Tuple) else None
-    parts = [_signature(arg) for arg in obj.args] if tag else [None]
+    parts: list[Any] = [_signature(arg) for arg in obj.args] if tag else [None]  # signature tuples, or None
     if None in parts:
         return None
     if tag == "S":
@@ -131,7 +132,7 @@ def _intervals(obj) -> list[tuple] | None:
 
 def _merge_intervals(intervals: list[tuple]) -> list[tuple]:
     """Sort and merge overlapping or touching intervals (an unevaluated union is not canonical)."""
-    merged = []
+    merged: list[tuple] = []
     for lo, hi, lo_open, hi_open in sorted(intervals, key=lambda i: (i[0], i[2])):
         if merged:
             m_lo, m_hi, m_lo_open, m_hi_open = merged[-1]

@@ -198,7 +198,7 @@ def _words_to_value(sentence: str) -> int | float:
     b, m, t = at["billion"], at["million"], at["thousand"]
     if (t > -1 and (t < m or t < b)) or (m > -1 and m < b):
         raise ValueError("scales out of order")
-    total = _integer_part(words, b, m, t) if words else 0
+    total: int | float = _integer_part(words, b, m, t) if words else 0
     if decimals:
         total += _decimal_part(decimals)
     return total

@@ -18,28 +18,39 @@ first is plugin._register_rollout), pinned by verl's version and by tests/test_v
 from __future__ import annotations
 
 import inspect
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+import numpy as np
 import torch
 
 from ettrl.advantages import AdvantageConfig, compute_advantages
+
+if TYPE_CHECKING:  # annotations only (Any where verl is not installed)
+    from verl.trainer.config import AlgoConfig
+
+    # verl passes its AlgoConfig (or the algorithm section as a DictConfig); tests pass a dict
+    AlgorithmConfig: TypeAlias = AlgoConfig | Mapping[str, Any]
+Uids = np.ndarray | Sequence[Hashable]  # each row's group id (verl: an object array of uids)
 
 ENTROPY_KEY = "rollout_entropies"
 PARAMS = ("res_alpha", "res_beta", "res_direction", "clip_beta")
 
 
-def advantage_config(shaping: str, config) -> AdvantageConfig:
+def advantage_config(shaping: str, config: AlgorithmConfig | None) -> AdvantageConfig:
     if config is not None and not _get(config, "norm_adv_by_std_in_grpo", True):
         raise ValueError("ettrl_res / ettrl_clip reshape GRPO advantages normalised by the group's std; "
                          "algorithm.norm_adv_by_std_in_grpo=False (Dr. GRPO) is not supported")
-    params = dict(_get(config, "ettrl", None) or {}) if config is not None else {}
+    params: dict[str, Any] = dict(_get(config, "ettrl", None) or {}) if config is not None else {}
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ValueError(f"unknown keys {unknown} under algorithm.ettrl; known: {list(PARAMS)}")
     return AdvantageConfig(shaping=shaping, std="bessel", **params)
 
 
-def estimate(shaping: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
-             config=None, response_entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate(shaping: str, token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Uids,
+             config: AlgorithmConfig | None = None, response_entropies: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row advantages from the real rows of each uid group, spread over the response tokens."""
     cfg = advantage_config(shaping, config)
     real = (response_mask.sum(-1) > 0).nonzero().flatten().tolist()
@@ -59,12 +70,16 @@ def mean_response_entropy(token_entropies: torch.Tensor, response_mask: torch.Te
     return (token_entropies.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def ettrl_clip(token_level_rewards, response_mask, index, config=None, **kwargs):
+def ettrl_clip(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Uids,
+               config: AlgorithmConfig | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """EAR Adv-Clip: clip(A, -clip_beta, clip_beta) on GRPO advantages."""
     return estimate("clip", token_level_rewards, response_mask, index, config)
 
 
-def ettrl_res(token_level_rewards, response_mask, index, config=None, response_entropies=None, **kwargs):
+def ettrl_res(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Uids,
+              config: AlgorithmConfig | None = None,
+              response_entropies: torch.Tensor | Sequence[float] | None = None, **kwargs: Any
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """EAR Adv-Res: A_i * clip(1 + (Hbar - H_i) / Hbar, 1 - res_alpha, 1 + res_beta), H_i the response's mean
     token entropy. `response_entropies` ([rows]) when a caller has them; else from verl's compute_advantage."""
     if response_entropies is None:
@@ -76,8 +91,10 @@ def ettrl_res(token_level_rewards, response_mask, index, config=None, response_e
 def _entropies_of_caller() -> torch.Tensor:
     frame = inspect.currentframe()
     try:
-        caller = frame.f_back.f_back  # ettrl_res's caller
-        data = caller.f_locals.get("data") if caller.f_code.co_name == "compute_advantage" else None
+        parent = frame.f_back if frame is not None else None
+        caller = parent.f_back if parent is not None else None  # ettrl_res's caller
+        data = caller.f_locals.get("data") if caller is not None and caller.f_code.co_name == "compute_advantage" \
+            else None
         batch = getattr(data, "batch", None)
         if batch is None or ENTROPY_KEY not in batch.keys():
             raise ValueError(f"ettrl_res needs each response's token entropies: verl's compute_advantage must see "
@@ -90,7 +107,7 @@ def _entropies_of_caller() -> torch.Tensor:
         del frame
 
 
-def _get(config, key: str, default):
+def _get(config: AlgorithmConfig, key: str, default: Any) -> Any:
     return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
 

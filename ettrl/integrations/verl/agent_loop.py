@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from typing import Any, cast
 
 import numpy as np
 from tensordict import TensorDict
@@ -46,7 +47,7 @@ class EttrlAgentLoopManager:
 
     @classmethod
     @auto_await
-    async def create(cls, *args, **kwargs):
+    async def create(cls, *args: Any, **kwargs: Any) -> EttrlAgentLoopManager:
         return cls(*args, **kwargs)
 
     @auto_await
@@ -64,16 +65,19 @@ class EttrlAgentLoopManager:
         finally:
             for (server_id, _), uid in zip(servers, groups):
                 self.llm_client._release_server(server_id, request_id=str(uid))
-        row_prompts, row_leaves, row_steps = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+        row_prompts: list[list[int] | None] = [None] * len(prompts)
+        row_leaves: list[Leaf | None] = [None] * len(prompts)
+        row_steps: list[int | None] = [None] * len(prompts)
         for ids, rows, result in zip(prompt_ids, groups.values(), results):
             if result.get("aborted"):
                 raise RuntimeError("a rollout request was aborted (a weight sync ran during generation)")
             for i, leaf in zip(rows, pad_group([Leaf.from_json(x) for x in result["leaves"]], len(rows))):
                 row_prompts[i], row_leaves[i], row_steps[i] = ids, leaf, result.get("global_steps")
-        fields = build_fields(row_prompts, row_leaves, self.rollout_config.prompt_length,
+        leaves = cast("list[Leaf]", row_leaves)  # every row is in one uid group: each slot is filled
+        fields = build_fields(cast("list[list[int]]", row_prompts), leaves, self.rollout_config.prompt_length,
                               self.rollout_config.response_length, self._pad_id())
         output = DataProto(batch=TensorDict(fields, batch_size=len(prompts)),
-                           non_tensor_batch=self._non_tensor(prompts, row_leaves, row_steps))
+                           non_tensor_batch=self._non_tensor(prompts, leaves, row_steps))
         output.meta_info = {"timing": self._timing(results, time.perf_counter() - start)}
         await self._rewards(output)
         return output

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
@@ -21,6 +23,9 @@ from verl.checkpoint_engine.base import CheckpointEngine, TensorMeta, merge_weig
 from verl.workers.rollout.utils import ensure_async_iterator
 
 from ettrl.integrations.verl.net import free_port, node_address
+
+if TYPE_CHECKING:  # annotations only
+    from ettrl.integrations.verl.adapter import NamedWeights
 
 SITS_OUT = -1
 ALIGN = 16  # bytes: each tensor starts aligned in its bucket, so the receiver can view the bytes as its dtype
@@ -34,7 +39,7 @@ class GlooMaster:
 
 
 class GlooCheckpointEngine(CheckpointEngine):
-    def __init__(self, bucket_size: int, is_master: bool = False, timeout_s: float = 600.0, **unused):
+    def __init__(self, bucket_size: int, is_master: bool = False, timeout_s: float = 600.0, **unused: Any) -> None:
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1 byte, got {bucket_size}")
         self.bucket_size, self.is_master = bucket_size, is_master
@@ -53,37 +58,40 @@ class GlooCheckpointEngine(CheckpointEngine):
         return self.master
 
     @classmethod
-    def build_topology(cls, actor_wg_world_size: int, rollout_world_size: int, metadata: list):
+    def build_topology(cls, actor_wg_world_size: int, rollout_world_size: int, metadata: list[GlooMaster | None]
+                       ) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
         master = metadata[0]
         if not isinstance(master, GlooMaster):
             raise ValueError("the trainer's rank 0 must be the gloo checkpoint engine's master (is_master=True); "
                              f"its prepare() returned {master!r}")
         world_size = 1 + rollout_world_size
-        actor = {"rank": [0] + [SITS_OUT] * (actor_wg_world_size - 1), "world_size": [world_size] * actor_wg_world_size,
-                 "master_metadata": [master] * actor_wg_world_size}
-        rollout = {"rank": list(range(1, world_size)), "world_size": [world_size] * rollout_world_size,
-                   "master_metadata": [master] * rollout_world_size}
+        actor: dict[str, list[Any]] = {
+            "rank": [0] + [SITS_OUT] * (actor_wg_world_size - 1), "world_size": [world_size] * actor_wg_world_size,
+            "master_metadata": [master] * actor_wg_world_size}
+        rollout: dict[str, list[Any]] = {
+            "rank": list(range(1, world_size)), "world_size": [world_size] * rollout_world_size,
+            "master_metadata": [master] * rollout_world_size}
         return actor, rollout
 
-    def init_process_group(self, rank: int, world_size: int, master_metadata: GlooMaster):
+    def init_process_group(self, rank: int, world_size: int, master_metadata: GlooMaster) -> None:
         """Blocks until every rank of the group has joined."""
         self.rank = rank
         if rank == SITS_OUT:
             return
         self.store = TCPStore(master_metadata.host, master_metadata.port, world_size, is_master=rank == 0,
                               timeout=self.timeout)
-        options = ProcessGroupGloo._Options()
+        options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # private in torch's stubs, public in C++
         options._timeout = self.timeout
         options._devices = [ProcessGroupGloo.create_device(hostname=master_metadata.host if rank == 0
                                                            else node_address())]
         self.group = ProcessGroupGloo(PrefixStore("ettrl_weights", self.store), rank, world_size, options)
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.group, self.store, self.rank = None, None, None
 
     # ---- transfer ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    async def send_weights(self, weights, global_steps: int | None = None):
+    async def send_weights(self, weights: NamedWeights, global_steps: int | None = None) -> None:
         if self.rank == SITS_OUT:
             async for _ in ensure_async_iterator(weights):
                 pass
@@ -91,7 +99,8 @@ class GlooCheckpointEngine(CheckpointEngine):
         if self.rank != 0:
             raise RuntimeError(f"only rank 0 of the gloo group sends weights; this is rank {self.rank}")
         bucket = torch.empty(self.bucket_size, dtype=torch.uint8)
-        metas, offset = [], 0
+        metas: list[TensorMeta] = []
+        offset = 0
         async for meta, chunk in split_weight_chunks(weights, self.bucket_size):
             offset = -(-offset // ALIGN) * ALIGN
             if offset + meta.chunk_size > self.bucket_size:
@@ -103,7 +112,7 @@ class GlooCheckpointEngine(CheckpointEngine):
             offset += meta.chunk_size
         await asyncio.to_thread(self._broadcast_bucket, bucket, metas, offset, True)
 
-    async def receive_weights(self, global_steps: int | None = None):
+    async def receive_weights(self, global_steps: int | None = None) -> AsyncIterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor); each bucket arrives in a fresh buffer, so a yielded tensor stays valid."""
         if self.group is None or self.rank == 0:
             raise RuntimeError("receive_weights needs a rollout rank (>= 1) of an initialised gloo group")
@@ -118,8 +127,10 @@ class GlooCheckpointEngine(CheckpointEngine):
             if last:
                 return
 
-    def _broadcast(self, tensor: torch.Tensor):
-        self.group.broadcast([tensor], _root()).wait()
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        if self.group is None:
+            raise RuntimeError("the gloo group is not initialised (init_process_group)")
+        self.group.broadcast([tensor], _root()).wait()  # type: ignore[attr-defined]  # in C++, not in torch's stub
 
     def _broadcast_bucket(self, bucket: torch.Tensor, metas: list[TensorMeta], length: int, last: bool):
         header = json.dumps({"length": length, "last": last, "tensors": [_meta_to_json(m) for m in metas]}).encode()

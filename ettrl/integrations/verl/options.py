@@ -12,9 +12,14 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from engine import TreeParams
+
+if TYPE_CHECKING:  # annotations only (Any where verl is not installed)
+    from verl.workers.config import RolloutConfig
 
 STEP_SEED_STRIDE = 2**20  # groups a step can hold before two steps' seeds could meet
 
@@ -56,7 +61,7 @@ class EttrlRolloutOptions:
         return None if self.seed is None else self.seed + step * STEP_SEED_STRIDE + group
 
     @classmethod
-    def from_rollout_config(cls, rollout_config) -> EttrlRolloutOptions:
+    def from_rollout_config(cls, rollout_config: RolloutConfig | Mapping[str, Any]) -> EttrlRolloutOptions:
         """From a verl RolloutConfig or its DictConfig."""
         engine_kwargs = _get(rollout_config, "engine_kwargs") or {}
         raw = dict(_get(engine_kwargs, "ettrl") or {})
@@ -70,5 +75,5 @@ class EttrlRolloutOptions:
         return cls(**raw)
 
 
-def _get(obj, key: str):
+def _get(obj: object, key: str) -> Any:
     return obj.get(key) if hasattr(obj, "get") else getattr(obj, key, None)

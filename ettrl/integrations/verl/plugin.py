@@ -14,7 +14,7 @@ ADAPTER_PATH = "ettrl.integrations.verl.adapter.EttrlServerAdapter"
 log = logging.getLogger("ettrl.integrations.verl")
 
 
-def check_verl_version(found: str | None = None):
+def check_verl_version(found: str | None = None) -> None:
     """Raises ImportError naming both versions unless verl is the one this integration was written against: it
     reaches into verl's registries (one of them private) and its batch layout, which change between releases."""
     if found is None:
@@ -72,7 +72,7 @@ def _register_advantage_estimators():
         register_adv_est(name)(fn)
 
 
-def register():
+def register() -> None:
     """Idempotent: each registry accepts the same object again."""
     check_verl_version()
     from verl.workers.rollout.replica import RolloutReplicaRegistry

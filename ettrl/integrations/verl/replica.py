@@ -29,7 +29,7 @@ class EttrlReplica(RolloutReplica):
         """The engine runs in the worker, so the worker takes the device its pool has (none on a CPU pool)."""
         return bool(self.resource_pool is not None and self.resource_pool.use_gpu)
 
-    async def launch_servers(self):
+    async def launch_servers(self) -> None:
         if len(self.workers) != 1:
             raise RuntimeError(f"an ettrl replica has one rollout worker, got {len(self.workers)}")
         worker = self.workers[0]

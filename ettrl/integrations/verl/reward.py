@@ -10,6 +10,7 @@ vote nor earn. Options under `reward.reward_kwargs`: last_number_fallback (defau
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 from verl import DataProto
@@ -27,7 +28,7 @@ class EttrlMajorityRewardManager(RewardManagerBase):
         kwargs = dict(reward.get("reward_kwargs", None) or {}) if hasattr(reward, "get") else {}
         self.last_number_fallback = bool(kwargs.get("last_number_fallback", False))
 
-    async def run_single(self, data: DataProto):
+    async def run_single(self, data: DataProto) -> dict[str, Any]:
         raise NotImplementedError(
             f"the '{REWARD_MANAGER_NAME}' reward manager votes over a prompt's whole group, which verl's per-sample "
             f"reward loop cannot give it: set actor_rollout_ref.rollout.agent.agent_loop_manager_class="
@@ -66,7 +67,8 @@ class EttrlMajorityRewardManager(RewardManagerBase):
         return texts, real
 
 
-def reward_fields(data: DataProto, results: list[dict], manager_cls) -> tuple[dict, dict, list[str]]:
+def reward_fields(data: DataProto, results: list[dict], manager_cls: type[RewardManagerBase]
+                  ) -> tuple[dict, dict, list[str]]:
     """rm_scores (verl's layout: the reward on the last response token) and the reward_extra_info columns."""
     rm_scores = manager_cls.assemble_rm_scores(data, [r["reward_score"] for r in results])
     infos = [r.get("reward_extra_info", {}) for r in results]

@@ -8,7 +8,7 @@ trainer wakes the engine itself (resume), so wake_up here refuses; standalone se
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import ray
@@ -16,12 +16,17 @@ from verl.workers.rollout.replica import RolloutMode, TokenOutput
 
 from ettrl.integrations.verl.adapter import call_adapter
 
+if TYPE_CHECKING:  # annotations only (Any where verl and ray are not installed)
+    from ray.actor import ActorHandle
+    from verl.workers.config import RolloutConfig
+
 log = logging.getLogger("ettrl.integrations.verl")
 ABORTED = "aborted"
 
 
 class EttrlHttpServer:
-    def __init__(self, config, rollout_mode: RolloutMode, worker, replica_rank: int, address: str):
+    def __init__(self, config: RolloutConfig, rollout_mode: RolloutMode, worker: ActorHandle, replica_rank: int,
+                 address: str) -> None:
         self.config, self.rollout_mode, self.worker, self.replica_rank = config, rollout_mode, worker, replica_rank
         self.address = address
         self.global_steps: int | None = None
@@ -31,8 +36,9 @@ class EttrlHttpServer:
 
     # ---- generation --------------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str,
-                       image_data=None, video_data=None, audio_data=None, mm_processor_kwargs=None,
-                       priority: int = 0, **kwargs) -> TokenOutput:
+                       image_data: list[Any] | None = None, video_data: list[Any] | None = None,
+                       audio_data: list[Any] | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
+                       priority: int = 0, **kwargs: Any) -> TokenOutput:
         """One sample of prompt_ids (verl's token-in-token-out call); sampling_params as verl's agent loops send
         them, plus an optional "seed"."""
         if image_data or video_data or audio_data:
@@ -126,44 +132,44 @@ class EttrlHttpServer:
                            extra_fields={"global_steps": self.global_steps})
 
     # ---- control -----------------------------------------------------------------------------------------------
-    async def _call(self, method: str, *args):
+    async def _call(self, method: str, *args: Any) -> Any:
         return await self.worker.__ray_call__.remote(call_adapter, method, *args)
 
-    async def wake_up(self):
+    async def wake_up(self) -> None:
         if self.rollout_mode == RolloutMode.HYBRID:
             raise ValueError("in hybrid mode the trainer wakes the ettrl engine itself (EttrlServerAdapter.resume)")
         if self.rollout_mode == RolloutMode.COLOCATED:
             await self._call("wake_up", None)
 
-    async def sleep(self):
+    async def sleep(self) -> None:
         if self.config.free_cache_engine and self.rollout_mode != RolloutMode.STANDALONE:
             await self._call("sleep")
 
-    async def abort_all_requests(self, reject_request: bool = False):
+    async def abort_all_requests(self, reject_request: bool = False) -> None:
         self._rejecting = reject_request
         await self._call("abort_all_requests")
 
-    async def resume_generation(self):
+    async def resume_generation(self) -> None:
         self._rejecting = False
         await self._call("resume_generation")
 
-    async def clear_kv_cache(self):
+    async def clear_kv_cache(self) -> None:
         await self._call("clear_kv_cache")
 
-    async def release_kv_cache(self):
+    async def release_kv_cache(self) -> None:
         if self.config.free_cache_engine:
             await self._call("release_kv_cache")
 
-    async def resume_kv_cache(self):
+    async def resume_kv_cache(self) -> None:
         await self._call("resume_kv_cache")
 
-    async def set_global_steps(self, global_steps: int):
+    async def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps
 
-    async def start_profile(self, **kwargs):
+    async def start_profile(self, **kwargs: Any) -> None:
         log.warning("the ettrl rollout has no profiler hook; start_profile ignored")
 
-    async def stop_profile(self):
+    async def stop_profile(self) -> None:
         pass
 
     def get_server_address(self) -> tuple[str, int]:
@@ -192,12 +198,12 @@ def engine_sampling(params: dict) -> dict:
     return out
 
 
-def _raise_for(status: int, reply: dict, route: str):
+def _raise_for(status: int, reply: dict, route: str) -> None:
     if status != 200:
         message = reply.get("error", {}).get("message", reply)
         raise RuntimeError(f"the ettrl engine's {route} answered HTTP {status}: {message}")
 
 
-def make_server_actor(**options):
-    """EttrlHttpServer as a Ray actor class with `options` (scheduling, concurrency)."""
+def make_server_actor(**options: Any) -> Any:
+    """EttrlHttpServer as a Ray actor class with `options` (scheduling, concurrency); Ray types it loosely."""
     return ray.remote(EttrlHttpServer).options(**options)
