@@ -1,10 +1,10 @@
-"""The fused layer stack (engine/models/decode_layers.py) gives the Python layer loop's bits, in decode, prefill
+"""The fused layer stack (engine/layers/decode_layers.py) gives the Python layer loop's bits, in decode, prefill
 and mixed steps."""
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.extension import extension
-from engine.models import decode_layers
+from engine.layers import decode_layers
 from tiny_models import make_tiny_model
 
 needs_panels = pytest.mark.skipif(extension() is None or not extension().panel_linear_available(),

@@ -13,7 +13,8 @@ from engine.attention import registry as attention
 from engine.attention.base import AttentionBackend
 from engine.attention.torch_paged import CpuPagedAttention, TorchPagedAttention
 from engine.extension import extension
-from engine.models import decode_layers, registry
+from engine.layers import decode_layers
+from engine.models import registry
 from engine.models.llama import CausalLM
 from tiny_models import make_tiny_model
 

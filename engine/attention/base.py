@@ -49,5 +49,5 @@ class AttentionBackend(ABC):
 
     def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
         """Only where takes_qkv: the same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D],
-        its StepRope (engine/models/rope.py) and q/k RMSNorms (Qwen3; else None), which the backend applies."""
+        its StepRope (engine/layers/rope.py) and q/k RMSNorms (Qwen3; else None), which the backend applies."""
         raise NotImplementedError(f"{type(self).__name__} does not take qkv (takes_qkv is False)")

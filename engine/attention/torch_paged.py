@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend
 from engine.extension import extension_op
-from engine.models import fused_ops
+from engine.layers import fused_ops
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TorchPagedAttention(AttentionBackend):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim].
 
         fuse_rope: take each layer's fused qkv projection (`attend_qkv`) and apply rope, q/k norms and the cache
-        write in one C++ pass (engine/models/fused_ops.py) where it applies (CPU, fp32 or bf16)."""
+        write in one C++ pass (engine/layers/fused_ops.py) where it applies (CPU, fp32 or bf16)."""
         self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
         self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
         self.v_slots = v_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)

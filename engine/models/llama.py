@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import decode_layers, fused_ops
-from engine.models.packed_linear import linear, linear_fp32_out, pack
-from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
+from engine.layers import decode_layers, fused_ops
+from engine.layers.packed_linear import linear, linear_fp32_out, pack
+from engine.layers.rope import RotaryEmbedding, StepRope, apply_rope
 
 VARIANTS = ("llama", "qwen2", "qwen3")  # what registry.py passes to ModelArgs.from_hf
 
@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = _param(dim, dtype=dtype, device=device)
         self.eps = eps
-        self.fused = False  # the C++ op (fused_ops.py), set by CausalLM.use_fused_ops
+        self.fused = False  # the C++ op (engine/layers/fused_ops.py), set by CausalLM.use_fused_ops
 
     def forward(self, x):
         if self.fused and x.dim() == 2:
@@ -186,7 +186,7 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]. Implements the model
     interface of registry.py."""
-    fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (decode_layers.py)
+    fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (layers/decode_layers.py)
 
     def __init__(self, a: ModelArgs, dtype: torch.dtype, device, max_positions: int):
         super().__init__()
@@ -211,7 +211,7 @@ class CausalLM(nn.Module):
         self._decode_table = None
 
     def use_fused_ops(self, enabled: bool = True):
-        """C++ RMSNorm + residual add and SiLU * up (fused_ops.py) where they apply: CPU, fp32 or bf16."""
+        """C++ RMSNorm + residual add and SiLU * up (engine/layers/fused_ops.py) where they apply: CPU, fp32 or bf16."""
         on = enabled and fused_ops.fused_supported(self.embed_tokens.device, self.embed_tokens.dtype)
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP)):

@@ -2,8 +2,8 @@
 
 At decode shapes a layer's RMSNorms, residual adds, rotary embedding, KV-cache write and SiLU are ~20 torch ops
 that each cost more to dispatch than to compute; these three calls replace them (docs/benchmarks.md has the
-engine's history). They round where the torch modules round, so the torch code in
-llama.py / rope.py / engine/attention/torch_paged.py is their reference (tests/test_fused_ops.py) and their fallback.
+engine's history). They round where the torch modules round, so the torch code in engine/models/llama.py,
+rope.py and engine/attention/torch_paged.py is their reference (tests/test_fused_ops.py) and their fallback.
 The extension takes raw pointers: the checks on dtype, device, shape and contiguity are here.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.packed_linear import (
+from engine.layers.packed_linear import (
     PACKED_DTYPES,
     linear,
     pack,

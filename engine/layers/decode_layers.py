@@ -9,8 +9,8 @@ attention backend planned them); everything else (other CPUs, CUDA, the torch at
 import torch
 
 from engine.extension import extension, extension_op
-from engine.models import fused_ops
-from engine.models.packed_linear import Panels
+from engine.layers import fused_ops
+from engine.layers.packed_linear import Panels
 
 _OP = extension_op("decode_layers")
 LAYOUT = "llama"  # the decoder layer the C++ stack computes: llama.py's (Llama, Qwen2, Qwen3 flags)
