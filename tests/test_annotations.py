@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ["ettrl", "kernels/ettrl_kernels", "engine/serve", "engine/tree.py", "engine/tree_select.py", "engine/llm.py",
-           "engine/sampling_params.py", "engine/stop_regex.py", "engine/stop_checker.py", "engine/models/registry.py"]
+           "engine/sampling_params.py", "engine/stop_regex.py", "engine/stop_checker.py", "engine/models/registry.py",
+           "engine/layers", "engine/models/llama.py", "engine/attention/base.py", "engine/attention/torch_paged.py"]
 EXCLUDED = ["ettrl/integrations/verl"]
 
 

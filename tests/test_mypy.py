@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ["ettrl", "kernels/ettrl_kernels", "engine/serve", "engine/tree.py", "engine/tree_select.py",
-           "engine/stop_checker.py", "engine/models/registry.py"]  # folders or files
+           "engine/stop_checker.py", "engine/models/registry.py", "engine/layers"]  # folders or files
 EXCLUDED = ["ettrl/integrations/verl", "ettrl/grading"]  # not yet typed to mypy's satisfaction
 IGNORE = re.compile(r"#\s*type:\s*ignore(?P<rest>.*)")
 GOOD_IGNORE = re.compile(r"\[[a-z-]+(, *[a-z-]+)*\]  # \S")  # [code] and a reason: "# type: ignore[code]  # why"

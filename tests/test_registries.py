@@ -81,7 +81,8 @@ def test_fused_decode_declines_a_class_that_does_not_declare_its_layout(tmp_path
                         registry.ModelSpec(UnknownLayers, registry.MODELS["Qwen2ForCausalLM"].parse_args))
     llm = LLM(tmp_path, dtype="bfloat16")
     assert isinstance(llm.engine.runner.model, UnknownLayers)
-    assert decode_layers.pointer_table(llm.engine.runner.model) is None
+    why = decode_layers.build(llm.engine.runner.model)
+    assert why == "UnknownLayers does not declare fused_decode_layout = 'llama'"
     calls = []
     op = decode_layers._OP
     monkeypatch.setattr(decode_layers, "_OP", lambda *args: calls.append(1) or op(*args))

@@ -16,15 +16,24 @@ what a decode of its position gives, so a token's attention, and with row-invari
 not depend on how its prompt was split into chunks, on a cached prefix, or on the rest of the batch. The torch path
 stays the reference for both.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, DecodePlan, PagedKV
 from engine.extension import extension_op
 from engine.layers import fused_ops
+
+if TYPE_CHECKING:  # annotations only
+    from engine.config import EngineConfig
+    from engine.layers.rope import StepRope
+    from engine.models.llama import RMSNorm
 
 
 @dataclass
@@ -44,7 +53,7 @@ class StepPlan:
     q_starts: torch.Tensor | None = None      # prefill kernel: [B - num_decode + 1] int64, rows of the others
 
 
-def decode_kernel(cache: torch.Tensor, name: str = "paged_decode_attention"):
+def decode_kernel(cache: torch.Tensor, name: str = "paged_decode_attention") -> Callable[..., None] | None:
     """ettrl_kernels._C.paged_decode_attention (or another of its paged kernels, by name) where it applies to this
     cache (CPU, fp32 or bf16), else None."""
     if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16):
@@ -57,7 +66,8 @@ class TorchPagedAttention(AttentionBackend):
     name = "torch"
 
     @classmethod
-    def create(cls, k_cache, v_cache, num_heads, scale, config):
+    def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               config: EngineConfig) -> TorchPagedAttention:
         """The pure torch path (the reference): no C++ kernel, whatever the device."""
         return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=False, fuse_rope=False)
 
@@ -73,13 +83,15 @@ class TorchPagedAttention(AttentionBackend):
         self.num_heads = num_heads
         self.group = num_heads // self.kv_heads
         self.scale = scale
+        self.uses_kernels = use_decode_kernel
         self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
         self.prefill_kernel = decode_kernel(k_cache, "paged_prefill_attention") if self.kernel else None
         self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
         self.plan_: StepPlan | None = None
         self._rope_checked = None  # (plan, StepRope) whose step tensors the fused rope op has checked
 
-    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor, slot_mapping: torch.Tensor):
+    def plan(self, query_lens: list[int], kv_lens: list[int], block_tables: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
         """block_tables: int64 [B, max_blocks] padded with 0; kv_lens count the new tokens too."""
         device = block_tables.device
         batch, max_q, max_kv = len(kv_lens), max(query_lens), max(kv_lens)
@@ -120,7 +132,8 @@ class TorchPagedAttention(AttentionBackend):
         self.v_slots[layer].view(-1, hkv, d).index_copy_(0, self.plan_.slot_mapping, v)
         return self._attend(layer, q)
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope, q_norm=None, k_norm=None) -> torch.Tensor:
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope: StepRope, q_norm: RMSNorm | None = None,
+                   k_norm: RMSNorm | None = None) -> torch.Tensor:
         """The same as __call__ from the layer's qkv projection [T, (heads + 2 kv_heads) D] and its StepRope.
         The step's shared tensors (slots, positions, rope tables; caches and norms alike in every layer) are
         checked in the first layer of a step only."""
@@ -133,6 +146,25 @@ class TorchPagedAttention(AttentionBackend):
                                      1e-6 if q_norm is None else q_norm.eps, step_checked=checked)
         self._rope_checked = step
         return self._attend(layer, q)
+
+    def paged_kv(self) -> PagedKV | None:
+        return None if self.why_not_paged() else PagedKV(self.k_slots, self.v_slots, self.block_size, self.scale)
+
+    def why_not_paged(self) -> str:
+        if not self.uses_kernels:
+            return f"the {self.name} attention backend runs no C++ kernel (the reference; cpu_paged does)"
+        if self.kernel is None:
+            return (f"no paged C++ kernel for a {self.k_slots.dtype} KV cache on {self.k_slots.device} (CPU, fp32 or "
+                    "bf16, and the extension built)")
+        if not self.takes_qkv:
+            return "rope and the cache write are not fused into the attention (EngineConfig.fused_ops=False)"
+        return ""
+
+    def decode_plan(self) -> DecodePlan | None:
+        p = self.plan_
+        if p is None or p.block_tables is None or p.kv_lens is None:
+            return None
+        return DecodePlan(p.slot_mapping, p.block_tables, p.kv_lens, p.q_starts, p.batch, p.num_decode)
 
     def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the queries [T, heads, D] over the cache, their own keys included (already written)."""
@@ -180,9 +212,10 @@ class CpuPagedAttention(TorchPagedAttention):
     name = "cpu_paged"
 
     @classmethod
-    def why_unsupported(cls, device, dtype):
+    def why_unsupported(cls, device: torch.device, dtype: torch.dtype) -> str:
         return "" if torch.device(device).type == "cpu" else f"it runs on the CPU only, not {device}"
 
     @classmethod
-    def create(cls, k_cache, v_cache, num_heads, scale, config):
+    def create(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               config: EngineConfig) -> CpuPagedAttention:
         return cls(k_cache, v_cache, num_heads, scale, use_decode_kernel=True, fuse_rope=config.fused_ops)

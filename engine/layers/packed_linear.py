@@ -13,7 +13,9 @@ On CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) the weights are pac
 rate, faster than oneDNN on the shapes of SmolLM2 from 1 to 1024 rows (docs/benchmarks.md). Its sums do not
 depend on the number of rows, so a sequence's logits do not depend on the batch it runs in.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     kernel None: panels on AVX-512 BF16 CPUs, else oneDNN's."""
     if kernel is None:
         kernel = "panel" if panels_supported(weight) else "onednn"
+    make: Callable[[torch.Tensor], Any]
+    product: Callable[..., torch.Tensor]  # (x, what make returned, bias)
     if kernel == "panel" and panels_supported(weight):
         make, product = pack_panels, _panel_linear
     elif kernel == "onednn" and packing_supported(weight):
@@ -76,7 +80,7 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     else:
         return None
     try:
-        packed = make(weight)
+        packed: Any = make(weight)  # the argument `product` takes
         probe = torch.randn(3, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
         expected = F.linear(probe, weight, bias).float()
         got = product(probe, packed, bias).float()

@@ -4,15 +4,22 @@ Llama: optional attention/MLP bias, llama3 rope scaling. Qwen2: bias on q/k/v. Q
 q/k/v and gate/up are fused into one matmul each; `hf_parameter_views` maps every Hugging Face parameter name to
 the slice of the fused tensor that holds it, which is how both the loader and update_weights write weights.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import decode_layers, fused_ops
-from engine.layers.packed_linear import linear, linear_fp32_out, pack
+from engine.layers.decode_layers import DecodeStack, FusedDecodeStats
+from engine.layers.packed_linear import Panels, linear, linear_fp32_out, pack
 from engine.layers.rope import RotaryEmbedding, StepRope, apply_rope
+
+if TYPE_CHECKING:  # annotations only
+    from engine.attention.base import AttentionBackend
 
 VARIANTS = ("llama", "qwen2", "qwen3")  # what registry.py passes to ModelArgs.from_hf
 
@@ -29,7 +36,7 @@ class ModelArgs:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None
+    rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -39,7 +46,7 @@ class ModelArgs:
     torch_dtype: str | None
 
     @classmethod
-    def from_hf(cls, cfg: dict, kind: str = "llama") -> "ModelArgs":
+    def from_hf(cls, cfg: dict[str, Any], kind: str = "llama") -> ModelArgs:
         """From a config.json; kind "llama" (optional biases, llama3 rope), "qwen2" (q/k/v bias) or "qwen3"
         (per-head q/k RMSNorm)."""
         if kind not in VARIANTS:
@@ -73,25 +80,25 @@ class ModelArgs:
         )
 
 
-def _param(*shape, dtype, device):
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, dtype, device):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.weight = _param(dim, dtype=dtype, device=device)
         self.eps = eps
         self.fused = False  # the C++ op (engine/layers/fused_ops.py), set by CausalLM.use_fused_ops
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.dim() == 2:
             return fused_ops.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def add_and_norm(self, x, residual):
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x); the fused op updates `residual` in place."""
         if self.fused:
             return fused_ops.rms_norm(x, self.weight, self.eps, residual)
@@ -100,7 +107,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs, layer_idx: int, dtype, device):
+    def __init__(self, a: ModelArgs, layer_idx: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -112,14 +119,15 @@ class Attention(nn.Module):
         self.o_bias = _param(a.hidden_size, **kw) if a.o_bias else None
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, **kw) if a.qk_norm else None
-        self.attn = None  # the engine's paged-attention backend, set by the model runner
-        self.qkv_packed = self.o_packed = None
+        self.attn: AttentionBackend | None = None  # the engine's paged-attention backend, set by the model runner
+        self.qkv_packed: Panels | torch.Tensor | None = None
+        self.o_packed: Panels | torch.Tensor | None = None
 
-    def pack_weights(self, enabled: bool, kernel: str | None = None):
+    def pack_weights(self, enabled: bool, kernel: str | None = None) -> None:
         self.qkv_packed = pack(self.qkv_weight, self.qkv_bias, kernel) if enabled else None
         self.o_packed = pack(self.o_weight, self.o_bias, kernel) if enabled else None
 
-    def forward(self, x, rope: StepRope):
+    def forward(self, x: torch.Tensor, rope: StepRope) -> torch.Tensor:
         t = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_packed)
         if getattr(self.attn, "takes_qkv", False):  # the backend applies rope (and q/k norms) and writes the cache
@@ -140,7 +148,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, a: ModelArgs, dtype, device):
+    def __init__(self, a: ModelArgs, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.inter = a.intermediate_size
@@ -148,14 +156,15 @@ class MLP(nn.Module):
         self.gate_up_bias = _param(2 * a.intermediate_size, **kw) if a.mlp_bias else None
         self.down_weight = _param(a.hidden_size, a.intermediate_size, **kw)
         self.down_bias = _param(a.hidden_size, **kw) if a.mlp_bias else None
-        self.gate_up_packed = self.down_packed = None
+        self.gate_up_packed: Panels | torch.Tensor | None = None
+        self.down_packed: Panels | torch.Tensor | None = None
         self.fused = False
 
-    def pack_weights(self, enabled: bool, kernel: str | None = None):
+    def pack_weights(self, enabled: bool, kernel: str | None = None) -> None:
         self.gate_up_packed = pack(self.gate_up_weight, self.gate_up_bias, kernel) if enabled else None
         self.down_packed = pack(self.down_weight, self.down_bias, kernel) if enabled else None
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = linear(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed)
         if self.fused:
             act = fused_ops.silu_and_mul(gate_up)
@@ -165,14 +174,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, layer_idx: int, dtype, device):
+    def __init__(self, a: ModelArgs, layer_idx: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
         self.self_attn = Attention(a, layer_idx, dtype, device)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype, device)
         self.mlp = MLP(a, dtype, device)
 
-    def forward(self, x, residual, rope: StepRope):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: StepRope) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the next layer adds them (fused with its norm)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
@@ -188,7 +198,7 @@ class CausalLM(nn.Module):
     interface of registry.py."""
     fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (layers/decode_layers.py)
 
-    def __init__(self, a: ModelArgs, dtype: torch.dtype, device, max_positions: int):
+    def __init__(self, a: ModelArgs, dtype: torch.dtype, device: torch.device | str, max_positions: int):
         super().__init__()
         self.args = a
         self.embed_tokens = _param(a.vocab_size, a.hidden_size, dtype=dtype, device=device)
@@ -197,34 +207,35 @@ class CausalLM(nn.Module):
         self.lm_head = self.embed_tokens if a.tie_word_embeddings else _param(a.vocab_size, a.hidden_size,
                                                                              dtype=dtype, device=device)
         self.rope = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, device)
-        self.lm_head_packed = None
-        self.fused_decode = True  # decode steps run the layer stack in one C++ call where it applies
-        self._decode_table = None  # decode_layers.pointer_table, built on the first decode step
+        self.lm_head_packed: Panels | torch.Tensor | None = None
+        self.fused_decode = True  # steps run the layer stack in one C++ call where it applies
+        self.fused_decode_stats = FusedDecodeStats()  # steps through the C++ stack, and through the loop by reason
+        self._decode_stack: DecodeStack | str | None = None  # decode_layers.build's, on the first step after a change
 
-    def pack_weights(self, enabled: bool = True, kernel: str | None = None):
+    def pack_weights(self, enabled: bool = True, kernel: str | None = None) -> None:
         """(Re)builds the packed copies of every matmul weight for `kernel` (packed_linear.pack; None: by CPU flag,
         the model runner passes matmul_choice's); call after writing weights."""
         for layer in self.layers:
             layer.self_attn.pack_weights(enabled, kernel)
             layer.mlp.pack_weights(enabled, kernel)
         self.lm_head_packed = pack(self.lm_head, None, kernel) if enabled else None
-        self._decode_table = None
+        self._decode_stack = None
 
-    def use_fused_ops(self, enabled: bool = True):
+    def use_fused_ops(self, enabled: bool = True) -> bool:
         """C++ RMSNorm + residual add and SiLU * up (engine/layers/fused_ops.py) where they apply: CPU, fp32 or bf16."""
         on = enabled and fused_ops.fused_supported(self.embed_tokens.device, self.embed_tokens.dtype)
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP)):
                 m.fused = on
-        self._decode_table = None
+        self._decode_stack = None
         return on
 
-    def set_attention(self, attn):
+    def set_attention(self, attn: AttentionBackend | None) -> None:
         for layer in self.layers:
             layer.self_attn.attn = attn
-        self._decode_table = None
+        self._decode_stack = None
 
-    def forward(self, input_ids, positions, logits_indices):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
         rope, residual = StepRope(self.rope, positions, x.dtype), None
         fused = self._fused_decode(x, rope)
@@ -236,14 +247,17 @@ class CausalLM(nn.Module):
         x, _ = self.norm.add_and_norm(x[logits_indices], residual[logits_indices])
         return linear_fp32_out(x, self.lm_head, None, self.lm_head_packed)
 
-    def _fused_decode(self, x, rope):
+    def _fused_decode(self, x: torch.Tensor, rope: StepRope) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The C++ stack's (output, residual), or None for the layer loop; counted in fused_decode_stats."""
         if not self.fused_decode:
-            return None
-        if self._decode_table is None:
-            self._decode_table = decode_layers.pointer_table(self)
-            if self._decode_table is None:
-                self._decode_table = False  # does not apply to this model; rebuilt when weights or ops change
-        return None if self._decode_table is False else decode_layers.run(self, self._decode_table, x, rope)
+            out: tuple[torch.Tensor, torch.Tensor] | str = decode_layers.OFF
+        else:
+            if self._decode_stack is None:  # rebuilt when weights, fused ops or the attention backend change
+                self._decode_stack = decode_layers.build(self)
+            stack = self._decode_stack
+            out = stack if isinstance(stack, str) else stack.run(x, rope)
+        self.fused_decode_stats.record(out if isinstance(out, str) else "")
+        return None if isinstance(out, str) else out
 
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""
