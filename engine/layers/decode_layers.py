@@ -103,6 +103,9 @@ class DecodeStack:
 
     def __init__(self, model: StackModel, layers: list[dict[str, int]], attn: AttentionBackend, kv: PagedKV):
         ext = extension()
+        if ext is None:
+            raise RuntimeError(NO_EXTENSION)
+        self.ext = ext
         _check_fields("DecodeLayerWeights", {*layers[0]}, ext.DecodeLayerWeights.fields)
         self.table = ext.DecodeLayerTable([_struct(ext.DecodeLayerWeights(), fields) for fields in layers])
         a, first = model.args, _find(type(model).__name__, 0, model.layers[0], "self_attn")
@@ -118,7 +121,9 @@ class DecodeStack:
     def run(self, x: torch.Tensor, rope: StepRope) -> tuple[torch.Tensor, torch.Tensor] | str:
         """(last layer's MLP output, residual stream) as the Python loop returns them, or why this step takes the
         loop."""
-        plan = self.attn.decode_plan()
+        op, plan = _OP, self.attn.decode_plan()
+        if op is None:
+            return NO_EXTENSION
         if plan is None:
             return TORCH_STEP
         if not x.is_contiguous():
@@ -140,9 +145,9 @@ class DecodeStack:
                 "table_width": plan.block_tables.shape[1], "bf16": x.dtype == torch.bfloat16,
                 "num_threads": torch.get_num_threads()}
         if not self.step_fields_checked:
-            _check_fields("DecodeStepArgs", {*self.constants, *step}, extension().DecodeStepArgs.fields)
+            _check_fields("DecodeStepArgs", {*self.constants, *step}, self.ext.DecodeStepArgs.fields)
             self.step_fields_checked = True
-        _OP(self.table, _struct(self.args, step))
+        op(self.table, _struct(self.args, step))
         return x, residual
 
 
