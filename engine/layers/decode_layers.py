@@ -169,6 +169,11 @@ def build(model: StackModel) -> DecodeStack | str:
     kv = attn.paged_kv()
     if kv is None:
         return attn.why_not_paged()
+    ext = extension()
+    if not hasattr(ext, "DecodeLayerWeights"):
+        raise RuntimeError(f"decode_layers: {getattr(ext, '__file__', 'ettrl_kernels._C')} predates the named "
+                           "DecodeLayerWeights / DecodeStepArgs contract: rebuild it (python setup.py build_ext "
+                           "--inplace)")
     layers = []
     for i, layer in enumerate(model.layers):
         fields = layer_fields(cls.__name__, i, layer, attn, kv)
