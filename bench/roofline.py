@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from engine.models import packed_linear
-from engine.models.matmul_choice import cpu_description
+from engine.layers import packed_linear
+from engine.layers.matmul_choice import cpu_description
 
 
 def machine_header() -> str:

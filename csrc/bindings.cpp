@@ -2,6 +2,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "decode_layers.h"
 #include "entropy_sample.h"
 #include "fused_ops.h"
@@ -84,21 +89,82 @@ static bool panel_linear(uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_
   return ettrl::panel_linear(ptr(x), ptr(packed), ptr(bias), ptr(y), rows, in, out, bf16, num_threads, fp32_out);
 }
 
-static void decode_layers(uintptr_t layers, int64_t num_layers, uintptr_t x, uintptr_t residual, uintptr_t h,
-                          uintptr_t qkv, uintptr_t q, uintptr_t attn, uintptr_t gate_up, uintptr_t act, int64_t tokens,
-                          int64_t hidden, int64_t inter, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                          float eps, float qk_norm_eps, uintptr_t slots, uintptr_t positions, uintptr_t cos,
-                          uintptr_t sin, uintptr_t block_tables, uintptr_t kv_lens, uintptr_t q_starts, int64_t batch,
-                          int64_t num_decode, int64_t table_width, int64_t block_size, float scale, bool bf16,
-                          int num_threads) {
-  ettrl::DecodeLayersArgs a{ptr<const uint64_t>(layers), num_layers, ptr(x), ptr(residual), ptr(h), ptr(qkv), ptr(q),
-                            ptr(attn), ptr(gate_up), ptr(act), tokens, hidden, inter, num_heads, num_kv_heads,
-                            head_dim, eps, qk_norm_eps, ptr<const int64_t>(slots), ptr<const int64_t>(positions),
-                            ptr<const float>(cos), ptr<const float>(sin), ptr<const int64_t>(block_tables),
-                            ptr<const int64_t>(kv_lens), ptr<const int64_t>(q_starts), batch, num_decode,
-                            table_width, block_size, scale, bf16, num_threads};
-  py::gil_scoped_release release;
-  ettrl::decode_layers(a);
+// The fused layer stack's contract by name: each field of DecodeLayerWeights and DecodeStepArgs is an attribute of
+// the same name (pointers as ints, from tensor.data_ptr()), and `fields` lists them, so engine/layers/decode_layers.py
+// fills every one by name and a field added or renamed on either side fails there by its name.
+template <typename S, typename P>
+static void pointer_field(py::class_<S>& cls, std::vector<std::string>& fields, const char* name, P S::*member) {
+  cls.def_property(
+      name, [member](const S& s) { return reinterpret_cast<uintptr_t>(s.*member); },
+      [member](S& s, uintptr_t p) { s.*member = reinterpret_cast<P>(p); });
+  fields.emplace_back(name);
+}
+
+template <typename S, typename V>
+static void value_field(py::class_<S>& cls, std::vector<std::string>& fields, const char* name, V S::*member) {
+  cls.def_readwrite(name, member);
+  fields.emplace_back(name);
+}
+
+template <typename S, typename M>
+using Fields = std::initializer_list<std::pair<const char*, M S::*>>;
+
+// The layers of a model, held on the C++ side: built once (when weights, ops or the KV pool change), passed each step.
+struct DecodeLayerTable {
+  std::vector<ettrl::DecodeLayerWeights> layers;
+};
+
+static void bind_decode_layers(py::module_& m) {
+  using W = ettrl::DecodeLayerWeights;
+  using A = ettrl::DecodeStepArgs;
+  py::class_<W> weights(m, "DecodeLayerWeights", "One decoder layer's tensors by name (csrc/decode_layers.h)");
+  weights.def(py::init<>());
+  std::vector<std::string> names;
+  for (auto [name, member] : Fields<W, const void*>{
+           {"input_norm", &W::input_norm}, {"qkv", &W::qkv}, {"qkv_bias", &W::qkv_bias}, {"q_norm", &W::q_norm},
+           {"k_norm", &W::k_norm}, {"o", &W::o}, {"o_bias", &W::o_bias}, {"post_norm", &W::post_norm},
+           {"gate_up", &W::gate_up}, {"gate_up_bias", &W::gate_up_bias}, {"down", &W::down},
+           {"down_bias", &W::down_bias}})
+    pointer_field(weights, names, name, member);
+  for (auto [name, member] : Fields<W, void*>{{"k_cache", &W::k_cache}, {"v_cache", &W::v_cache}})
+    pointer_field(weights, names, name, member);
+  weights.attr("fields") = py::tuple(py::cast(names));
+
+  py::class_<A> step(m, "DecodeStepArgs", "One step of the fused layer stack by name (csrc/decode_layers.h)");
+  step.def(py::init<>());
+  names.clear();
+  for (auto [name, member] : Fields<A, void*>{{"x", &A::x}, {"residual", &A::residual}, {"h", &A::h},
+                                              {"qkv", &A::qkv}, {"q", &A::q}, {"attn", &A::attn},
+                                              {"gate_up", &A::gate_up}, {"act", &A::act}})
+    pointer_field(step, names, name, member);
+  for (auto [name, member] : Fields<A, int64_t>{
+           {"tokens", &A::tokens}, {"hidden", &A::hidden}, {"inter", &A::inter}, {"num_heads", &A::num_heads},
+           {"num_kv_heads", &A::num_kv_heads}, {"head_dim", &A::head_dim}, {"batch", &A::batch},
+           {"num_decode", &A::num_decode}, {"table_width", &A::table_width}, {"block_size", &A::block_size}})
+    value_field(step, names, name, member);
+  for (auto [name, member] : Fields<A, float>{{"eps", &A::eps}, {"qk_norm_eps", &A::qk_norm_eps},
+                                              {"scale", &A::scale}})
+    value_field(step, names, name, member);
+  for (auto [name, member] : Fields<A, const int64_t*>{{"slots", &A::slots}, {"positions", &A::positions},
+                                                       {"block_tables", &A::block_tables},
+                                                       {"kv_lens", &A::kv_lens}, {"q_starts", &A::q_starts}})
+    pointer_field(step, names, name, member);
+  for (auto [name, member] : Fields<A, const float*>{{"cos", &A::cos}, {"sin", &A::sin}})
+    pointer_field(step, names, name, member);
+  value_field(step, names, "bf16", &A::bf16);
+  value_field(step, names, "num_threads", &A::num_threads);
+  step.attr("fields") = py::tuple(py::cast(names));
+
+  py::class_<DecodeLayerTable>(m, "DecodeLayerTable", "A model's DecodeLayerWeights, first layer first")
+      .def(py::init([](std::vector<W> layers) { return DecodeLayerTable{std::move(layers)}; }), py::arg("layers"))
+      .def("__len__", [](const DecodeLayerTable& t) { return t.layers.size(); });
+  m.def(
+      "decode_layers",
+      [](const DecodeLayerTable& table, const A& args) {
+        py::gil_scoped_release release;
+        ettrl::decode_layers(table.layers.data(), static_cast<int64_t>(table.layers.size()), args);
+      },
+      py::arg("layers"), py::arg("args"), "Every decoder layer of one step: a DecodeLayerTable and DecodeStepArgs");
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -130,12 +196,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("panel_linear_available", &ettrl::panel_linear_available);
   m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("inter"),
         py::arg("bf16"), py::arg("num_threads"));
-  m.def("decode_layers", &decode_layers, py::arg("layers"), py::arg("num_layers"), py::arg("x"), py::arg("residual"),
-        py::arg("h"), py::arg("qkv"), py::arg("q"), py::arg("attn"), py::arg("gate_up"), py::arg("act"),
-        py::arg("tokens"), py::arg("hidden"), py::arg("inter"), py::arg("num_heads"), py::arg("num_kv_heads"),
-        py::arg("head_dim"), py::arg("eps"), py::arg("qk_norm_eps"), py::arg("slots"), py::arg("positions"),
-        py::arg("cos"), py::arg("sin"), py::arg("block_tables"), py::arg("kv_lens"), py::arg("q_starts"),
-        py::arg("batch"), py::arg("num_decode"), py::arg("table_width"), py::arg("block_size"), py::arg("scale"),
-        py::arg("bf16"), py::arg("num_threads"));
-  m.def("decode_layer_pointers", [] { return static_cast<int64_t>(ettrl::kDecodeLayerPointers); });
+  bind_decode_layers(m);
 }

@@ -60,7 +60,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     """engine/attention/registry.py: auto, flashinfer (CUDA), cpu_paged, torch."""
     matmul_kernel: str = "auto"
-    """CPU matmuls: auto (measured once per machine, stored in the cache dir: models/matmul_choice.py), panel,
+    """CPU matmuls: auto (measured once per machine, stored in the cache dir: engine/layers/matmul_choice.py), panel,
     onednn or torch."""
     batch_invariant: bool = True
     """auto picks only kernels whose row results do not depend on the batch (panel_linear); False also allows

@@ -16,8 +16,8 @@ from engine.gpu_memory import (
     parameter_bytes,
 )
 from engine.kv_cache import KVCache, cdiv
+from engine.layers.matmul_choice import model_shapes, resolve_kernel
 from engine.models.loader import NamedTensors, check_named_tensors, copy_named_tensors, load_weights, read_config
-from engine.models.matmul_choice import model_shapes, resolve_kernel
 from engine.models.registry import ModelArgsLike, model_spec
 from engine.sequence import Sequence
 from engine.step_tensors import to_device
@@ -109,7 +109,7 @@ class ModelRunner:
         self.model.pack_weights(self.config.pack_weights, self.matmul_kernel)
 
     def _matmul_kernel(self) -> str:
-        """The CPU matmul path (matmul_choice.py): the config's, or the one stored for this machine."""
+        """The CPU matmul path (engine/layers/matmul_choice.py): the config's, or the one stored for this machine."""
         c = self.config
         if self.device.type != "cpu" or not c.pack_weights:
             return "torch"

@@ -11,9 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ["engine", "ettrl", "kernels/ettrl_kernels"]
-# the CPU kernel wrappers, on their way to engine/layers/ (which will replace these entries)
-EXCLUDED = ["engine/models/packed_linear.py", "engine/models/fused_ops.py", "engine/models/matmul_choice.py",
-            "engine/models/decode_layers.py", "engine/models/rope.py"]
+EXCLUDED: list[str] = []
 
 
 def checked_files() -> list[Path]:

@@ -1,11 +1,11 @@
-"""The C++ fused layer ops (engine/models/fused_ops.py) against the torch code they replace."""
+"""The C++ fused layer ops (engine/layers/fused_ops.py) against the torch code they replace."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models import fused_ops
+from engine.layers import fused_ops
+from engine.layers.rope import RotaryEmbedding, apply_rope
 from engine.models.llama import RMSNorm
-from engine.models.rope import RotaryEmbedding, apply_rope
 
 pytestmark = pytest.mark.skipif(not fused_ops.fused_supported("cpu", torch.float32), reason="C++ extension not built")
 DTYPES = [torch.float32, torch.bfloat16]

@@ -1,4 +1,4 @@
-"""The CPU matmul kernel choice (engine/models/matmul_choice.py): measured once, stored, read back, overridable, and
+"""The CPU matmul kernel choice (engine/layers/matmul_choice.py): measured once, stored, read back, overridable, and
 every kernel (and the AVX2 dispatch) gives transformers' greedy tokens."""
 import json
 import os
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.models import matmul_choice
-from engine.models.matmul_choice import (
+from engine.layers import matmul_choice
+from engine.layers.matmul_choice import (
     BATCH_BUCKETS,
     available_kernels,
     choice_file,
     resolve_kernel,
 )
-from engine.models.packed_linear import Panels
+from engine.layers.packed_linear import Panels
 from tiny_models import hf_greedy, make_tiny_model
 
 SHAPES = [(96, 64), (64, 64), (300, 64)]

@@ -1,10 +1,10 @@
-"""oneDNN-packed linears (engine/models/packed_linear.py) against F.linear, and the engine with and without them."""
+"""oneDNN-packed linears (engine/layers/packed_linear.py) against F.linear, and the engine with and without them."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.models.packed_linear import linear, pack, packing_supported
+from engine.layers.packed_linear import linear, pack, packing_supported
 from tiny_models import make_tiny_model
 
 # panels round like oneDNN, not bit for bit

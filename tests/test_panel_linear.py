@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.extension import extension
-from engine.models import packed_linear
+from engine.layers import packed_linear
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,7 @@ def test_linear_uses_panels(dtype):
 
 def test_off_switch_falls_back_to_onednn():
     """ETTRL_NO_PANEL_LINEAR=1: no panels; pack gives oneDNN's layout (or None without it) and linear still agrees."""
-    code = ("import torch, torch.nn.functional as F; from engine.models import packed_linear as p; "
+    code = ("import torch, torch.nn.functional as F; from engine.layers import packed_linear as p; "
             "from engine.extension import extension as e; "
             "assert e() is None or not e().panel_linear_available(); "
             "w = torch.randn(64, 96); packed = p.pack(w); "

@@ -13,7 +13,8 @@ from engine.attention import registry as attention
 from engine.attention.base import AttentionBackend
 from engine.attention.torch_paged import CpuPagedAttention, TorchPagedAttention
 from engine.extension import extension
-from engine.models import decode_layers, registry
+from engine.layers import decode_layers
+from engine.models import registry
 from engine.models.llama import CausalLM
 from tiny_models import make_tiny_model
 
@@ -80,7 +81,8 @@ def test_fused_decode_declines_a_class_that_does_not_declare_its_layout(tmp_path
                         registry.ModelSpec(UnknownLayers, registry.MODELS["Qwen2ForCausalLM"].parse_args))
     llm = LLM(tmp_path, dtype="bfloat16")
     assert isinstance(llm.engine.runner.model, UnknownLayers)
-    assert decode_layers.pointer_table(llm.engine.runner.model) is None
+    why = decode_layers.build(llm.engine.runner.model)
+    assert why == "UnknownLayers does not declare fused_decode_layout = 'llama'"
     calls = []
     op = decode_layers._OP
     monkeypatch.setattr(decode_layers, "_OP", lambda *args: calls.append(1) or op(*args))

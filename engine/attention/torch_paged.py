@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, DecodePlan, PagedKV
 from engine.extension import extension_op
-from engine.models import fused_ops
+from engine.layers import fused_ops
 
-if TYPE_CHECKING:  # annotations only: the config names the backends, the model layers use them
+if TYPE_CHECKING:  # annotations only
     from engine.config import EngineConfig
+    from engine.layers.rope import StepRope
     from engine.models.llama import RMSNorm
-    from engine.models.rope import StepRope
 
 
 @dataclass
@@ -76,13 +76,14 @@ class TorchPagedAttention(AttentionBackend):
         """k_cache, v_cache: [num_layers, num_blocks, block_size, kv_heads, head_dim].
 
         fuse_rope: take each layer's fused qkv projection (`attend_qkv`) and apply rope, q/k norms and the cache
-        write in one C++ pass (engine/models/fused_ops.py) where it applies (CPU, fp32 or bf16)."""
+        write in one C++ pass (engine/layers/fused_ops.py) where it applies (CPU, fp32 or bf16)."""
         self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim = k_cache.shape
         self.k_slots = k_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
         self.v_slots = v_cache.view(self.num_layers, num_blocks * self.block_size, self.kv_heads * self.head_dim)
         self.num_heads = num_heads
         self.group = num_heads // self.kv_heads
         self.scale = scale
+        self.uses_kernels = use_decode_kernel
         self.kernel = decode_kernel(k_cache) if use_decode_kernel else None
         self.prefill_kernel = decode_kernel(k_cache, "paged_prefill_attention") if self.kernel else None
         self.takes_qkv = fuse_rope and fused_ops.fused_supported(k_cache.device, k_cache.dtype)
@@ -150,6 +151,24 @@ class TorchPagedAttention(AttentionBackend):
     def _current_plan(self) -> StepPlan:
         assert self.plan_ is not None, "plan() the step first"
         return self.plan_
+    def paged_kv(self) -> PagedKV | None:
+        return None if self.why_not_paged() else PagedKV(self.k_slots, self.v_slots, self.block_size, self.scale)
+
+    def why_not_paged(self) -> str:
+        if not self.uses_kernels:
+            return f"the {self.name} attention backend runs no C++ kernel (the reference; cpu_paged does)"
+        if self.kernel is None:
+            return (f"no paged C++ kernel for a {self.k_slots.dtype} KV cache on {self.k_slots.device} (CPU, fp32 or "
+                    "bf16, and the extension built)")
+        if not self.takes_qkv:
+            return "rope and the cache write are not fused into the attention (EngineConfig.fused_ops=False)"
+        return ""
+
+    def decode_plan(self) -> DecodePlan | None:
+        p = self.plan_
+        if p is None or p.block_tables is None or p.kv_lens is None:
+            return None
+        return DecodePlan(p.slot_mapping, p.block_tables, p.kv_lens, p.q_starts, p.batch, p.num_decode)
 
     def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the queries [T, heads, D] over the cache, their own keys included (already written)."""

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import decode_layers, fused_ops
-from engine.models.packed_linear import Panels, linear, linear_fp32_out, pack
-from engine.models.rope import RotaryEmbedding, StepRope, apply_rope
+from engine.layers import decode_layers, fused_ops
+from engine.layers.decode_layers import DecodeStack, FusedDecodeStats
+from engine.layers.packed_linear import Panels, linear, linear_fp32_out, pack
+from engine.layers.rope import RotaryEmbedding, StepRope, apply_rope
 
 if TYPE_CHECKING:  # annotations only: the attention backends name this module's norms
     from engine.attention.base import AttentionBackend
@@ -91,7 +92,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = _param(dim, dtype=dtype, device=device)
         self.eps = eps
-        self.fused = False  # the C++ op (fused_ops.py), set by CausalLM.use_fused_ops
+        self.fused = False  # the C++ op (engine/layers/fused_ops.py), set by CausalLM.use_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.dim() == 2:
@@ -200,7 +201,7 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """forward(input_ids [T], positions [T], logits_indices [B]) -> fp32 logits [B, vocab]. Implements the model
     interface of registry.py."""
-    fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (decode_layers.py)
+    fused_decode_layout = "llama"  # csrc/decode_layers.cpp computes exactly these layers (layers/decode_layers.py)
 
     def __init__(self, a: ModelArgs, dtype: torch.dtype, device: torch.device | str, max_positions: int) -> None:
         super().__init__()
@@ -212,9 +213,9 @@ class CausalLM(nn.Module):
                                                                              dtype=dtype, device=device)
         self.rope = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, device)
         self.lm_head_packed: Packed = None
-        self.fused_decode = True  # decode steps run the layer stack in one C++ call where it applies
-        # decode_layers.pointer_table, built on the first decode step (False: the C++ stack does not apply)
-        self._decode_table: torch.Tensor | bool | None = None
+        self.fused_decode = True  # steps run the layer stack in one C++ call where it applies
+        self.fused_decode_stats = FusedDecodeStats()  # steps through the C++ stack, and through the loop by reason
+        self._decode_stack: DecodeStack | str | None = None  # decode_layers.build's, on the first step after a change
 
     def _decoder_layers(self) -> Iterable[DecoderLayer]:
         """self.layers, typed (an nn.ModuleList holds modules)."""
@@ -227,21 +228,21 @@ class CausalLM(nn.Module):
             layer.self_attn.pack_weights(enabled, kernel)
             layer.mlp.pack_weights(enabled, kernel)
         self.lm_head_packed = pack(self.lm_head, None, kernel) if enabled else None
-        self._decode_table = None
+        self._decode_stack = None
 
     def use_fused_ops(self, enabled: bool = True) -> bool:
-        """C++ RMSNorm + residual add and SiLU * up (fused_ops.py) where they apply: CPU, fp32 or bf16."""
+        """C++ RMSNorm + residual add and SiLU * up (engine/layers/fused_ops.py) where they apply: CPU, fp32 or bf16."""
         on = enabled and fused_ops.fused_supported(self.embed_tokens.device, self.embed_tokens.dtype)
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP)):
                 m.fused = on
-        self._decode_table = None
+        self._decode_stack = None
         return on
 
     def set_attention(self, attn: AttentionBackend | None) -> None:
         for layer in self._decoder_layers():
             layer.self_attn.attn = attn
-        self._decode_table = None
+        self._decode_stack = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
@@ -258,14 +259,16 @@ class CausalLM(nn.Module):
         return linear_fp32_out(x, self.lm_head, None, self.lm_head_packed)
 
     def _fused_decode(self, x: torch.Tensor, rope: StepRope) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The C++ stack's (output, residual), or None for the layer loop; counted in fused_decode_stats."""
         if not self.fused_decode:
-            return None
-        if self._decode_table is None:
-            self._decode_table = decode_layers.pointer_table(self)
-            if self._decode_table is None:
-                self._decode_table = False  # does not apply to this model; rebuilt when weights or ops change
-        table = self._decode_table
-        return decode_layers.run(self, table, x, rope) if isinstance(table, torch.Tensor) else None
+            out: tuple[torch.Tensor, torch.Tensor] | str = decode_layers.OFF
+        else:
+            if self._decode_stack is None:  # rebuilt when weights, fused ops or the attention backend change
+                self._decode_stack = decode_layers.build(self)
+            stack = self._decode_stack
+            out = stack if isinstance(stack, str) else stack.run(x, rope)
+        self.fused_decode_stats.record(out if isinstance(out, str) else "")
+        return None if isinstance(out, str) else out
 
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> the tensor (or slice of a fused tensor) that stores it."""

@@ -3,7 +3,7 @@ ModelSpec (the class and the parser of its config).
 
 The model interface is `Model` below, what the model runner, loader and engine use (llama.CausalLM is the
 reference); `ModelArgsLike` is what they read of the parsed config. A class that also declares
-`fused_decode_layout` may take decode steps through the C++ layer stack (decode_layers.py).
+`fused_decode_layout` may take decode steps through the C++ layer stack (engine/layers/decode_layers.py).
 Adding a Llama-like architecture: a parser (or a module with its own model class) and one line in MODELS.
 """
 from __future__ import annotations

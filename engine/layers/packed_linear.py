@@ -13,7 +13,10 @@ On CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) the weights are pac
 rate, faster than oneDNN on the shapes of SmolLM2 from 1 to 1024 rows (docs/benchmarks.md). Its sums do not
 depend on the number of rows, so a sequence's logits do not depend on the batch it runs in.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +39,23 @@ class Panels:
 
 def panels_supported(weight: torch.Tensor) -> bool:
     return (_PANEL is not None and weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
-            and weight.dim() == 2 and extension().panel_linear_available())
+            and weight.dim() == 2 and _extension().panel_linear_available())
+
+
+def _extension() -> ModuleType:
+    """ettrl_kernels._C (panels are made and used only where it is built)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("ettrl_kernels._C is not built: python setup.py build_ext --inplace")
+    return ext
 
 
 def pack_panels(weight: torch.Tensor) -> Panels:
     out_features, in_features = weight.shape
     bf16 = weight.dtype == torch.bfloat16
     weight = weight.contiguous()  # held by a name: the extension reads its raw pointer
-    data = zeros((extension().panel_packed_elements(out_features, in_features, bf16),), weight.dtype, "cpu")
-    extension().pack_panels(weight.data_ptr(), data.data_ptr(), out_features, in_features, bf16)
+    data = zeros((_extension().panel_packed_elements(out_features, in_features, bf16),), weight.dtype, "cpu")
+    _extension().pack_panels(weight.data_ptr(), data.data_ptr(), out_features, in_features, bf16)
     return Panels(data, out_features, in_features)
 
 
@@ -69,6 +80,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     kernel None: panels on AVX-512 BF16 CPUs, else oneDNN's."""
     if kernel is None:
         kernel = "panel" if panels_supported(weight) else "onednn"
+    make: Callable[[torch.Tensor], Any]
+    product: Callable[..., torch.Tensor]  # (x, what make returned, bias)
     if kernel == "panel" and panels_supported(weight):
         make, product = pack_panels, _panel_linear
     elif kernel == "onednn" and packing_supported(weight):
@@ -76,7 +89,7 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     else:
         return None
     try:
-        packed = make(weight)
+        packed: Any = make(weight)  # the argument `product` takes
         probe = torch.randn(3, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
         expected = F.linear(probe, weight, bias).float()
         got = product(probe, packed, bias).float()
@@ -112,7 +125,8 @@ def _panel_linear(x: torch.Tensor, packed: Panels, bias: torch.Tensor | None, fp
     rows = x.reshape(-1, packed.in_features).contiguous()
     bias = None if bias is None else bias.contiguous()  # held by names: the extension reads raw pointers
     y = rows.new_empty(rows.shape[0], packed.out_features, dtype=torch.float32 if fp32_out else x.dtype)
-    if rows.shape[0] and not _PANEL(rows.data_ptr(), packed.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+    panel = _PANEL if _PANEL is not None else _extension().panel_linear
+    if rows.shape[0] and not panel(rows.data_ptr(), packed.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                     y.data_ptr(), rows.shape[0], packed.in_features, packed.out_features,
                                     x.dtype == torch.bfloat16, torch.get_num_threads(), fp32_out):
         raise RuntimeError(f"panel_linear declined {tuple(rows.shape)} x {packed.in_features} -> "

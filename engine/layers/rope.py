@@ -1,22 +1,24 @@
 """Rotary position embeddings (HF's rotate-half convention) with default, linear and llama3 frequency scaling."""
 import math
+from typing import Any
 
 import torch
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    s = scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / s["factor"]
     if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling)
+        return _llama3_inv_freq(inv_freq, s)
     raise NotImplementedError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -31,7 +33,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding:
     """cos/sin tables in fp32 for every position; `lookup` gathers one step's rows once for all layers."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 device: torch.device | str):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.cos = freqs.cos().to(device)
@@ -60,7 +63,7 @@ class StepRope:
             raise IndexError(f"position {int(positions.max())} is past the rotary table "
                              f"({rope.cos.shape[0]} positions)")
         self.table, self.positions, self.dtype = rope, positions, dtype
-        self._cos_sin = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos_sin is None:

@@ -23,11 +23,13 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from engine.models.packed_linear import (
+from engine.layers.packed_linear import (
     PACKED_DTYPES,
     linear,
     pack,
@@ -47,9 +49,9 @@ MIN_REPEATS, MAX_REPEATS, MEASURE_SECONDS = 5, 100, 0.1
 
 
 @functools.cache
-def cpu_description() -> dict:
+def cpu_description() -> dict[str, Any]:
     """CPU model name and the matmul-relevant feature flags (from /proc/cpuinfo on Linux)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = platform.processor() or platform.machine(), set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -62,7 +64,7 @@ def cpu_description() -> dict:
     return {"cpu": name, "features": [f for f in CPU_FEATURES if f in flags]}
 
 
-def machine_key() -> dict:
+def machine_key() -> dict[str, Any]:
     return {**cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -79,10 +81,18 @@ def available_kernels(dtype: torch.dtype) -> list[str]:
     return [*found, "torch"]
 
 
-def model_shapes(model) -> list[tuple[int, int]]:
+class MatmulModel(Protocol):
+    """What model_shapes reads of a model (llama.CausalLM)."""
+    lm_head: torch.Tensor
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every weight (torch.nn.Module's)."""
+
+
+def model_shapes(model: MatmulModel) -> list[tuple[int, int]]:
     """(out, in) of every matmul weight of an engine CausalLM: the layers' 2-D weights and the lm_head."""
-    shapes = {tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens"}
-    shapes.add(tuple(model.lm_head.shape))
+    shapes = {(p.shape[0], p.shape[1]) for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens"}
+    shapes.add((model.lm_head.shape[0], model.lm_head.shape[1]))
     return sorted(shapes)
 
 
@@ -109,7 +119,7 @@ def resolve_kernel(shapes: list[tuple[int, int]], dtype: torch.dtype, kernel: st
 
 
 @functools.cache
-def _warn_not_invariant(available: tuple[str, ...]):
+def _warn_not_invariant(available: tuple[str, ...]) -> None:
     warnings.warn(f"no batch-invariant matmul on this CPU ({cpu_description()['cpu']}, no AVX-512 BF16 or "
                   f"ETTRL_NO_PANEL_LINEAR set): using the fastest of {list(available)}; a row's result, and so a "
                   f"seed's tokens, may depend on the batch it runs in", stacklevel=3)
@@ -119,7 +129,8 @@ def _shape_key(shape: tuple[int, int], dtype: torch.dtype) -> str:
     return f"{str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]}"
 
 
-def stored_timings(shapes, dtype, kernels, cache_dir=None) -> dict:
+def stored_timings(shapes: list[tuple[int, int]], dtype: torch.dtype, kernels: list[str],
+                   cache_dir: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """{shape key: {kernel: {bucket: seconds}}} for these shapes and kernels: read from the choice file, measuring
     (under a file lock, once per machine) whatever it lacks or cannot parse."""
     from engine.model_files import _file_lock
@@ -138,7 +149,7 @@ def stored_timings(shapes, dtype, kernels, cache_dir=None) -> dict:
     return data["timings"]
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         if data.get("machine") == machine_key() and isinstance(data.get("timings"), dict):
@@ -148,13 +159,13 @@ def _read(path: Path) -> dict:
     return {"machine": machine_key(), "buckets": list(BATCH_BUCKETS), "timings": {}}
 
 
-def _complete(entry, kernels) -> bool:
+def _complete(entry: Any, kernels: list[str]) -> bool:
     return isinstance(entry, dict) and all(
         isinstance(entry.get(k), dict) and all(isinstance(entry[k].get(str(b)), (int, float)) for b in BATCH_BUCKETS)
         for k in kernels)
 
 
-def _write(path: Path, data: dict):
+def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -173,7 +184,8 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, kernel: str) -> dict[str
     for rows in BATCH_BUCKETS:
         x = torch.randn(rows, shape[1], generator=gen).to(dtype)
         linear(x, weight, None, packed)
-        times, deadline = [], time.perf_counter() + MEASURE_SECONDS
+        times: list[float] = []
+        deadline = time.perf_counter() + MEASURE_SECONDS
         while len(times) < MIN_REPEATS or (len(times) < MAX_REPEATS and time.perf_counter() < deadline):
             start = time.perf_counter()
             linear(x, weight, None, packed)

@@ -2,11 +2,13 @@
 
 At decode shapes a layer's RMSNorms, residual adds, rotary embedding, KV-cache write and SiLU are ~20 torch ops
 that each cost more to dispatch than to compute; these three calls replace them (docs/benchmarks.md has the
-engine's history). They round where the torch modules round, so the torch code in
-llama.py / rope.py / engine/attention/torch_paged.py is their reference (tests/test_fused_ops.py) and their fallback.
+engine's history). They round where the torch modules round, so the torch code in engine/models/llama.py,
+rope.py and engine/attention/torch_paged.py is their reference (tests/test_fused_ops.py) and their fallback.
 The extension takes raw pointers: the checks on dtype, device, shape and contiguity are here.
 """
 from __future__ import annotations
+
+from typing import Any, overload
 
 import torch
 
@@ -15,7 +17,8 @@ from engine.extension import extension, extension_op
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _ops():
+def _ops() -> Any:
+    """ettrl_kernels._C where it has the fused ops, else None."""
     return extension() if extension_op("rope_and_cache") is not None else None
 
 
@@ -29,7 +32,17 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int | None = Non
                          f"got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+
+
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """rms_norm(x) * weight; with `residual`: residual += x in place, returns
     (rms_norm(residual) * weight, residual)."""
     x = x.contiguous()
@@ -78,7 +91,7 @@ def rope_and_cache(qkv: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
         raise ValueError(f"rope_and_cache: qkv has {qkv.shape[1]} features, expected "
                          f"({num_heads} + 2 x {num_kv_heads}) x {head_dim} with an even head_dim")
     if not step_checked:
-        _check_rope_step(t, dtype, k_slots, v_slots, slot_mapping, positions, cos_table, sin_table, num_kv_heads,
+        check_rope_step(t, dtype, k_slots, v_slots, slot_mapping, positions, cos_table, sin_table, num_kv_heads,
                          head_dim, q_norm, k_norm)
     q = qkv.new_empty(t, num_heads, head_dim)
     _ops().rope_and_cache(qkv.data_ptr(), q.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), slot_mapping.data_ptr(),
@@ -89,8 +102,12 @@ def rope_and_cache(qkv: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     return q
 
 
-def _check_rope_step(t, dtype, k_slots, v_slots, slot_mapping, positions, cos_table, sin_table, num_kv_heads,
-                     head_dim, q_norm, k_norm) -> None:
+def check_rope_step(t: int, dtype: torch.dtype, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                    slot_mapping: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                    sin_table: torch.Tensor, num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None,
+                    k_norm: torch.Tensor | None) -> None:
+    """rope_and_cache's checks of everything a step's layers share (all but qkv), for `t` tokens of `dtype`; a
+    ValueError that names the argument."""
     for name, cache in (("k_slots", k_slots), ("v_slots", v_slots)):
         _check(f"rope_and_cache {name}", cache, dtype, 2)
         if cache.shape[1] != num_kv_heads * head_dim:
