@@ -260,8 +260,8 @@ def report(args):
             points = ", ".join(f"n={r['n']} {r['acc']:.3f} @ {r['tokens']:.0f} tok" for r in rows)
             print(f"parallel ({stop}): {points}")
         print("\n| option | best shape | trees - parallel at equal tokens (points, mean +- s.e. over problems) | "
-              "mean over shapes (+- s.e. over problems) | tokens vs parallel of as many leaves | branch = root answer | "
-              "two roots agree | fork depth |")
+              "mean over shapes (+- s.e. over problems) | tokens vs parallel of as many leaves | "
+              "branch = root answer | two roots agree | fork depth |")
         print("|---|---|---|---|---|---|---|---|")
         for option in OPTIONS:
             for aware in (False, True):
