@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ def start_server(args, port: int) -> subprocess.Popen:
     budget = EngineConfig(model=args.model, device="cpu").max_num_batched_tokens  # the engine's CPU default
     cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--dtype", args.dtype, "--port", str(port),
            "--no-prefix-caching", "--log-level", "warning", "--max-num-seqs", "256",
-           "--max-num-batched-tokens", str(budget)]
+           "--max-num-batched-tokens", str(budget), *shlex.split(args.server_args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 600
@@ -190,6 +191,7 @@ def main():
     ap.add_argument("--long-tokens", type=int, default=4096)
     ap.add_argument("--decoders", type=int, default=8)
     ap.add_argument("--skip-throughput", action="store_true", help="only the long-prompt case")
+    ap.add_argument("--server-args", default="", help="more engine.serve flags, e.g. '--long-prefill-token-threshold 8'")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
