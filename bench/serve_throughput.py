@@ -191,7 +191,8 @@ def main():
     ap.add_argument("--long-tokens", type=int, default=4096)
     ap.add_argument("--decoders", type=int, default=8)
     ap.add_argument("--skip-throughput", action="store_true", help="only the long-prompt case")
-    ap.add_argument("--server-args", default="", help="more engine.serve flags, e.g. '--long-prefill-token-threshold 8'")
+    ap.add_argument("--server-args", default="",
+                    help="more engine.serve flags, e.g. '--long-prefill-token-threshold 8'")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from staggered import drive
 from tiny_models import make_tiny_model
 
 
@@ -35,25 +36,6 @@ def record_steps(llm: LLM) -> list[list[tuple[int, int, int, bool, int]]]:
         return seqs, num_decodes
     llm.engine.scheduler.schedule = spy
     return steps
-
-
-def drive(llm: LLM, arrivals: list[tuple[int, list[int], SamplingParams]], check=None):
-    """Adds (step, prompt, params) requests as their step comes, runs to the end checking integrity (and `check`
-    on the scheduler) after every step; returns each request's [(tokens, logprobs)] per sample."""
-    engine = llm.engine
-    pending, submitted, step = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0]), {}, 0
-    while pending or engine.has_unfinished():
-        while pending and arrivals[pending[0]][0] <= step:
-            i = pending.pop(0)
-            submitted[i] = engine.make_sequences(arrivals[i][1], arrivals[i][2])
-            engine.add_sequence(submitted[i][0])
-        for seq in engine.step():
-            engine.free(seq)
-        llm.check_integrity()
-        if check is not None:
-            check()
-        step += 1
-    return [[(s.completion_token_ids, s.logprobs) for s in submitted[i]] for i in range(len(arrivals))]
 
 
 def reference(model_dir, arrivals):

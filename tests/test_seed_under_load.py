@@ -6,6 +6,7 @@ import random
 import pytest
 
 from engine import LLM, SamplingParams
+from staggered import drive
 from tiny_models import make_tiny_model
 
 
@@ -41,19 +42,8 @@ def alone(llm: LLM, prompt: list[int], params: SamplingParams):
 
 def run_staggered(llm: LLM, requests) -> list:
     """Adds each request at its arrival step while the others run; checks the KV bookkeeping after every step."""
-    engine = llm.engine
-    engine.kv.reset_prefix_cache()
-    pending, submitted, step = sorted(range(len(requests)), key=lambda i: requests[i][0]), {}, 0
-    while pending or engine.has_unfinished():
-        while pending and requests[pending[0]][0] <= step:
-            i = pending.pop(0)
-            submitted[i] = engine.make_sequences(requests[i][1], requests[i][2])
-            engine.add_sequence(submitted[i][0])
-        for seq in engine.step():
-            engine.free(seq)
-        llm.check_integrity()
-        step += 1
-    return [outputs(submitted[i]) for i in range(len(requests))]
+    llm.engine.kv.reset_prefix_cache()
+    return drive(llm, requests)
 
 
 @pytest.mark.parametrize("dtype,pool,chunked", [  # pool 90 blocks of 4: sequences are preempted and recomputed
