@@ -83,7 +83,10 @@ def available_kernels(dtype: torch.dtype) -> list[str]:
 
 class MatmulModel(Protocol):
     """What model_shapes reads of a model (llama.CausalLM)."""
-    lm_head: torch.Tensor
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The output projection [vocab, hidden]."""
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """(name, parameter) of every weight (torch.nn.Module's)."""

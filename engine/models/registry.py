@@ -49,6 +49,10 @@ class Model(Protocol):
     def args(self) -> ModelArgsLike:
         """The parsed args it was built from."""
 
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The output projection [vocab, hidden] (the CPU matmul choice measures its shape)."""
+
     def hf_parameter_views(self) -> dict[str, torch.Tensor]:
         """Hugging Face name -> where that checkpoint tensor lives (the loader and update_weights copy into these
         views in place)."""
@@ -67,6 +71,9 @@ class Model(Protocol):
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
         """Its weights (torch.nn.Module's)."""
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every weight (torch.nn.Module's)."""
 
     def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
         """Its buffers (torch.nn.Module's)."""
