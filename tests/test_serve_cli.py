@@ -113,3 +113,14 @@ def test_help_and_a_refused_setting_say_what_is_wrong():
     assert out.returncode == 0 and "--gpu-memory-utilization" in out.stdout and "--max-queued-requests" in out.stdout
     out = subprocess.run([*run, "--model", "m", "--block-size", "3"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "block_size must be a positive power of two" in out.stderr
+
+
+def test_a_tree_request_defaults_to_tree_params_defaults():
+    """/v1/sample_tree without tree fields samples the trees LLM.sample_tree samples with TreeParams()."""
+    from engine import TreeParams
+    from engine.serve.protocol import SampleTreeRequest
+
+    request = SampleTreeRequest(prompts=["x"])
+    for f in dataclasses.fields(TreeParams):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert getattr(request, f.name) == default, f.name

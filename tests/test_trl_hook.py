@@ -91,7 +91,9 @@ def test_grpo_trainer_two_steps_in_process(tmp_path, model_dir):
 
 
 def test_grpo_trainer_two_steps_with_trees_through_the_server(tmp_path, model_dir):
-    """The hook against engine.serve (weights pushed by /update_weights_from_tensor), trees of 1 + 1 x 3 leaves."""
+    """The hook against engine.serve (weights pushed by /update_weights_from_tensor), trees of 1 + 1 x 3 leaves
+    (entropy forks, the metric this test was written for: it needs rewards that differ within the group, or a zero
+    advantage moves no weight; with surprisal forks this seed's first step moved none)."""
     import shutil
 
     from engine.serve.api_server import Server, ServerConfig
@@ -103,7 +105,7 @@ def test_grpo_trainer_two_steps_with_trees_through_the_server(tmp_path, model_di
         return server.loop.barrier(lambda: probe_engine(server.llm)).result(timeout=60)
 
     with running(server.app) as url:
-        calls, seen = run_grpo(tmp_path, url, probe, TreeParams(trees=1, forks=1, branches=3))
+        calls, seen = run_grpo(tmp_path, url, probe, TreeParams(trees=1, forks=1, branches=3, metric="entropy"))
     check_weights_follow_the_trainer(calls)
     origins = seen["tree_origin"]
     assert len(origins) == 4 and origins[0] == (0, None, None)

@@ -146,7 +146,7 @@ class SampleTreeRequest(SamplingFields):
     trees: int = Field(12, ge=1, le=MAX_N)
     forks: int = Field(2, ge=0, le=1024)
     branches: int = Field(2, ge=0, le=1024)
-    metric: Literal["entropy", "surprisal"] = "entropy"
+    metric: Literal["entropy", "surprisal"] = "surprisal"  # TreeParams.metric's default (a test keeps them equal)
     distinct: bool = False
     no_fork_after: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] = []
     min_gap: int = Field(1, ge=1, le=INT64 - 1)
