@@ -41,7 +41,7 @@ def parse_args():
     p.add_argument("--trees", type=int, default=12)
     p.add_argument("--configs", default="2x2,3x2", help="comma-separated NxB fork/branch settings")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--metric", default="entropy", choices=["entropy", "surprisal"])
+    p.add_argument("--metric", default="surprisal", choices=["surprisal", "entropy"])
     p.add_argument("--distinct", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="engine decode batch; keep it <= prompts * trees so both runs keep the batch full")
