@@ -13,7 +13,7 @@ request; its time to first token is the latency a long prompt adds. Run twice: w
 between its arrival and its first token: how much of their pace the long prefill leaves them).
 
 The server runs with the engine's own defaults for chunked prefill (max_num_batched_tokens as EngineConfig sets it on
-this device, passed explicitly since the server's flag has its own default).
+the CPU, also passed explicitly so that both sides use the same budget); --server-args adds flags.
 
     python bench/serve_throughput.py [--model NAME] [--dtype bfloat16] [--repeats 3] [--threads N]
                                      [--long-tokens 4096] [--decoders 8] [--skip-throughput]
