@@ -350,11 +350,18 @@ ETTRL_TILE_TARGET void decode(const DecodeAttentionArgs& a, int workers) {
   });
 }
 
-// decode<> for the shapes the tiles handle (head size 64 or 128, power-of-two blocks); false otherwise.
+// The shapes the tiles handle, decode and prefill alike: head size 64 or 128, power-of-two blocks (and a bf16 cache
+// where the caller is the bf16-only build).
+template <bool Bf16Only, class Args>
+inline bool tiles_handle(const Args& a) {
+  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
+  return pow2_blocks && (a.head_dim == 64 || a.head_dim == 128) && (a.bf16 || !Bf16Only);
+}
+
+// decode<> for the shapes the tiles handle; false otherwise.
 template <bool Bf16Only>
 ETTRL_TILE_TARGET bool decode_tiles(const DecodeAttentionArgs& a, int workers) {
-  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
-  if (!pow2_blocks || (a.head_dim != 64 && a.head_dim != 128) || (Bf16Only && !a.bf16)) return false;
+  if (!tiles_handle<Bf16Only>(a)) return false;
   if (a.head_dim == 64)
     a.bf16 ? decode<uint16_t, 64>(a, workers) : decode<float, 64>(a, workers);
   else
@@ -509,8 +516,7 @@ ETTRL_TILE_TARGET void prefill(const PrefillAttentionArgs& a, int workers) {
 
 template <bool Bf16Only>
 ETTRL_TILE_TARGET bool prefill_tiles(const PrefillAttentionArgs& a, int workers) {
-  const bool pow2_blocks = (a.block_size & (a.block_size - 1)) == 0;
-  if (!pow2_blocks || (a.head_dim != 64 && a.head_dim != 128) || (Bf16Only && !a.bf16)) return false;
+  if (!tiles_handle<Bf16Only>(a)) return false;
   if (a.head_dim == 64)
     a.bf16 ? prefill<uint16_t, 64>(a, workers) : prefill<float, 64>(a, workers);
   else
