@@ -179,7 +179,7 @@ def engine_options(config: RolloutConfig, options: EttrlRolloutOptions) -> dict[
     out = dict(dtype=config.dtype, max_num_seqs=config.max_num_seqs,
                max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
                enable_prefix_caching=config.enable_prefix_caching,
-               enable_chunked_prefill=getattr(config, "enable_chunked_prefill", True))
+               enable_chunked_prefill=config.enable_chunked_prefill)
     if torch.cuda.is_available():
         out["gpu_memory_utilization"] = config.gpu_memory_utilization
     return {**out, **options.engine}
