@@ -45,6 +45,10 @@ class EngineConfig:
     """A prompt longer than this takes at most this many tokens of a step while anything else runs or waits, and
     its pieces end at multiples of it; 0: no cap (pieces of max_num_batched_tokens). None: 16 on the CPU, 512 on
     CUDA."""
+    decode_share: float = 0.6
+    """A prompt longer than max_num_batched_tokens prefills beside running decodes in pieces spaced (by measured
+    step times) so that the decodes keep at least this share of the wall time: they slow to no less than about this
+    fraction of their pace, the long prompt's first token comes later. 0: no spacing. Chunked prefill only."""
     max_model_len: int | None = None
     """Longest sequence (prompt + completion); default: the model's max_position_embeddings."""
     enable_prefix_caching: bool = True
@@ -91,6 +95,8 @@ class EngineConfig:
             raise ValueError(f"matmul_kernel must be 'auto', 'panel', 'onednn' or 'torch', got {self.matmul_kernel!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 <= self.decode_share < 1:
+            raise ValueError(f"decode_share must be in [0, 1) (0: no spacing), got {self.decode_share}")
         if not 0 <= self.long_prefill_token_threshold <= self.max_num_batched_tokens:
             raise ValueError(f"long_prefill_token_threshold must be in [0, max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}] (0: no cap), got {self.long_prefill_token_threshold}")

@@ -11,6 +11,7 @@ Finished sequences keep their KV blocks until free(), so a finished root can sti
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +49,7 @@ class LLMEngine:
         self.num_prefill_tokens = 0   # tokens computed as prompt pieces (prompts, recomputation after preemption)
         self.num_decode_tokens = 0    # tokens computed as decodes (one per running sequence per step)
         self.num_steps = 0
+        self.step_started: float | None = None  # perf_counter at the start of the last step, None after an idle one
 
     # ---- submitting ---------------------------------------------------------------------------------------
     def make_sequences(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -153,9 +155,16 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """One step: the running sequences' decodes and pieces of prompts (chunked prefill), or a prefill or a
         decode step (without it). Returns the sequences that finished in it."""
+        now = time.perf_counter()
+        if self.step_started is not None:  # the last step's cycle, the caller's work after it included
+            self.scheduler.observe_step(now - self.step_started)  # (what running decodes wait for per token)
         seqs, num_decodes = self.scheduler.schedule()
+        self.step_started = now if seqs else None
         if not seqs:
             return []
+        return self._run(seqs, num_decodes)
+
+    def _run(self, seqs: list[Sequence], num_decodes: int) -> list[Sequence]:
         self.num_decode_tokens += num_decodes
         self.num_prefill_tokens += sum(s.num_scheduled_tokens for s in seqs[num_decodes:])
         self.num_steps += 1

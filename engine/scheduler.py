@@ -16,6 +16,7 @@ from itertools import chain
 
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
+from engine.prefill_pacing import PrefillPacer, StepKind
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -32,6 +33,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: decoding, or prefilling (part of the prompt computed)
         self.num_preemptions = 0
+        self.pacer = PrefillPacer(config.decode_share)  # spaces pieces of prompts longer than the step budget
 
     def add_waiting(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -68,7 +70,13 @@ class Scheduler:
         decode = self._schedule_decode(decoding, self.max_num_seqs - len(eligible))
         budget = max(self.max_num_batched_tokens - len(decode), self.chunk)  # at least one chunk of prefill
         pieces: list[Sequence] = []
+        long_pending = paced = False
         for i, seq in enumerate(eligible):
+            if decoding and self._is_long(seq):
+                long_pending = True
+                if paced or not self.pacer.allow():
+                    continue  # the decodes' share first (one long piece a step); short prompts still prefill
+                paced = True
             waiting_others = len(self.waiting) - (seq.status == SequenceStatus.WAITING)
             others = bool(decoding or pieces or i + 1 < len(eligible) or waiting_others)
             if seq.status == SequenceStatus.WAITING:
@@ -84,7 +92,16 @@ class Scheduler:
             pieces.append(seq)
         if not decode and not pieces and self.waiting and not self.running:
             self._pool_too_small()
+        self.pacer.scheduled(StepKind(len(decode), len(pieces), any(map(self._is_long, pieces))), long_pending)
         return decode + pieces, len(decode)
+
+    def _is_long(self, seq: Sequence) -> bool:
+        """A prompt longer than a step's budget: its pieces are paced beside running decodes."""
+        return self.pacer.enabled and len(seq) > self.max_num_batched_tokens
+
+    def observe_step(self, seconds: float) -> None:
+        """The wall time from the start of the step schedule() last returned to the next (the pacer's measurement)."""
+        self.pacer.observe(seconds)
 
     def _prefill_candidates(self, decoding: list[Sequence]) -> list[Sequence]:
         """Prefilling sequences, then waiting ones in order, while decode slots allow: a sequence gets a slot

@@ -43,6 +43,7 @@ class EngineSection:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None
+    decode_share: float = 0.6
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     pack_weights: bool = True
