@@ -194,7 +194,8 @@ def aggregate(runs: dict[str, dict[int, dict]], baseline: str = "ttrl", metrics=
                       if s in after and (r.get("before") or {}).get(metric) is not None]
             mean, se = mean_se(list(after.values()))
             row = {"method": method, "metric": metric, "n": len(after), "mean": mean, "se": se,
-                   "change": statistics.fmean(change) if change else float("nan")}
+                   "change": statistics.fmean(change) if change else float("nan"),
+                   "rose": sum(c > 0 for c in change), "fell": sum(c < 0 for c in change), "paired": len(change)}
             if method != baseline and baseline in runs:
                 base = {s: r["after"][metric] for s, r in runs[baseline].items() if (r.get("after") or {}).get(metric)
                         is not None}
@@ -204,7 +205,7 @@ def aggregate(runs: dict[str, dict[int, dict]], baseline: str = "ttrl", metrics=
 
 
 def format_rows(rows: list[dict], baseline: str = "ttrl", markdown: bool = False) -> str:
-    head = ["method", "metric", "n", "after (mean ± SE)", "change", f"vs {baseline} (95% CI, paired)"]
+    head = ["method", "metric", "n", "after (mean ± SE)", "change", "rose / fell", f"vs {baseline} (95% CI, paired)"]
     lines = []
     for r in rows:
         vs = ""
@@ -212,8 +213,9 @@ def format_rows(rows: list[dict], baseline: str = "ttrl", markdown: bool = False
             ci = "" if math.isnan(r["low"]) else f" [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
             vs = f"{100 * r['diff']:+.1f}{ci} (n={r['pairs']})"
         se = "" if math.isnan(r["se"]) else f" ± {100 * r['se']:.1f}"
+        rose = f"{r['rose']} / {r['fell']} of {r['paired']}" if r.get("paired") else ""
         lines.append([r["method"], r["metric"], str(r["n"]), f"{100 * r['mean']:.1f}{se}",
-                      f"{100 * r['change']:+.1f}", vs])
+                      f"{100 * r['change']:+.1f}", rose, vs])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
@@ -245,6 +247,35 @@ def per_seed_table(runs: dict[str, dict[int, dict]], metric: str = "avg@16", bas
     return "\n".join(line for line in lines if line)
 
 
+def load_steps(out: Path, key: str = "label_acc") -> dict[str, dict[int, list[float]]]:
+    """{method: {seed: [key at each training step]}} of the finished runs' metrics.jsonl ("train" rows)."""
+    curves: dict[str, dict[int, list[float]]] = {}
+    for path in sorted(out.glob("*-seed*/summary.json")):
+        method, _, seed = path.parent.name.rpartition("-seed")
+        metrics = path.parent / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            steps = {r["step"]: r[key] for r in rows if r.get("type") == "train" and key in r}
+            curves.setdefault(method, {})[int(seed)] = [steps[k] for k in sorted(steps)]
+    return curves
+
+
+def per_step_table(curves: dict[str, dict[int, list[float]]], key: str = "label_acc", baseline: str = "ttrl") -> str:
+    """Markdown: per method, the mean over its seeds of `key` at each training step, and over all steps."""
+    methods = baseline_first(curves, baseline)
+    steps = max((len(c) for by_seed in curves.values() for c in by_seed.values()), default=0)
+    lines = [f"| {key} | seeds | " + " | ".join(str(k + 1) for k in range(steps)) + " | all steps |",
+             "|" + "---|" * (steps + 3)]
+    for m in methods:
+        runs = list(curves[m].values())
+        cells = [statistics.fmean(c[k] for c in runs if len(c) > k) if any(len(c) > k for c in runs) else None
+                 for k in range(steps)]
+        overall = statistics.fmean(v for c in runs for v in c)
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join("" if v is None else f"{v:.2f}" for v in cells)
+                     + f" | {overall:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,9 +301,18 @@ def main(argv=None) -> None:
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
     print(format_rows(aggregate(runs, args.baseline), args.baseline, args.markdown))
+    curves = load_steps(out)
     if args.markdown:
-        print()
-        print(per_seed_table(runs, "avg@16", args.baseline))
+        for metric in ("avg@16", "maj@16", "greedy"):
+            print()
+            print(per_seed_table(runs, metric, args.baseline))
+        if curves:
+            print()
+            print(per_step_table(curves, "label_acc", args.baseline))
+    elif curves:
+        for m in baseline_first(curves, args.baseline):
+            steps = [v for c in curves[m].values() for v in c]
+            print(f"{m}: pseudo-label accuracy over {len(curves[m])} seeds' steps {statistics.fmean(steps):.2f}")
 
 
 if __name__ == "__main__":

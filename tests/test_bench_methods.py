@@ -47,8 +47,24 @@ def test_report_statistics_by_hand(tmp_path):
     assert r["pairs"] == 3 and r["diff"] == pytest.approx(statistics.fmean(diffs))
     assert (r["low"], r["high"]) == pytest.approx((r["diff"] - half, r["diff"] + half), abs=1e-4)
     assert rows[("ettrl", "maj@16")]["diff"] == pytest.approx(r["diff"])
+    assert (base["rose"], base["fell"], base["paired"]) == (2, 0, 3)  # 0.50 -> 0.50 neither rose nor fell
+    assert (r["rose"], r["fell"], r["paired"]) == (4, 0, 4)
     table = bm.format_rows(list(rows.values()), markdown=True)
-    assert table.splitlines()[0].startswith("| method | metric |") and "+6.3 [" in table
+    assert table.splitlines()[0].startswith("| method | metric |") and "+6.3 [" in table and "| 2 / 0 of 3 |" in table
+
+
+def test_label_accuracy_per_step(tmp_path):
+    curves = {("ttrl", 0): [0.5, 1.0], ("ttrl", 1): [0.25, 0.5, 0.75], ("etmr", 0): [0.0]}
+    for (method, seed), values in curves.items():
+        write_summary(tmp_path, method, seed, 0.5, 0.5)
+        rows = [{"type": "optim", "step": k + 1, "loss": 0.0} for k in range(len(values))]
+        rows += [{"type": "train", "step": k + 1, "label_acc": v} for k, v in enumerate(values)]
+        (bm.run_dir(tmp_path, method, seed) / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    loaded = bm.load_steps(tmp_path)
+    assert loaded == {"ttrl": {0: [0.5, 1.0], 1: [0.25, 0.5, 0.75]}, "etmr": {0: [0.0]}}
+    table = bm.per_step_table(loaded).splitlines()
+    assert table[0] == "| label_acc | seeds | 1 | 2 | 3 | all steps |"
+    assert table[2:] == ["| ttrl | 2 | 0.38 | 0.75 | 0.75 | 0.60 |", "| etmr | 1 | 0.00 |  |  | 0.00 |"]
 
 
 def test_sweep_resumes_where_it_stopped(tmp_path):
