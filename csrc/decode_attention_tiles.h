@@ -374,26 +374,38 @@ ETTRL_TILE_TARGET bool decode_tiles(const DecodeAttentionArgs& a, int workers) {
 // Row r of sequence b sees n_r = kv_lens[b] - (q_starts[b + 1] - r) + 1 keys, and its result is the fold a decode
 // with n_r keys computes: tile_update over tiles 0, 16, ... with the same scores, the last tile cut at n_r. Rows of
 // one sequence are taken kRowsPerTask at a time, so that each tile is loaded (and its values converted) once for
-// all of them; which rows share a task changes what is loaded together, not what any row computes.
+// all of them; which rows share a task changes what is loaded together, not what any row computes. When there are
+// fewer such tasks than workers can share (a 16-token piece of a long prompt beside decodes is one task), each is
+// cut into ranges of query heads, which are independent: the cut changes who computes a head, not what.
 
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kTasksPerWorker = 4;  // fewer row tasks than this per worker: cut them by heads
 constexpr int kRowBundle = 4;  // rows whose updates of one head are interleaved (tile_update_full)
 
 struct RowTask {
   int64_t seq, begin, end;  // rows [begin, end) of sequence seq
-  int64_t cost;             // row tiles: the work of the task
+  int64_t cost;             // row tiles x heads: the work of the task
+  int64_t h0, h1;           // query heads [h0, h1)
 };
 
 inline int64_t row_keys(const PrefillAttentionArgs& a, int64_t b, int64_t row) {
   return a.kv_lens[b] - (a.q_starts[b + 1] - row) + 1;
 }
 
-inline std::vector<RowTask> row_tasks(const PrefillAttentionArgs& a) {
-  std::vector<RowTask> tasks;
+inline std::vector<RowTask> row_tasks(const PrefillAttentionArgs& a, int workers) {
+  std::vector<RowTask> rows;
   for (int64_t b = 0; b < a.batch; ++b)
     for (int64_t r = a.q_starts[b]; r < a.q_starts[b + 1]; r += kRowsPerTask) {
       const int64_t end = std::min(a.q_starts[b + 1], r + kRowsPerTask);
-      tasks.push_back({b, r, end, (end - r) * ((row_keys(a, b, end - 1) + kTile - 1) / kTile)});
+      rows.push_back({b, r, end, (end - r) * ((row_keys(a, b, end - 1) + kTile - 1) / kTile), 0, a.num_heads});
+    }
+  const int64_t want = int64_t{kTasksPerWorker} * workers, have = static_cast<int64_t>(rows.size());
+  const int64_t parts = have >= want || workers < 2 ? 1 : std::min<int64_t>(a.num_heads, (want + have - 1) / have);
+  std::vector<RowTask> tasks;
+  for (const RowTask& t : rows)
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t h0 = a.num_heads * p / parts, h1 = a.num_heads * (p + 1) / parts;
+      tasks.push_back({t.seq, t.begin, t.end, t.cost * (h1 - h0), h0, h1});
     }
   return tasks;
 }
@@ -408,7 +420,7 @@ ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh,
   float* values = scratch(2, tile).data();
   float* states = scratch(4, n * heads * kState<D>).data();
   for (int64_t s = 0; s < n * heads; ++s) reset_state<D>(states + s * kState<D>);
-  for (int64_t m = 0; m < n; ++m) queries.fill(m, task.begin + m);
+  for (int64_t m = 0; m < n; ++m) queries.fill(m, task.begin + m);  // all heads: cheap beside the tiles
   for (int64_t k0 = 0; k0 < len; k0 += kTile) {
     prefetch_tile<T>(a, table, sh, k0 + kPrefetchTiles * kTile, len);
     keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, len);
@@ -421,14 +433,14 @@ ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh,
       if (m == n) break;
       const int64_t valid = std::min(kTile, first + m - k0);
       float* st = states + m * heads * kState<D>;
-      for (int64_t i = 0; i < heads; ++i) {
+      for (int64_t i = task.h0; i < task.h1; ++i) {
         const int64_t g = i / sh.group;
         tile_update<D>(queries.scores(m, task.begin + m, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
                        st + i * kState<D>);
       }
     }
     for (int64_t m = whole; m < bundled; m += kRowBundle)
-      for (int64_t i = 0; i < heads; ++i) {
+      for (int64_t i = task.h0; i < task.h1; ++i) {
         const int64_t g = i / sh.group;
         __m512 scores[kRowBundle];
         float* st[kRowBundle];
@@ -440,7 +452,8 @@ ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh,
       }
   }
   for (int64_t m = 0; m < n; ++m)
-    write_row<T, D>(states + m * heads * kState<D>, heads, static_cast<T*>(a.out) + (task.begin + m) * heads * D);
+    write_row<T, D>(states + (m * heads + task.h0) * kState<D>, task.h1 - task.h0,
+                    static_cast<T*>(a.out) + ((task.begin + m) * heads + task.h0) * D);
 }
 
 #if ETTRL_TILE_DOT_BF16
@@ -455,7 +468,10 @@ ETTRL_TILE_TARGET void fold_rows_bf16(const PrefillAttentionArgs& a, const Shape
   float* values = scratch(2, sh.kv_heads * kTile * D).data();
   float* states = scratch(4, heads * kRowState<D> * kTile).data();
   const uint16_t* q = static_cast<const uint16_t*>(a.q) + task.begin * heads * D;
-  for (int64_t i = 0; i < heads; ++i) {
+  // the KV heads [g0, g1) its query heads read: only their values are loaded (at values + (g - g0) * tile)
+  const int64_t g0 = task.h0 / sh.group, g1 = (task.h1 - 1) / sh.group + 1;
+  const Shape vsh{sh.shift, sh.row, g1 - g0, sh.group};
+  for (int64_t i = task.h0; i < task.h1; ++i) {
     transpose_queries<D>(q + i * D, heads * D, n, qt + i * D / 2 * kTile);
     float* st = states + i * kRowState<D> * kTile;
     std::fill(st, st + D * kTile, 0.f);
@@ -467,21 +483,21 @@ ETTRL_TILE_TARGET void fold_rows_bf16(const PrefillAttentionArgs& a, const Shape
   for (int64_t k0 = 0; k0 < len; k0 += kTile) {
     const uint16_t* keys[kTile];
     key_rows(static_cast<const uint16_t*>(a.k_cache), table, sh, k0, len, keys);
-    load_tile<uint16_t, D>(static_cast<const uint16_t*>(a.v_cache), table, sh, k0, len, values);
+    load_tile<uint16_t, D>(static_cast<const uint16_t*>(a.v_cache) + g0 * D, table, vsh, k0, len, values);
     __mmask16 live[kTile];  // row m sees key k iff k < first + m
     for (int64_t l = 0; l < kTile; ++l) {
       const int64_t blind = std::clamp<int64_t>(k0 + l - first + 1, 0, kTile);  // rows [0, blind) do not see it
       live[l] = static_cast<__mmask16>(~((1u << blind) - 1)) | padding;
     }
-    for (int64_t i = 0; i < heads; ++i) {
+    for (int64_t i = task.h0; i < task.h1; ++i) {
       const int64_t g = i / sh.group;
-      update_rows<D>(qt + i * D / 2 * kTile, keys, g * D, values + g * kTile * D, live, scale,
+      update_rows<D>(qt + i * D / 2 * kTile, keys, g * D, values + (g - g0) * kTile * D, live, scale,
                      states + i * kRowState<D> * kTile);
     }
   }
   uint16_t* out = static_cast<uint16_t*>(a.out) + task.begin * heads * D;
   alignas(64) float o[kTile];
-  for (int64_t i = 0; i < heads; ++i) {
+  for (int64_t i = task.h0; i < task.h1; ++i) {
     const float* st = states + i * kRowState<D> * kTile;
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(st + (D + 1) * kTile));
     for (int64_t d = 0; d < D; ++d) {
@@ -496,7 +512,7 @@ template <typename T, int64_t D>
 ETTRL_TILE_TARGET void prefill(const PrefillAttentionArgs& a, int workers) {
   const Shape sh{__builtin_ctzll(static_cast<uint64_t>(a.block_size)), a.num_kv_heads * D, a.num_kv_heads,
                  a.num_heads / a.num_kv_heads};
-  const std::vector<RowTask> tasks = row_tasks(a);
+  const std::vector<RowTask> tasks = row_tasks(a, workers);
   std::vector<int64_t> done(tasks.size() + 1, 0);  // cost of the tasks before each: threads take equal shares
   for (size_t t = 0; t < tasks.size(); ++t) done[t + 1] = done[t] + tasks[t].cost;
   parallel_ranges(workers, workers, [&](int64_t w0, int64_t w1) {

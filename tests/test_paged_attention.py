@@ -107,8 +107,8 @@ def test_kernel_variants_match_dense(switch):
             "for c in range(len(t.SHARED_CASES))]; "
             "[t.test_shared_prefix_attention_is_batch_invariant(d, *shape) for d in (torch.float32, torch.bfloat16) "
             "for shape in ((9, 3, 64), (14, 2, 64))]; "
-            "[t.test_prefill_rows_equal_decode_rows(d, *shape, bs) for d in (torch.float32, torch.bfloat16) "
-            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4)]")
+            "[t.test_prefill_rows_equal_decode_rows(d, *shape, bs, step) for d in (torch.float32, torch.bfloat16) "
+            "for shape in ((9, 3, 64), (4, 4, 32), (8, 2, 128)) for bs in (16, 4) for step in t.PIECE_STEPS]")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, switch: "1"}, check=True, timeout=300)
 
@@ -208,24 +208,28 @@ def run_prefill_kernel(k_cache, v_cache, tables, lens, query_lens, q, heads, kv_
 
 PREFILL_LENS = [1, 5, 16, 17, 70, 33, 200]   # keys per sequence after the step
 PREFILL_ROWS = [1, 5, 3, 17, 70, 1, 37]      # new tokens (query rows): whole prompts, chunks over a cached prefix
+# Steps with fewer 16-row tasks than the workers can share, whose tasks the kernel cuts by query heads: a 16-token
+# piece of a long prompt alone, and beside two decodes.
+PIECE_STEPS = {"mixed": (PREFILL_LENS, PREFILL_ROWS), "piece": ([300], [16]), "piece+decodes": ([9, 300, 40], [1, 16, 1])}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (14, 2, 64)])
 @pytest.mark.parametrize("block_size", [16, 4])
-def test_prefill_rows_equal_decode_rows(dtype, heads, kv_heads, dim, block_size):
+@pytest.mark.parametrize("step", list(PIECE_STEPS))
+def test_prefill_rows_equal_decode_rows(dtype, heads, kv_heads, dim, block_size, step):
     """Every query row of the prefill kernel is, bit for bit, the decode kernel's result for one query at that
     position (alone), and near dense attention over the keys up to it: a token's attention does not depend on
     where its prefill starts, how it is split, or what else is in the step."""
     if decode_kernel(torch.empty(1, dtype=dtype), "paged_prefill_attention") is None:
         pytest.skip("C++ extension not built (ettrl_kernels._C has no paged_prefill_attention)")
-    k_cache, v_cache, tables, dense, _ = random_pool(PREFILL_LENS, block_size, heads, kv_heads, dim, dtype, seed=dim)
-    rows = sum(PREFILL_ROWS)
+    lens, query_rows = PIECE_STEPS[step]
+    k_cache, v_cache, tables, dense, _ = random_pool(lens, block_size, heads, kv_heads, dim, dtype, seed=dim)
+    rows = sum(query_rows)
     q = torch.randn(rows, heads, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
-    out = run_prefill_kernel(k_cache, v_cache, tables, PREFILL_LENS, PREFILL_ROWS, q, heads, kv_heads, dim,
-                             block_size)
+    out = run_prefill_kernel(k_cache, v_cache, tables, lens, query_rows, q, heads, kv_heads, dim, block_size)
     r = 0
-    for b, (n, new) in enumerate(zip(PREFILL_LENS, PREFILL_ROWS)):
+    for b, (n, new) in enumerate(zip(lens, query_rows)):
         for i in range(new):
             keys = n - new + i + 1
             alone = run_kernel(k_cache, v_cache, tables[b:b + 1], [keys], q[r:r + 1], heads, kv_heads, dim, block_size)
