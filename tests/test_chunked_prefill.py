@@ -22,6 +22,9 @@ def model_dir(tmp_path_factory):
 
 
 def tiny_llm(model_dir, num_kv_blocks: int = 512, **options) -> LLM:
+    """Pacing off unless asked (it spaces long prompts' pieces by wall time, so step plans would depend on the
+    machine's load; tests/test_prefill_pacing.py runs it on a modeled clock)."""
+    options.setdefault("decode_share", 0.0)
     return LLM(model_dir, dtype="bfloat16", block_size=4, num_kv_blocks=num_kv_blocks, **options)
 
 
