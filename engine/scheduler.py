@@ -12,6 +12,7 @@ When blocks run out, cached prefixes are evicted first, then the most recently a
 (their blocks released, their tokens kept) and recomputed later from their tokens. When more sequences run than
 max_num_seqs, those of lower fork depth go first (round robin within a depth)."""
 from collections import Counter, deque
+from collections.abc import Callable
 from itertools import chain
 
 from engine.config import EngineConfig
@@ -107,11 +108,10 @@ class Scheduler:
         """Prefilling sequences, then waiting ones in order, while decode slots allow: a sequence gets a slot
         when fewer than max_num_seqs decoding sequences of its fork depth or lower (and candidates before it)
         hold one, so a waiting root is admitted past running forks."""
-        depths = Counter(d.fork_depth for d in decoding)
+        ahead = decode_slots_ahead(decoding)
         eligible: list[Sequence] = []
         for seq in chain((s for s in self.running if s.is_prefilling), self.waiting):
-            ahead = sum(n for depth, n in depths.items() if depth <= seq.fork_depth)
-            if ahead + len(eligible) >= self.max_num_seqs:
+            if ahead(seq) + len(eligible) >= self.max_num_seqs:
                 break
             eligible.append(seq)
         return eligible
@@ -140,9 +140,10 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         num_tokens = 0
+        ahead = decode_slots_ahead(self.running)  # without chunking every running sequence decodes
         while self.waiting:
             seq = self.waiting[0]
-            if self._num_decoding_before(seq) + len(scheduled) >= self.max_num_seqs:
+            if ahead(seq) + len(scheduled) >= self.max_num_seqs:
                 break
             if scheduled and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
@@ -154,10 +155,6 @@ class Scheduler:
             scheduled.append(self.waiting.popleft())
         self.running += scheduled
         return scheduled
-
-    def _num_decoding_before(self, seq: Sequence) -> int:
-        """Running sequences that take a decode slot before `seq` would (a root is admitted past forks)."""
-        return sum(1 for other in self.running if other.fork_depth <= seq.fork_depth)
 
     # ---- decodes --------------------------------------------------------------------------------------------------
     def _schedule_decode(self, decoding: list[Sequence], slots: int) -> list[Sequence]:
@@ -198,3 +195,10 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+def decode_slots_ahead(decoding: list[Sequence]) -> Callable[[Sequence], int]:
+    """For a sequence to admit: how many of `decoding` take a decode slot before it would (those of its fork depth
+    or lower: a root is admitted past running forks)."""
+    depths = Counter(seq.fork_depth for seq in decoding)
+    return lambda seq: sum(n for depth, n in depths.items() if depth <= seq.fork_depth)
