@@ -31,7 +31,7 @@ class PrefillPacer:
         self.decode_seconds: float | None = None  # the latest decode-only step's time
         self.credit = 0.0  # <= 0: minus the decode time still owed before the next paced piece
         self.last = StepKind()
-        self.measure_first = False  # a paced step ran before any decode-only step: measure one before the next
+        self.measure_first = False  # a paced step ran without a fresh decode-only cycle: measure one before the next
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +54,8 @@ class PrefillPacer:
             return
         if not kind.num_prefill:
             self.decode_seconds, self.measure_first = seconds, False
-        if kind.paced and self.decode_seconds is None:
+        if kind.paced and (self.decode_seconds is None or self.decode_seconds > seconds):
+            # no decode-only cycle yet, or a stale one (longer than this cycle with a piece: a pause between steps)
             self.measure_first, earned = True, 0.0
         elif kind.paced:
             assert self.decode_seconds is not None

@@ -57,6 +57,21 @@ def test_cheap_pieces_bank_nothing_and_short_prefill_still_repays():
     assert pacer.allow()  # repaid at the decodes' rate, whatever the short prompts cost
 
 
+def test_a_pause_between_steps_does_not_switch_pacing_off():
+    """A decode-only cycle that spans a pause (the caller stopped stepping) would let every later piece through;
+    a paced cycle shorter than it shows it stale, and the next step measures the decodes alone again."""
+    pacer = PrefillPacer(0.5)
+    pacer.scheduled(StepKind(2), long_pending=True)
+    pacer.observe(60.0)
+    plan = []
+    for _ in range(6):
+        paced = pacer.allow()
+        plan.append("M" if paced else "D")
+        pacer.scheduled(StepKind(2, int(paced), paced), long_pending=True)
+        pacer.observe(DECODE + PIECE if paced else DECODE)
+    assert "".join(plan) == "MDMDDM"
+
+
 def test_first_paced_step_without_a_decode_measurement_waits_one_step():
     pacer = PrefillPacer(0.5)
     pacer.scheduled(StepKind(3, 1, True), long_pending=True)
