@@ -210,7 +210,8 @@ PREFILL_LENS = [1, 5, 16, 17, 70, 33, 200]   # keys per sequence after the step
 PREFILL_ROWS = [1, 5, 3, 17, 70, 1, 37]      # new tokens (query rows): whole prompts, chunks over a cached prefix
 # Steps with fewer 16-row tasks than the workers can share, whose tasks the kernel cuts by query heads: a 16-token
 # piece of a long prompt alone, and beside two decodes.
-PIECE_STEPS = {"mixed": (PREFILL_LENS, PREFILL_ROWS), "piece": ([300], [16]), "piece+decodes": ([9, 300, 40], [1, 16, 1])}
+PIECE_STEPS = {"mixed": (PREFILL_LENS, PREFILL_ROWS), "piece": ([300], [16]),
+               "piece+decodes": ([9, 300, 40], [1, 16, 1])}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
