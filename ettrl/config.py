@@ -86,7 +86,8 @@ class RolloutConfig:
     distinct: bool = False
     no_fork_after: list[str] = field(default_factory=lambda: ["\\boxed{"])  # no fork from the first of these on
     min_gap: int = 1  # fork positions of a root at least this many tokens apart
-    stop_at_answer: bool = True  # end each response at its first complete \boxed{...} (rollouts and evaluation)
+    stop_at_answer: bool = False  # end each response at its first complete \boxed{...} (rollouts and evaluation);
+    # off by default: over 8 seeds the offline default trains worse with it (docs/results.md, "Method sweep")
     vote: str = "boxed"  # boxed (last box, equivalence classes) | ttrl (TTRL's answer strings, truncated ones too)
     last_number_fallback: bool = False  # vote=boxed: untruncated answers without \boxed{} vote with their last number
     train_pick: str = "random"  # which n_train of the votes train: random (seeded) | first (TTRL) | stratified

@@ -104,10 +104,10 @@ def test_sampling_params_carry_the_config():
     cfg = config()
     p = sampling_params(cfg.rollout, ["x"], seed=3, n=5)
     assert (p.n, p.temperature, p.top_p, p.max_tokens, p.stop, p.seed) == (5, 0.7, 0.9, 12, ["x"], 3)
-    assert (p.stop_regex, p.include_stop_str_in_output) == ([BOXED_ANSWER_REGEX], True)  # stop_at_answer's default
-    cfg.rollout.stop_at_answer = False
+    assert (p.stop_regex, p.include_stop_str_in_output) in (([], False), (None, False))  # stop_at_answer's default
+    cfg.rollout.stop_at_answer = True
     p = sampling_params(cfg.rollout, ["x"], seed=3, n=5)
-    assert (p.stop_regex, p.include_stop_str_in_output) in (([], False), (None, False))
+    assert (p.stop_regex, p.include_stop_str_in_output) == ([BOXED_ANSWER_REGEX], True)
 
 
 @pytest.fixture(scope="module")
