@@ -22,19 +22,24 @@ def model_dir(tmp_path_factory):
 DECODE, PIECE = 0.010, 0.030  # modeled seconds: a step of decodes, and what a long prompt's piece adds to it
 
 
+def plan(pacer: PrefillPacer, steps: int) -> str:
+    """Runs `steps` steps of 4 decodes beside a long prompt: M where a piece went in (DECODE + PIECE), D where not."""
+    out = ""
+    for _ in range(steps):
+        paced = pacer.allow()
+        out += "M" if paced else "D"
+        pacer.scheduled(StepKind(4, int(paced), paced), long_pending=True)
+        pacer.observe(DECODE + PIECE if paced else DECODE)
+    return out
+
+
 def test_credit_rule_by_hand():
     """share 0.5, decodes 10 ms, a paced step 40 ms: it owes 2 x 10 - 40 = -20 ms, repaid by two decode-only
     steps of 10 ms (each earns 10 / 0.5 - 10), so pieces go every third step and the decodes have half the time."""
     pacer = PrefillPacer(0.5)
     pacer.scheduled(StepKind(num_decodes=4), long_pending=False)
     pacer.observe(DECODE)
-    plan = []
-    for _ in range(9):
-        paced = pacer.allow()
-        plan.append("M" if paced else "D")
-        pacer.scheduled(StepKind(4, int(paced), paced), long_pending=True)
-        pacer.observe(DECODE + PIECE if paced else DECODE)
-    assert "".join(plan) == "MDDMDDMDD"
+    assert plan(pacer, 9) == "MDDMDDMDD"
     assert pacer.credit == pytest.approx(0.0)
     pacer.scheduled(StepKind(4), long_pending=False)  # the long prompt is done: nothing carries over
     assert pacer.credit == 0.0 and pacer.allow()
@@ -63,13 +68,7 @@ def test_a_pause_between_steps_does_not_switch_pacing_off():
     pacer = PrefillPacer(0.5)
     pacer.scheduled(StepKind(2), long_pending=True)
     pacer.observe(60.0)
-    plan = []
-    for _ in range(6):
-        paced = pacer.allow()
-        plan.append("M" if paced else "D")
-        pacer.scheduled(StepKind(2, int(paced), paced), long_pending=True)
-        pacer.observe(DECODE + PIECE if paced else DECODE)
-    assert "".join(plan) == "MDMDDM"
+    assert plan(pacer, 6) == "MDMDDM"
 
 
 def test_first_paced_step_without_a_decode_measurement_waits_one_step():
