@@ -410,11 +410,24 @@ inline std::vector<RowTask> row_tasks(const PrefillAttentionArgs& a, int workers
   return tasks;
 }
 
+// The KV heads [g0, g0 + own.kv_heads) that a task's query heads read: tiles load only those (from the cache row
+// offset by g0 heads), and head i reads tile i / group - g0.
+struct TaskKvHeads {
+  int64_t g0;
+  Shape own;
+};
+
+inline TaskKvHeads task_kv_heads(const RowTask& task, const Shape& sh) {
+  const int64_t g0 = task.h0 / sh.group, g1 = (task.h1 - 1) / sh.group + 1;
+  return {g0, Shape{sh.shift, sh.row, g1 - g0, sh.group}};
+}
+
 template <typename T, int64_t D>
 ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh, const RowTask& task) {
   const int64_t n = task.end - task.begin, tile = sh.kv_heads * kTile * D, heads = a.num_heads;
   const int64_t first = row_keys(a, task.seq, task.begin), len = first + n - 1;  // keys of the first, last row
   const int64_t* table = a.block_tables + task.seq * a.table_width;
+  const auto [g0, own] = task_kv_heads(task, sh);
   Queries<T, D, PrefillAttentionArgs> queries{a, kDotBf16<T> ? nullptr : scratch(0, n * heads * D).data()};
   KeyTile<T, D> keys{kDotBf16<T> ? nullptr : scratch(1, tile).data(), {}};
   float* values = scratch(2, tile).data();
@@ -423,8 +436,8 @@ ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh,
   for (int64_t m = 0; m < n; ++m) queries.fill(m, task.begin + m);  // all heads: cheap beside the tiles
   for (int64_t k0 = 0; k0 < len; k0 += kTile) {
     prefetch_tile<T>(a, table, sh, k0 + kPrefetchTiles * kTile, len);
-    keys.load(static_cast<const T*>(a.k_cache), table, sh, k0, len);
-    load_tile<T, D>(static_cast<const T*>(a.v_cache), table, sh, k0, len, values);
+    keys.load(static_cast<const T*>(a.k_cache) + g0 * D, table, own, k0, len);
+    load_tile<T, D>(static_cast<const T*>(a.v_cache) + g0 * D, table, own, k0, len, values);
     // rows [seen, whole) see part of this tile, rows [whole, n) all of it (those go kRowBundle at a time)
     const int64_t seen = std::max<int64_t>(0, k0 + 1 - first), whole = std::max(seen, std::min(n, k0 + kTile - first));
     const int64_t bundled = whole + (n - whole) / kRowBundle * kRowBundle;
@@ -434,14 +447,14 @@ ETTRL_TILE_TARGET void fold_rows(const PrefillAttentionArgs& a, const Shape& sh,
       const int64_t valid = std::min(kTile, first + m - k0);
       float* st = states + m * heads * kState<D>;
       for (int64_t i = task.h0; i < task.h1; ++i) {
-        const int64_t g = i / sh.group;
+        const int64_t g = i / sh.group - g0;
         tile_update<D>(queries.scores(m, task.begin + m, i, keys, g, live_keys(valid)), values + g * kTile * D, valid,
                        st + i * kState<D>);
       }
     }
     for (int64_t m = whole; m < bundled; m += kRowBundle)
       for (int64_t i = task.h0; i < task.h1; ++i) {
-        const int64_t g = i / sh.group;
+        const int64_t g = i / sh.group - g0;
         __m512 scores[kRowBundle];
         float* st[kRowBundle];
         for (int k = 0; k < kRowBundle; ++k) {
@@ -468,9 +481,7 @@ ETTRL_TILE_TARGET void fold_rows_bf16(const PrefillAttentionArgs& a, const Shape
   float* values = scratch(2, sh.kv_heads * kTile * D).data();
   float* states = scratch(4, heads * kRowState<D> * kTile).data();
   const uint16_t* q = static_cast<const uint16_t*>(a.q) + task.begin * heads * D;
-  // the KV heads [g0, g1) its query heads read: only their values are loaded (at values + (g - g0) * tile)
-  const int64_t g0 = task.h0 / sh.group, g1 = (task.h1 - 1) / sh.group + 1;
-  const Shape vsh{sh.shift, sh.row, g1 - g0, sh.group};
+  const auto [g0, own] = task_kv_heads(task, sh);
   for (int64_t i = task.h0; i < task.h1; ++i) {
     transpose_queries<D>(q + i * D, heads * D, n, qt + i * D / 2 * kTile);
     float* st = states + i * kRowState<D> * kTile;
@@ -483,7 +494,7 @@ ETTRL_TILE_TARGET void fold_rows_bf16(const PrefillAttentionArgs& a, const Shape
   for (int64_t k0 = 0; k0 < len; k0 += kTile) {
     const uint16_t* keys[kTile];
     key_rows(static_cast<const uint16_t*>(a.k_cache), table, sh, k0, len, keys);
-    load_tile<uint16_t, D>(static_cast<const uint16_t*>(a.v_cache) + g0 * D, table, vsh, k0, len, values);
+    load_tile<uint16_t, D>(static_cast<const uint16_t*>(a.v_cache) + g0 * D, table, own, k0, len, values);
     __mmask16 live[kTile];  // row m sees key k iff k < first + m
     for (int64_t l = 0; l < kTile; ++l) {
       const int64_t blind = std::clamp<int64_t>(k0 + l - first + 1, 0, kTile);  // rows [0, blind) do not see it
