@@ -162,9 +162,6 @@ class LLMEngine:
         self.step_started = now if seqs else None
         if not seqs:
             return []
-        return self._run(seqs, num_decodes)
-
-    def _run(self, seqs: list[Sequence], num_decodes: int) -> list[Sequence]:
         self.num_decode_tokens += num_decodes
         self.num_prefill_tokens += sum(s.num_scheduled_tokens for s in seqs[num_decodes:])
         self.num_steps += 1

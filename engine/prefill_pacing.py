@@ -24,9 +24,7 @@ class StepKind:
 
 
 class PrefillPacer:
-    def __init__(self, decode_share: float) -> None:
-        if not 0 <= decode_share < 1:
-            raise ValueError(f"decode_share must be in [0, 1), got {decode_share}")
+    def __init__(self, decode_share: float) -> None:  # in [0, 1): EngineConfig checks it
         self.share = decode_share
         self.decode_seconds: float | None = None  # the latest decode-only step's time
         self.credit = 0.0  # <= 0: minus the decode time still owed before the next paced piece

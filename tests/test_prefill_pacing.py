@@ -7,6 +7,7 @@ import pytest
 from test_chunked_prefill import LONG, PARAMS, record_steps, reference, tiny_llm
 
 from engine import SamplingParams
+from engine.config import EngineConfig
 from engine.prefill_pacing import PrefillPacer, StepKind
 from staggered import drive
 from tiny_models import make_tiny_model
@@ -84,7 +85,7 @@ def test_first_paced_step_without_a_decode_measurement_waits_one_step():
 @pytest.mark.parametrize("share", [-0.1, 1.0, float("nan")])
 def test_share_is_checked(share):
     with pytest.raises(ValueError, match="decode_share"):
-        PrefillPacer(share)
+        EngineConfig(model="m", device="cpu", decode_share=share)
 
 
 class ModeledClock:
