@@ -130,13 +130,21 @@ def sweep(out: Path, methods, seeds: int, overrides: list[str], config: str | No
 
 # -- the report ------------------------------------------------------------------------------------------------
 
+def finished_runs(out: Path) -> list[tuple[str, int, Path]]:
+    """(method, seed, run folder) of each run under `out` that wrote its summary.json."""
+    found = []
+    for path in sorted(out.glob("*-seed*/summary.json")):
+        method, _, seed = path.parent.name.rpartition("-seed")
+        found.append((method, int(seed), path.parent))
+    return found
+
+
 def load_summaries(out: Path) -> dict[str, dict[int, dict]]:
     """{method: {seed: summary}} of the finished runs under `out`; a run that skipped the eval before training
     takes it from a run of the same seed that has it (it depends on the seed, not on the method)."""
     runs: dict[str, dict[int, dict]] = {}
-    for path in sorted(out.glob("*-seed*/summary.json")):
-        method, _, seed = path.parent.name.rpartition("-seed")
-        runs.setdefault(method, {})[int(seed)] = json.loads(path.read_text())
+    for method, seed, path in finished_runs(out):
+        runs.setdefault(method, {})[seed] = json.loads((path / "summary.json").read_text())
     befores = {s: r["before"] for by_seed in runs.values() for s, r in by_seed.items() if r.get("before")}
     for by_seed in runs.values():
         for s, r in by_seed.items():
@@ -250,13 +258,12 @@ def per_seed_table(runs: dict[str, dict[int, dict]], metric: str = "avg@16", bas
 def load_steps(out: Path, key: str = "label_acc") -> dict[str, dict[int, list[float]]]:
     """{method: {seed: [key at each training step]}} of the finished runs' metrics.jsonl ("train" rows)."""
     curves: dict[str, dict[int, list[float]]] = {}
-    for path in sorted(out.glob("*-seed*/summary.json")):
-        method, _, seed = path.parent.name.rpartition("-seed")
-        metrics = path.parent / "metrics.jsonl"
+    for method, seed, path in finished_runs(out):
+        metrics = path / "metrics.jsonl"
         if metrics.is_file():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             steps = {r["step"]: r[key] for r in rows if r.get("type") == "train" and key in r}
-            curves.setdefault(method, {})[int(seed)] = [steps[k] for k in sorted(steps)]
+            curves.setdefault(method, {})[seed] = [steps[k] for k in sorted(steps)]
     return curves
 
 
