@@ -55,6 +55,11 @@ class TextStop:
             child.step(token_ids[:end])  # the parent's last token, never read when it ended the parent (EOS)
         return child
 
+    def final_length(self) -> int:
+        """Before a match: how many characters of the text no stop match can cut (a partial match that may still
+        complete starts there)."""
+        return self.matcher.live_start
+
     @property
     def matched(self) -> str | None:
         return None if self.span is None else self.text[self.span[0]:self.span[1]]

@@ -10,6 +10,10 @@ are refused with ValueError.
 
 Semantics: generation stops at the first position where any pattern's match ends (the earliest end); the
 match reported is the one that ends there and starts leftmost.
+
+The matcher also knows where the earliest partial match that may still complete starts (`StopMatcher.live_start`):
+its states group the NFA nodes by where their threads started (Pike VM style), so the text before that start is
+final and a stream may send it.
 """
 from __future__ import annotations
 
@@ -151,6 +155,23 @@ def _in_test(items: Parsed, ascii_only: bool) -> Predicate:
     return test
 
 
+Groups = tuple[frozenset[int], ...]
+Move = tuple["Ranked", tuple[int, ...], bool]  # the next state, the groups it continues, whether it restarted
+
+
+class Ranked:
+    """A state of the unanchored forward run: NFA nodes grouped by where their threads started, earliest first
+    (disjoint: a node reached from two starts stays in the earlier one's group; the later thread can do nothing the
+    earlier cannot). Its moves are cached on it, per character: (next state, per next group but a restarted one the
+    group it continues, whether the last group is the threads that start after the character)."""
+    __slots__ = ("groups", "accepts", "first_live", "moves")
+
+    def __init__(self, groups: Groups, accepts: bool, first_live: int) -> None:
+        self.groups, self.accepts = groups, accepts
+        self.first_live = first_live  # the first group that can still read a character or matched; len if none
+        self.moves: dict[str, Move] = {}
+
+
 class Automaton:
     """One NFA run as a lazily built DFA. `reverse` builds the mirror image (for finding where a match starts)."""
 
@@ -166,7 +187,9 @@ class Automaton:
             head = self.nfa.add(SPLIT, start, head)
         self.start = head
         self.has_end_anchor = END in self.nfa.kind
-        self._cache: dict[tuple[frozenset[int], str, frozenset[int] | None], frozenset[int]] = {}
+        self._cache: dict[tuple[frozenset[int], str], frozenset[int]] = {}
+        self._ranked: dict[Groups, Ranked] = {}  # the unanchored run's states, each with its cached moves
+        self._num_moves = 0
 
     def closure(self, nodes: Iterable[int], at_begin: bool, at_end: bool) -> frozenset[int]:
         """Nodes reachable without reading a character; BEGIN / END pass only where they hold. CHAR, MATCH and
@@ -198,20 +221,63 @@ class Automaton:
         """A match ends here if the text ended now (END nodes pass)."""
         return self.accepts(self.closure(state, at_begin, True)) if self.has_end_anchor else self.accepts(state)
 
-    def step(self, state: frozenset[int], c: str, restart: frozenset[int] | None) -> frozenset[int]:
-        """The state after reading `c`; `restart` (the unanchored start) joins it so a match may begin anywhere."""
-        key = (state, c, restart)
+    def step(self, state: frozenset[int], c: str) -> frozenset[int]:
+        """The state after reading `c` (anchored: no match begins after the start)."""
+        key = (state, c)
         nxt = self._cache.get(key)
         if nxt is None:
-            kind, out1, pred = self.nfa.kind, self.nfa.out1, self.nfa.pred
-            moved = [out1[n] for n in state if kind[n] == CHAR and pred[n](c)]  # type: ignore[misc]  # CHAR: a pred
-            nxt = self.closure(moved, False, False)
-            if restart:
-                nxt = nxt | restart
+            nxt = self.closure(self._moved(state, c), False, False)
             if len(self._cache) >= MAX_CACHED_TRANSITIONS:
                 self._cache.clear()
             self._cache[key] = nxt
         return nxt
+
+    def _moved(self, nodes: frozenset[int], c: str) -> list[int]:
+        kind, out1, pred = self.nfa.kind, self.nfa.out1, self.nfa.pred
+        return [out1[n] for n in nodes if kind[n] == CHAR and pred[n](c)]  # type: ignore[misc]  # CHAR: a pred
+
+    # ---- the unanchored run, its nodes grouped by where their threads started -------------------------------
+    @functools.cached_property
+    def restart(self) -> frozenset[int]:
+        """The threads that start after a character (a match may begin anywhere)."""
+        return self.closure([self.start], False, False)
+
+    def begin(self) -> Ranked:
+        return self._intern((self.closure([self.start], True, False),))
+
+    def advance(self, state: Ranked, c: str) -> Move:
+        """The unanchored state after reading `c`: each group moves on, the restart comes last."""
+        move = state.moves.get(c)
+        if move is None:
+            claimed: set[int] = set()
+            moved, kept = [], []
+            for j, group in enumerate(state.groups):
+                nodes = self.closure(self._moved(group, c), False, False) - claimed
+                if nodes:
+                    moved.append(nodes)
+                    kept.append(j)
+                    claimed |= nodes
+            fresh = self.restart - claimed
+            move = self._intern((*moved, fresh) if fresh else tuple(moved)), tuple(kept), bool(fresh)
+            if self._num_moves >= MAX_CACHED_TRANSITIONS:
+                self._forget_moves()
+            state.moves[c] = move
+            self._num_moves += 1
+        return move
+
+    def _intern(self, groups: Groups) -> Ranked:
+        state = self._ranked.get(groups)
+        if state is None:
+            kind = self.nfa.kind
+            live = (j for j, g in enumerate(groups) if any(kind[n] in (CHAR, MATCH) for n in g))
+            state = self._ranked[groups] = Ranked(groups, any(map(self.accepts, groups)), next(live, len(groups)))
+        return state
+
+    def _forget_moves(self) -> None:
+        for state in self._ranked.values():
+            state.moves.clear()
+        self._ranked.clear()
+        self._num_moves = 0
 
 
 def _parse(pattern: str) -> Parsed:
@@ -244,16 +310,13 @@ class StopPatterns:
     def sources(self) -> tuple[str, ...]:
         return tuple(_escape(s) for s in self.strings) + self.regexes
 
-    def start(self) -> frozenset[int]:
-        return self.forward.closure([self.forward.start], True, False)
-
     def find_start(self, text: str, end: int, at_check_end: bool) -> int:
         """Leftmost start of a match that ends at `end` (one backward pass; the caller knows one exists)."""
         auto = self.backward
         state = auto.closure([auto.start], end == 0, at_check_end)
         best = end if auto.accepts(state) else -1
         for p in range(end - 1, -1, -1):
-            state = auto.step(state, text[p], None)
+            state = auto.step(state, text[p])
             if p == 0:
                 state = auto.closure(state, True, False)  # BEGIN holds at the text's start
             if not state:
@@ -291,22 +354,35 @@ class StopMatcher:
     def __init__(self, patterns: StopPatterns) -> None:
         self.patterns = patterns
         self.auto = patterns.forward
-        self.restart = self.auto.closure([self.auto.start], False, False)
-        self.state = patterns.start()
+        self.state = self.auto.begin()
+        self.starts = [0]  # per group of the state: where its threads started
         self.length = 0  # characters read
 
     def feed(self, chunk: str) -> int | None:
         """Reads `chunk`; returns the end offset (in the whole text) of the earliest match, or None."""
-        auto, state, restart = self.auto, self.state, self.restart
-        for i, c in enumerate(chunk):
-            state = auto.step(state, c, restart)
-            if auto.accepts(state):
-                self.state, self.length = state, self.length + i + 1
-                return self.length
-        self.state, self.length = state, self.length + len(chunk)
-        if chunk and auto.has_end_anchor and auto.accepts_at_end(state, self.length == 0):
-            return self.length
+        auto, state, starts, at = self.auto, self.state, self.starts, self.length
+        advance = auto.advance
+        for c in chunk:
+            state, kept, restarted = state.moves.get(c) or advance(state, c)
+            at += 1
+            starts = [starts[j] for j in kept]
+            if restarted:
+                starts.append(at)
+            if state.accepts:
+                break
+        self.state, self.starts, self.length = state, starts, at
+        if state.accepts:
+            return at
+        if chunk and auto.has_end_anchor and auto.accepts_at_end(frozenset().union(*state.groups), at == 0):
+            return at
         return None
+
+    @property
+    def live_start(self) -> int:
+        """Before a match: where the earliest partial match that may still complete starts (`length` if none).
+        No match can start before it, so the text before it is final."""
+        state = self.state
+        return self.starts[state.first_live] if state.first_live < len(state.groups) else self.length
 
     def match_start(self, text: str, end: int) -> int:
         """Where the match that `feed` reported ending at `end` starts (`text`: everything fed)."""

@@ -410,8 +410,30 @@ def test_stop_regex_and_include_stop_str_in_output_equal_in_process_generate(url
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         last = chunks[-1]["choices"][0]
         assert (last["finish_reason"], last["stop_reason"]) == (ref.finish_reason, ref.stop_reason)
-        if ref.stop_reason is None or include:  # a match's start may have streamed before the match completed
-            assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+        assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+
+
+def streamed_texts(url, body):
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        return [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("extra", [[], [r"\\boxed\{[^}]*\}", "(?:q|zz)+w"]])
+def test_a_stream_never_sends_the_start_of_a_stop_regex_match(url, reference, extra):
+    """A match of many characters starts mid-text and is cut (include_stop_str_in_output false): the stream holds
+    back each partial match until it completes or dies, so every prefix it sent is a prefix of the final text, and
+    all of it is the plain response's text."""
+    prompt, seed = "stream stop", 11
+    free = reference.generate([prompt], SamplingParams(max_tokens=40, seed=seed, ignore_eos=True))[0].outputs[0]
+    pattern = "".join(f"[{c}]" if c.isalnum() else "." for c in free.text[8:20])  # twelve characters
+    body = {"prompt": prompt, "max_tokens": 40, "seed": seed, "ignore_eos": True, "stop_regex": [pattern, *extra]}
+    whole = post(url, "/v1/completions", body).json()["choices"][0]
+    assert whole["finish_reason"] == "stop" and len(whole["text"]) >= 8  # the match starts mid-text
+    sent = ""
+    for text in streamed_texts(url, body):
+        sent += text
+        assert whole["text"].startswith(sent)
+    assert sent == whole["text"]
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from engine.stop_checker import TextStop
-from engine.stop_regex import MAX_NFA_NODES, StopMatcher, compile_stop_patterns
+from engine.stop_regex import CHAR, MAX_NFA_NODES, StopMatcher, compile_stop_patterns
 
 # ---- random patterns: each rendered twice, with `$` and with `$` replaced by what never matches ----------------
 ATOMS = ["a", "b", ".", "[ab]", "[^a]", "\\d", "\\w", "\\s", "\\n", "1", "[a-c1]", "(?i:A)"]
@@ -138,6 +138,71 @@ def test_stop_strings_are_literals():
     assert matcher.match_start("acb axb (x)", 11) == 8
 
 
+# ---- the live start: where a partial match that may still complete starts ---------------------------------
+
+def live_start_brute_force(patterns, text):
+    """The earliest i where the forward automaton started at i is still alive after text[i:] (len(text) if none)."""
+    auto = patterns.forward
+    for i in range(len(text) + 1):
+        state = auto.closure([auto.start], i == 0, False)
+        for c in text[i:]:
+            state = auto.step(state, c)
+        if any(auto.nfa.kind[n] == CHAR for n in state):
+            return i
+    return len(text)
+
+
+def live_starts(patterns, text, cuts):
+    """(text so far, matcher.live_start) after each piece, until a match."""
+    matcher, prev, out = StopMatcher(patterns), 0, []
+    for cut in [*cuts, len(text)]:
+        if matcher.feed(text[prev:cut]) is not None:
+            break
+        out.append((text[:cut], matcher.live_start))
+        prev = cut
+    return out
+
+
+LIVE_CASES = [(("\n\n",), ()), (("</answer>", "\n\n"), ()), ((), (r"\\boxed\{[^}]*\}",)), ((), ("ab|b", "abc|bd")),
+              ((), ("a+b",)), ((), (r"(?:a|\\b)x{2,3}o",)), (("{1}",), (r"\\boxed\{[^}]*\}", "1+ 1"))]
+LIVE_PIECES = ["\\boxed{", "\\bo", "{", "}", "a", "b", "ab", "x", "o", "1", " ", "\n", "</ans", "wer>", "</answer"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(LIVE_CASES), st.lists(st.sampled_from(LIVE_PIECES), max_size=12), st.data())
+def test_live_start_is_the_earliest_start_of_a_live_partial_match(case, pieces, data):
+    regex = pytest.importorskip("regex")  # partial matching: could text[i:] still grow into a match
+    strings, regexes = case
+    patterns = compile_stop_patterns(strings, regexes)
+    text = "".join(pieces)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=5)))) if text else []
+    compiled = [regex.compile(p) for p in patterns.sources]
+    for seen, start in live_starts(patterns, text, [c for c in cuts if c < len(text)]):
+        assert start == live_start_brute_force(patterns, seen)
+        partial = [i for i in range(len(seen)) if any(p.fullmatch(seen, i, partial=True) for p in compiled)]
+        assert start == (partial[0] if partial else len(seen))
+        if not regexes:  # stop strings: at most the longest one less a character is held back
+            assert len(seen) - start <= max(map(len, strings)) - 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(anchored(), min_size=1, max_size=2), st.text(alphabet="ab1A \n", max_size=14), st.data())
+def test_live_start_of_random_patterns(pairs, text, data):
+    assume(not any(re.fullmatch(p, "") for p, _ in pairs))
+    patterns = compile_stop_patterns((), tuple(p for p, _ in pairs))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=4)))) if text else []
+    for seen, start in live_starts(patterns, text, [c for c in cuts if c < len(text)]):
+        assert start == live_start_brute_force(patterns, seen)
+
+
+def test_live_start_examples():
+    boxed = compile_stop_patterns((), (r"\\boxed\{[^}]*\}",))
+    assert live_starts(boxed, "so \\boxed{12", [3, 9])[-1] == ("so \\boxed{12", 3)
+    assert live_starts(boxed, "so \\boxed 12", [])[-1] == ("so \\boxed 12", 12)
+    blank = compile_stop_patterns(("\n\n",), ())
+    assert [s for _, s in live_starts(blank, "a\nb\n", [1, 2, 3])] == [1, 1, 3, 3]
+
+
 # ---- the text side: incremental detokenization ---------------------------------------------------------------
 
 def byte_decode(ids):
@@ -179,3 +244,16 @@ def test_fork_restarts_from_the_parent_text_at_the_fork():
     assert child.text == "aaXb" and child.span is None
     assert not child.step(ids[:4] + [ord("c")]) and child.step(ids[:4] + list(b"cY"))
     assert child.text == "aaXbcY" and child.matched == "Y"
+
+
+def test_a_fork_knows_its_final_length():
+    ids = list(b"aaXbbXccY")
+    parent = TextStop(compile_stop_patterns(("Y",), ("b+Xc",)), byte_decode, 0)
+    assert feed_tokens(parent, ids[:5]) is None and parent.final_length() == 3  # "bb" may become "bbXc"
+    child = parent.fork(ids[:4], 4)
+    assert child.text == "aaXb" and child.final_length() == 3
+    branch = list(b"aaXbab")
+    assert not child.step(branch[:5]) and child.final_length() == 5
+    assert not child.step(branch) and child.final_length() == 5
+    assert not child.step(branch + list(b"X")) and child.final_length() == 5
+    assert child.step(branch + list(b"Xc")) and child.matched == "bXc" and child.output_text(False) == "aaXba"

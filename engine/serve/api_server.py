@@ -197,7 +197,6 @@ class Server:
         return Options(model=self.served_name, kind=kind, logprobs=logprobs,
                        raw_logprobs=self.config.logprobs_mode == "raw_logprobs",
                        return_token_ids=req.return_token_ids, return_entropies=req.return_entropies,
-                       stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                        include_usage=bool(req.stream_options and req.stream_options.include_usage),
                        tokens_as_ids=req.return_tokens_as_token_ids,
                        id=new_id("chatcmpl" if kind == "chat" else "cmpl"))

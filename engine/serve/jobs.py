@@ -33,6 +33,14 @@ class Delta:
     finish_reason: str | None
     text: str | None = None                 # the whole final text, once finished
     stop_reason: str | int | None = None
+    final_length: int | None = None         # unfinished: characters of its text no stop match can cut (None: all)
+
+
+def final_length(seq: Sequence) -> int | None:
+    """An unfinished sequence's characters that no stop string or stop_regex match can cut (None: no such stops)."""
+    if seq.text_stop is not None:
+        return seq.text_stop.final_length()
+    return 0 if seq.params.stop or seq.params.stop_regex else None
 
 
 class Job(ABC):
@@ -110,7 +118,7 @@ class GenerateJob(Job):
                 text = self.final_text(seq) if reason and self.final_text else None
                 out.append(Delta(k, seq.token_ids[n0 + start:n0 + end], seq.logprobs[start:end],
                                  seq.entropies[start:end], seq.top_logprobs[start:end], reason, text,
-                                 seq.stop_reason))
+                                 seq.stop_reason, None if reason else final_length(seq)))
                 self.sent[k], self.ended[k] = end, reason is not None
         return out
 

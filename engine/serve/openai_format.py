@@ -32,7 +32,6 @@ class Options:
     raw_logprobs: bool           # vLLM's raw_logprobs mode: token logprobs from softmax(logits)
     return_token_ids: bool
     return_entropies: bool
-    stop: list[str]
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
     id: str = field(default_factory=lambda: new_id("cmpl"))
@@ -159,13 +158,6 @@ class IncrementalText:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def held_back(text: str, stop: list[str]) -> str:
-    """An unfinished sample's text less the tail that may still become a stop string (a stop_regex match can be
-    longer: its start may already have been sent)."""
-    hold = max((len(s) - 1 for s in stop), default=0)
-    return text[:len(text) - hold] if hold else text
-
-
 class StreamState:
     """Server-sent events of one streaming request: one chunk per sample and step that produced something."""
 
@@ -184,7 +176,10 @@ class StreamState:
     def _chunk(self, d: Delta) -> str:
         k, opts = d.index, self.opts
         text = self.texts[k].extend(d.token_ids)
-        text = d.text if d.text is not None else held_back(text, opts.stop)
+        if d.text is not None:
+            text = d.text
+        elif d.final_length is not None:  # the rest may still be cut by a stop match
+            text = text[:d.final_length]
         new_text, self.text_sent[k] = text[self.text_sent[k]:], max(self.text_sent[k], len(text))
         if opts.kind == "chat":
             delta: dict[str, str] = {"content": new_text}
