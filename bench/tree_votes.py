@@ -217,6 +217,12 @@ def comparable(rows: list[dict], limit: float = 0.05) -> list[dict]:
     return [r for r in rows if r["beyond"] <= limit]
 
 
+def per_problem(rows: list[dict], shapes: set[str], n_problems: int) -> list[float]:
+    """Each problem's trees - parallel difference, averaged over the given shapes."""
+    chosen = [r for r in rows if r["shape"] in shapes]
+    return [statistics.fmean(r["diffs"][i] for r in chosen) for i in range(n_problems)]
+
+
 def parallel_rows(records: list[dict], stop: str) -> list[dict]:
     cache: dict = {}
     curves = [parallel_curve(r["parallel"][stop], r["answer"], cache) for r in records]
@@ -259,27 +265,32 @@ def report(args):
             rows = parallel_rows(records, stop)
             points = ", ".join(f"n={r['n']} {r['acc']:.3f} @ {r['tokens']:.0f} tok" for r in rows)
             print(f"parallel ({stop}): {points}")
+        scored = {(option, aware): score_option(records, option, aware)
+                  for option in OPTIONS for aware in (False, True)}
+        shared = set.intersection(*({r["shape"] for r in comparable(scored[o, False])} for o in OPTIONS))
+        base = per_problem(scored[next(iter(OPTIONS)), False], shared, len(records))
         print("\n| option | best shape | trees - parallel at equal tokens (points, mean +- s.e. over problems) | "
-              "mean over shapes (+- s.e. over problems) | tokens vs parallel of as many leaves | "
-              "branch = root answer | two roots agree | fork depth |")
-        print("|---|---|---|---|---|---|---|---|")
-        for option in OPTIONS:
-            for aware in (False, True):
-                rows = comparable(score_option(records, option, aware))
-                best = max(rows, key=lambda r: r["diff"])
-                echo = echo_stats(records, option)
-                name = option + (" + vote-aware" if aware else "")
-                over_shapes = mean_se([statistics.fmean(r["diffs"][i] for r in rows) for i in range(len(records))])
-                print(f"| {name} | {best['shape']} | {100 * best['diff']:+.1f} +- {100 * best['se']:.1f} | "
-                      f"{100 * over_shapes[0]:+.1f} +- {100 * over_shapes[1]:.1f} | "
-                      f"{statistics.fmean(r['ratio'] for r in rows):.2f} | {echo['branch_root_agree']:.2f} | "
-                      f"{echo['independent_agree']:.2f} | {echo['fork_depth']:.2f} |")
+              "mean over shapes (+- s.e. over problems) | vs base, paired (shapes all options share) | "
+              "tokens vs parallel of as many leaves | branch = root answer | two roots agree | fork depth |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (option, aware), all_rows in scored.items():
+            rows = comparable(all_rows)
+            best = max(rows, key=lambda r: r["diff"])
+            echo = echo_stats(records, option)
+            name = option + (" + vote-aware" if aware else "")
+            over_shapes = mean_se(per_problem(rows, {r["shape"] for r in rows}, len(records)))
+            vs_base = mean_se([a - b for a, b in zip(per_problem(all_rows, shared, len(records)), base)])
+            print(f"| {name} | {best['shape']} | {100 * best['diff']:+.1f} +- {100 * best['se']:.1f} | "
+                  f"{100 * over_shapes[0]:+.1f} +- {100 * over_shapes[1]:.1f} | "
+                  f"{100 * vs_base[0]:+.1f} +- {100 * vs_base[1]:.1f} | "
+                  f"{statistics.fmean(r['ratio'] for r in rows):.2f} | {echo['branch_root_agree']:.2f} | "
+                  f"{echo['independent_agree']:.2f} | {echo['fork_depth']:.2f} |")
         if args.shapes:
             for option in args.shapes:
                 print(f"\n{option}, level {level}: per shape\n\n| M,N,B | label acc | tokens | trees - parallel "
                       f"(points +- s.e.) | tokens vs parallel of as many leaves | past n = 32 |\n"
                       f"|---|---|---|---|---|---|")
-                for r in score_option(records, option):
+                for r in scored[option, False]:
                     print(f"| {r['shape']} | {r['acc']:.3f} | {r['tokens']:.0f} | {100 * r['diff']:+.1f} +- "
                           f"{100 * r['se']:.1f} | {r['ratio']:.2f} | {r['beyond']:.0%} |")
         walls = {k: sum(r["wall"][k] for r in records) for k in records[0]["wall"]}
