@@ -293,6 +293,12 @@ def report(args):
                 for r in scored[option, False]:
                     print(f"| {r['shape']} | {r['acc']:.3f} | {r['tokens']:.0f} | {100 * r['diff']:+.1f} +- "
                           f"{100 * r['se']:.1f} | {r['ratio']:.2f} | {r['beyond']:.0%} |")
+                for forks in (1, 2):
+                    rows = [r for r in comparable(scored[option, False]) if r["shape"].split(",")[1] == str(forks)]
+                    d, se = mean_se(per_problem(rows, {r["shape"] for r in rows}, len(records)))
+                    ratios = [r["ratio"] for r in rows]
+                    print(f"| the {len(rows)} comparable {forks}-fork shapes | | | {100 * d:+.1f} +- {100 * se:.1f} | "
+                          f"{min(ratios):.2f}-{max(ratios):.2f} | |")
         walls = {k: sum(r["wall"][k] for r in records) for k in records[0]["wall"]}
         shares = ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
         print(f"\nwall seconds (each batch's time shared by its problems, summed): {shares}")
