@@ -207,6 +207,12 @@ def test_tokenizing_runs_off_the_event_loop(url, server, monkeypatch):
     thread.join(30)
 
 
+def stream_chunks(url, body):
+    """The data chunks of a streamed /v1/completions request, parsed."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
 def test_a_long_stream_decodes_only_its_newest_tokens_per_chunk(url, server, monkeypatch):
     """A stream of 90 tokens: its chunks decode a few tokens each (the whole text once, at the end), so a long
     stream does not cost the event loop time quadratic in its length; the text equals the whole response's."""
@@ -214,9 +220,7 @@ def test_a_long_stream_decodes_only_its_newest_tokens_per_chunk(url, server, mon
     decode, lengths = tokenizer.decode, []
     monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: (lengths.append(len(ids)), decode(ids, **kw))[1])
     body = {"prompt": [65, 66], "max_tokens": 90, "ignore_eos": True, "seed": 2, "stop": ["\x00\x00"]}
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
-        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
-                       if line.startswith("data: {"))
+    text = "".join(c["choices"][0]["text"] for c in stream_chunks(url, body))
     assert sum(n > 30 for n in lengths) <= 2, sorted(lengths)[-12:]  # the final text; the whole response
     assert text == post(url, "/v1/completions", body).json()["choices"][0]["text"]
 
@@ -381,9 +385,7 @@ def test_stop_reason_names_the_stop_token_or_string(url, reference):
     stop = next(ch for ch in text[2:] if ch.isprintable() and ch != "\ufffd")
     choice = post(url, "/v1/completions", {**base, "stop": ["\x00never", stop]}).json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
-    with httpx.stream("POST", url + "/v1/completions", json={**base, "stop": [stop], "stream": True}, headers=AUTH,
-                      timeout=60) as r:
-        last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")][-1]
+    last = stream_chunks(url, {**base, "stop": [stop]})[-1]
     assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["stop_reason"] == stop
     choice = post(url, "/v1/completions", {**base, "max_tokens": 3}).json()["choices"][0]
     assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
@@ -405,17 +407,10 @@ def test_stop_regex_and_include_stop_str_in_output_equal_in_process_generate(url
         choice = post(url, "/v1/completions", body).json()["choices"][0]
         assert (choice["text"], choice["token_ids"], choice["finish_reason"], choice["stop_reason"]) == \
             (ref.text, ref.token_ids, ref.finish_reason, ref.stop_reason)
-        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
-                          timeout=60) as r:
-            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        chunks = stream_chunks(url, body)
         last = chunks[-1]["choices"][0]
         assert (last["finish_reason"], last["stop_reason"]) == (ref.finish_reason, ref.stop_reason)
         assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
-
-
-def streamed_texts(url, body):
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
-        return [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines() if line.startswith("data: {")]
 
 
 @pytest.mark.parametrize("extra", [[], [r"\\boxed\{[^}]*\}", "(?:q|zz)+w"]])
@@ -430,8 +425,8 @@ def test_a_stream_never_sends_the_start_of_a_stop_regex_match(url, reference, ex
     whole = post(url, "/v1/completions", body).json()["choices"][0]
     assert whole["finish_reason"] == "stop" and len(whole["text"]) >= 8  # the match starts mid-text
     sent = ""
-    for text in streamed_texts(url, body):
-        sent += text
+    for chunk in stream_chunks(url, body):
+        sent += chunk["choices"][0]["text"]
         assert whole["text"].startswith(sent)
     assert sent == whole["text"]
 
