@@ -217,10 +217,9 @@ def comparable(rows: list[dict], limit: float = 0.05) -> list[dict]:
     return [r for r in rows if r["beyond"] <= limit]
 
 
-def per_problem(rows: list[dict], shapes: set[str], n_problems: int) -> list[float]:
-    """Each problem's trees - parallel difference, averaged over the given shapes."""
-    chosen = [r for r in rows if r["shape"] in shapes]
-    return [statistics.fmean(r["diffs"][i] for r in chosen) for i in range(n_problems)]
+def per_problem(rows: list[dict], n_problems: int) -> list[float]:
+    """Each problem's trees - parallel difference, averaged over the shapes of `rows`."""
+    return [statistics.fmean(r["diffs"][i] for r in rows) for i in range(n_problems)]
 
 
 def parallel_rows(records: list[dict], stop: str) -> list[dict]:
@@ -268,7 +267,8 @@ def report(args):
         scored = {(option, aware): score_option(records, option, aware)
                   for option in OPTIONS for aware in (False, True)}
         shared = set.intersection(*({r["shape"] for r in comparable(scored[o, False])} for o in OPTIONS))
-        base = per_problem(scored[next(iter(OPTIONS)), False], shared, len(records))
+        base = per_problem([r for r in scored[next(iter(OPTIONS)), False] if r["shape"] in shared], len(records))
+        echoes = {option: echo_stats(records, option) for option in OPTIONS}
         print("\n| option | best shape | trees - parallel at equal tokens (points, mean +- s.e. over problems) | "
               "mean over shapes (+- s.e. over problems) | vs base, paired (shapes all options share) | "
               "tokens vs parallel of as many leaves | branch = root answer | two roots agree | fork depth |")
@@ -276,10 +276,11 @@ def report(args):
         for (option, aware), all_rows in scored.items():
             rows = comparable(all_rows)
             best = max(rows, key=lambda r: r["diff"])
-            echo = echo_stats(records, option)
+            echo = echoes[option]
             name = option + (" + vote-aware" if aware else "")
-            over_shapes = mean_se(per_problem(rows, {r["shape"] for r in rows}, len(records)))
-            vs_base = mean_se([a - b for a, b in zip(per_problem(all_rows, shared, len(records)), base)])
+            over_shapes = mean_se(per_problem(rows, len(records)))
+            in_shared = per_problem([r for r in all_rows if r["shape"] in shared], len(records))
+            vs_base = mean_se([a - b for a, b in zip(in_shared, base)])
             print(f"| {name} | {best['shape']} | {100 * best['diff']:+.1f} +- {100 * best['se']:.1f} | "
                   f"{100 * over_shapes[0]:+.1f} +- {100 * over_shapes[1]:.1f} | "
                   f"{100 * vs_base[0]:+.1f} +- {100 * vs_base[1]:.1f} | "
@@ -295,7 +296,7 @@ def report(args):
                           f"{100 * r['se']:.1f} | {r['ratio']:.2f} | {r['beyond']:.0%} |")
                 for forks in (1, 2):
                     rows = [r for r in comparable(scored[option, False]) if r["shape"].split(",")[1] == str(forks)]
-                    d, se = mean_se(per_problem(rows, {r["shape"] for r in rows}, len(records)))
+                    d, se = mean_se(per_problem(rows, len(records)))
                     ratios = [r["ratio"] for r in rows]
                     print(f"| the {len(rows)} comparable {forks}-fork shapes | | | {100 * d:+.1f} +- {100 * se:.1f} | "
                           f"{min(ratios):.2f}-{max(ratios):.2f} | |")
